@@ -33,7 +33,13 @@ from hift_cli import data as data_lib
 from hift_cli.config import Config
 from hift_cli.evaluate import evaluate_loss
 from hift_cli.grouping import Group, GroupSchedule, find_units, make_groups
-from hift_cli.models import load_model, load_tokenizer, pick_device, resolve
+from hift_cli.models import (
+    enable_checkpointing,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve,
+)
 from hift_cli.progress import TrainProgress
 
 log = logging.getLogger(__name__)
@@ -70,10 +76,7 @@ class HiftTrainer:
         self.model = load_model(cfg, self.model_path, self.tokenizer.pad_token_id)
         self.model.to(self.device)
         if cfg.gradient_checkpointing:
-            # Non-reentrant checkpointing still computes grads for a block whose input
-            # does not require grad, which is every block just above a frozen one.
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model)
         self.model.train()
         n = sum(p.numel() for p in self.model.parameters())
         log.info(f"Model: {type(self.model).__name__}, {n / 1e6:.1f}M parameters on {self.device}")

@@ -113,3 +113,20 @@ def load_model(cfg: ModelConfig, path: str, pad_token_id: int | None) -> PreTrai
         model.config.pad_token_id = pad_token_id  # sequence classification needs it
     model.config.use_cache = False  # the KV cache is dead weight in training
     return model
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing that keeps frozen lower layers graph-free.
+
+    Non-reentrant checkpointing computes parameter grads even when a block's input does
+    not require grad. transformers also hooks the embeddings so their output requires
+    grad (needed only by reentrant checkpointing); that would record a graph through every
+    frozen layer below the active group, so the hook is removed.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()

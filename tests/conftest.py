@@ -1,0 +1,40 @@
+"""Shared fixtures: offline, seeded, tiny models built from config."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+
+from hift_cli.config import Config, to_config  # noqa: E402
+
+
+def compose_config(*overrides: str, recipe: str = "tiny") -> Config:
+    """Compose ``recipes/`` the way ``hift train`` does, and validate it."""
+    with initialize_config_module("hift_cli.recipes", version_base="1.3"):
+        cfg = compose("config", overrides=[f"recipe={recipe}", *overrides])
+    return to_config(cfg)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return compose_config
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,124 @@
+"""The ``hift`` command end to end, in-process, on the tiny recipe."""
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import compose_config
+from hift_cli.cli import main
+
+RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "recipes" / "recipe").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def run_dirs(kind="outputs", command="train"):
+    return sorted(Path(kind, command).glob("*/"))
+
+
+def test_help_and_version(capsys):
+    assert main(["--help"]) == 0
+    assert "hift train" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("hift 0.")
+
+
+def test_train_help_lists_config_groups(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe: demo, llama7b_alpaca, tiny" in out
+
+
+def test_cfg_job_prints_the_composed_config(capsys):
+    assert main(["train", "recipe=tiny", "hift.k=2", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "strategy: bottom2up" in out and "k: 2" in out
+    assert not Path("outputs").exists()  # printing the config runs nothing
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_validates(recipe):
+    cfg = compose_config(recipe=recipe)
+    assert cfg.trainer.max_steps > 0 and cfg.optimizer["_target_"]
+
+
+def test_train_writes_config_metrics_and_a_loadable_model(capsys):
+    code = main(["train", "recipe=tiny", "hift.strategy=top2down", "hift.k=3",
+                 "trainer.max_steps=12"])
+    assert code == 0
+    (run,) = run_dirs()
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    steps = [r for r in rows if "train/loss" in r]
+    assert [r["group"] for r in steps] == [2, 1, 0] * 4
+    assert [r["cycle"] for r in steps] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert set(steps[0]) >= {"step", "cycle", "group", "train/loss", "lr", "tokens_per_second"}
+    assert "eval/loss" in rows[0] and "eval/loss" in rows[-1]
+    assert "strategy: top2down" in (run / "config.yaml").read_text()
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert model.config.num_hidden_layers == 4
+    assert (run / "model" / "model.safetensors").exists()
+
+    # hift eval on that checkpoint reproduces the final eval loss of the run.
+    assert main(["eval", "recipe=tiny", f"checkpoint={run}"]) == 0
+    (eval_run,) = run_dirs(command="eval")
+    result = json.load(open(eval_run / "eval.json"))
+    assert result["eval/loss"] == pytest.approx(rows[-1]["eval/loss"], rel=1e-5)
+
+
+def test_multirun_gives_one_dir_per_job():
+    assert main(["train", "-m", "recipe=tiny", "hift.k=2,4", "trainer.max_steps=4"]) == 0
+    (sweep,) = run_dirs("multirun")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0_hift.k=2,recipe=tiny,trainer.max_steps=4",
+                    "1_hift.k=4,recipe=tiny,trainer.max_steps=4"]
+    groups = [{json.loads(line).get("group") for line in open(sweep / j / "metrics.jsonl")}
+              - {None} for j in jobs]
+    assert groups == [{0, 1}, {0, 1, 2, 3}]
+
+
+def test_memprofile_json(capsys):
+    assert main(["memprofile", "recipe=tiny", "hift.k=3", "memprofile.format=json"]) == 0
+    profile = json.loads(capsys.readouterr().out)
+    assert (profile["num_units"], profile["num_groups"]) == (6, 3)
+    assert sum(g["params"] for g in profile["groups"]) == profile["total_params"]
+    assert profile["total_bytes"] == 4 * profile["total_params"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["hift.k=0"], "hift train: error: hift.k must be >= 1 (got 0)"),
+    (["recipe=nope"], "hift train: error: In 'config': Could not find 'recipe/nope'"
+                      " (available: demo, llama7b_alpaca, tiny)"),
+    (["hift.strategy=sideways"], "hift train: error: hift.strategy must be one of bottom2up,"
+                                 " top2down, random, fpft (got 'sideways')"),
+    (["hift.kk=3"], "hift train: error: Could not override 'hift.kk'."
+                    " Key 'kk' not in 'HiftConfig'"),
+    (["data.path=/no/such.jsonl"], "hift train: error: data.path: no such file: /no/such.jsonl"),
+    (["hift.k=7"], "hift train: error: hift.k=7 but the model has only 6 units"
+                   " (embeddings, 4 blocks, head); use hift.k <= 6"),
+    (["hift.m=2"], "hift train: error: set exactly one of hift.k"),
+    (["trainer.precision=bf16"], "hift train: error: trainer.precision=bf16 needs"
+                                 " model.dtype=bfloat16 (got float32)"),
+    (["optimizer._target_=torch.optim.Nope"], "hift train: error: optimizer._target_: cannot"
+                                              " import 'torch.optim.Nope'"),
+])
+def test_bad_input_is_one_clear_line(capsys, args, message):
+    code = main(["train", "recipe=tiny", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(message), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unknown_command(capsys):
+    assert main(["frob"]) == 2
+    assert "unknown command 'frob'" in capsys.readouterr().err
+
+
+def test_eval_of_a_missing_checkpoint(capsys):
+    assert main(["eval", "recipe=tiny", "checkpoint=/no/such/run"]) == 2
+    assert "checkpoint: no saved model (config.json) in /no/such/run" in capsys.readouterr().err
