@@ -242,7 +242,9 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     """The task function behind ``hift train``: set up, train, save; returns final metrics."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), output_dir / "config.yaml", resolve=True)
+    resolved = OmegaConf.structured(cfg)
+    OmegaConf.save(resolved, output_dir / "config.yaml", resolve=True)
+    log.info("Config:\n" + OmegaConf.to_yaml(resolved, resolve=True).rstrip())
     trainer = HiftTrainer(cfg, output_dir)
     trainer.setup()
     metrics = trainer.train()

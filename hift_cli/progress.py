@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -31,7 +32,11 @@ class TrainProgress:
                 TextColumn("{task.fields[stats]}"), TextColumn("ETA"), TimeRemainingColumn(),
                 console=self.console, transient=False)
             self.task = self.bar.add_task("train", total=self.total, stats="")
+            handlers = _stdout_handlers()
             self.bar.start()
+            # The live bar swaps sys.stdout for a proxy that prints above the bar; point
+            # console log handlers at it so log lines do not tear the bar.
+            self._swapped = [(h, h.setStream(sys.stdout)) for h in handlers]
         return self
 
     def update(self, row: dict, log_line: bool) -> None:
@@ -47,4 +52,11 @@ class TrainProgress:
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
+            for handler, stream in self._swapped:
+                handler.setStream(stream)
             self.bar.stop()
+
+
+def _stdout_handlers() -> list[logging.StreamHandler]:
+    return [h for h in logging.getLogger().handlers
+            if type(h) is logging.StreamHandler and h.stream in (sys.__stdout__, sys.stdout)]
