@@ -10,11 +10,11 @@ import json
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from hift_cli.config import Config
 from hift_cli.grouping import find_units, make_groups
-from hift_cli.models import DTYPES, resolve
+from hift_cli.models import DTYPES, load_config, resolve
 
 GIB = 2**30
 
@@ -22,7 +22,7 @@ GIB = 2**30
 def group_profile(cfg: Config) -> dict:
     """Units and groups of the configured model with parameter counts and bytes."""
     path = resolve(cfg.model.name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    config = load_config(path, cfg.model.trust_remote_code)
     cls = (AutoModelForCausalLM if cfg.model.task == "causal_lm"
            else AutoModelForSequenceClassification)
     dtype = DTYPES[cfg.model.dtype]

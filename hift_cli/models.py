@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -89,8 +90,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@contextlib.contextmanager
+def _loading(name: str):
+    """A model that cannot be read (no such hub id, offline, bad folder) is bad input."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.name_or_path: cannot load {name!r}: {first}") from None
+
+
+def load_config(path: str, trust_remote_code: bool = False, **kwargs):
+    with _loading(path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with _loading(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id will do.
         tokenizer.pad_token = tokenizer.eos_token
@@ -104,11 +121,12 @@ def load_model(cfg: ModelConfig, path: str, pad_token_id: int | None) -> PreTrai
     extra = {"num_labels": cfg.num_labels} if cfg.task == "sequence_classification" else {}
     remote = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.random_init:
-        config = AutoConfig.from_pretrained(path, **extra, **remote)
+        config = load_config(path, cfg.trust_remote_code, **extra)
         model = cls.from_config(config, dtype=dtype, **remote)
     else:
         log.info(f"Loading {cfg.name_or_path} ({cfg.dtype})")
-        model = cls.from_pretrained(path, dtype=dtype, **extra, **remote)
+        with _loading(path):
+            model = cls.from_pretrained(path, dtype=dtype, **extra, **remote)
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # sequence classification needs it
     model.config.use_cache = False  # the KV cache is dead weight in training

@@ -1,4 +1,4 @@
-"""Regenerate hift_cli/assets/{tiny-llama,tiny_instructions.jsonl}.
+"""Regenerate hift_cli/assets/{tiny_llama,tiny_instructions.jsonl}.
 
     python tests/make_tiny_assets.py
 
@@ -45,7 +45,7 @@ def make_instructions(n: int = 256, seed: int = 0) -> list[dict]:
 def main() -> None:
     from transformers import ByT5Tokenizer, LlamaConfig
 
-    model_dir = ASSETS / "tiny-llama"
+    model_dir = ASSETS / "tiny_llama"
     config = LlamaConfig(
         vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

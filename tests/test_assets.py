@@ -14,6 +14,6 @@ def test_shipped_instructions_match_the_generator():
 
 
 def test_tiny_model_config():
-    config = json.load(open(ASSETS_DIR / "tiny-llama" / "config.json"))
+    config = json.load(open(ASSETS_DIR / "tiny_llama" / "config.json"))
     assert (config["model_type"], config["num_hidden_layers"], config["vocab_size"]) == \
         ("llama", 4, 384)

@@ -103,6 +103,8 @@ def test_memprofile_json(capsys):
     (["hift.m=2"], "hift train: error: set exactly one of hift.k"),
     (["trainer.precision=bf16"], "hift train: error: trainer.precision=bf16 needs"
                                  " model.dtype=bfloat16 (got float32)"),
+    (["model.name_or_path=nobody/nothing"], "hift train: error: model.name_or_path: cannot load"
+                                            " 'nobody/nothing'"),
     (["optimizer._target_=torch.optim.Nope"], "hift train: error: optimizer._target_: cannot"
                                               " import 'torch.optim.Nope'"),
 ])

@@ -12,7 +12,7 @@ from hift_cli.data import IGNORE_INDEX, collate, load_splits, tokenize, train_ba
 
 @pytest.fixture(scope="module")
 def byte_tok():
-    return AutoTokenizer.from_pretrained(ASSETS_DIR / "tiny-llama")  # ByT5: id = byte + 3
+    return AutoTokenizer.from_pretrained(ASSETS_DIR / "tiny_llama")  # ByT5: id = byte + 3
 
 
 def cfg(**kw):
