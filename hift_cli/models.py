@@ -87,7 +87,14 @@ def pick_device(name: str) -> torch.device:
     """``auto``: CUDA when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"trainer.device: unknown device {name!r} (auto, cpu, cuda, cuda:N)"
+                          ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but CUDA is not available here")
+    return device
 
 
 @contextlib.contextmanager

@@ -105,6 +105,7 @@ def test_memprofile_json(capsys):
                                  " model.dtype=bfloat16 (got float32)"),
     (["model.name_or_path=nobody/nothing"], "hift train: error: model.name_or_path: cannot load"
                                             " 'nobody/nothing'"),
+    (["trainer.device=tpu9"], "hift train: error: trainer.device: unknown device 'tpu9'"),
     (["optimizer._target_=torch.optim.Nope"], "hift train: error: optimizer._target_: cannot"
                                               " import 'torch.optim.Nope'"),
 ])
