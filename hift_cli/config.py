@@ -22,7 +22,8 @@ STRATEGIES = ("bottom2up", "top2down", "random", "fpft")
 TASKS = ("causal_lm", "sequence_classification")
 DTYPES = ("float32", "bfloat16")
 # Compute precision; must agree with model.dtype (see TrainerConfig.__post_init__).
-PRECISIONS = {"fp32": "float32", "bf16-autocast": "float32", "bf16": "bfloat16"}
+PRECISIONS = {"fp32": "float32", "bf16-autocast": "float32", "bf16": "bfloat16",
+              "bf16-mixed": "bfloat16"}
 # transformers.get_scheduler names that need nothing but warmup and length.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup", "inverse_sqrt")
@@ -124,6 +125,9 @@ class HiftConfig:
     """Number of groups. Set exactly one of k and m (null the other)."""
     m: Optional[int] = None
     """Units per group."""
+    offload: Optional[bool] = None
+    """Keep inactive groups' optimizer state (and fp32 masters) in pinned host memory,
+    prefetching the next group's on a side CUDA stream. null: on with CUDA, off on CPU."""
 
     def __post_init__(self) -> None:
         _one_of("hift.strategy", self.strategy, STRATEGIES)
@@ -154,7 +158,8 @@ class TrainerConfig:
     max_grad_norm: Optional[float] = 1.0
     """Clip the active group's gradient norm; null: no clipping."""
     precision: str = "fp32"
-    """fp32 | bf16-autocast (fp32 weights, bf16 compute) | bf16 (pure bf16 weights)."""
+    """fp32 | bf16-autocast (fp32 weights, bf16 compute) | bf16 (pure bf16 weights and
+    optimizer state) | bf16-mixed (bf16 weights; the active group updates fp32 masters)."""
     device: str = "auto"
     """auto (cuda if available) | cpu | cuda | cuda:N."""
     log_every: int = 1
@@ -223,6 +228,17 @@ def _check_components(cfg: Config) -> None:
     target = cfg.optimizer.get("_target_")
     if not target:
         raise ConfigError("optimizer._target_ is required (e.g. torch.optim.AdamW)")
+    if target.startswith("bitsandbytes."):
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"optimizer {target} needs bitsandbytes:"
+                              " pip install 'hift-cli[8bit]'")
+        if not torch.cuda.is_available() or cfg.trainer.device == "cpu":
+            raise ConfigError(f"optimizer {target} needs a CUDA device (bitsandbytes 8-bit"
+                              " optimizers run on the GPU)")
     try:
         get_class(target)
     except Exception:

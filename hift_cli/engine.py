@@ -17,6 +17,7 @@ Why it is cheap:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ from hift_cli.models import (
     pick_device,
     resolve,
 )
+from hift_cli.offload import GroupStateStore
 from hift_cli.progress import TrainProgress
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,23 @@ class HiftTrainer:
         self._setup_data()
         self._setup_groups()
         self._setup_optimizer()
+        self._setup_store()
         self._setup_scheduler()
 
     def _setup_model(self) -> None:
         cfg = self.cfg.model
         self.model_path = resolve(cfg.name_or_path)
         self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code)
-        self.model = load_model(cfg, self.model_path, self.tokenizer.pad_token_id)
+        mixed = self.cfg.trainer.precision == "bf16-mixed"
+        # bf16-mixed: load fp32 weights, keep them as the fp32 masters the optimizer
+        # updates, and train a bf16 copy (no precision lost to a bf16 round trip).
+        load_cfg = dataclasses.replace(cfg, dtype="float32") if mixed else cfg
+        self.model = load_model(load_cfg, self.model_path, self.tokenizer.pad_token_id)
+        self.masters: dict[int, torch.nn.Parameter] = {}
+        if mixed:
+            self.masters = {id(p): torch.nn.Parameter(p.data, requires_grad=False)
+                            for p in self.model.parameters()}
+            self.model.to(torch.bfloat16)  # new bf16 storage; masters keep the fp32 one
         self.model.to(self.device)
         if cfg.gradient_checkpointing:
             enable_checkpointing(self.model)
@@ -108,9 +120,13 @@ class HiftTrainer:
 
     def _setup_optimizer(self) -> None:
         ocfg = dict(self.cfg.optimizer)
+        # What the optimizer updates, per group: fp32 masters in bf16-mixed, else the
+        # model's own parameters.
+        self.opt_params = [[self.masters.get(id(p), p) for p in g.params.values()]
+                           for g in self.groups]
         decay, no_decay = [], []
-        for group in self.groups:
-            for p in group.params.values():
+        for params in self.opt_params:
+            for p in params:
                 # Norm weights and biases are vectors: no weight decay on them.
                 (decay if p.ndim >= 2 else no_decay).append(p)
         param_groups = [
@@ -119,6 +135,26 @@ class HiftTrainer:
         ]
         log.info(f"Instantiating {ocfg['_target_']}")
         self.optimizer = instantiate({**ocfg, "_partial_": True})(param_groups)
+
+    def _setup_store(self) -> None:
+        """Inactive groups' optimizer state (and masters) in host memory, if enabled."""
+        offload = self.cfg.hift.offload
+        enabled = (self.device.type == "cuda") if offload is None else offload
+        if enabled and len(self.groups) == 1:
+            enabled = False  # fpft: the one group is always active, nothing to swap
+        if enabled and "Paged" in str(self.cfg.optimizer["_target_"]):
+            log.info("Paged optimizer: its state is paged by CUDA itself; hift.offload off")
+            enabled = False
+        self.store = GroupStateStore(self.optimizer, self.opt_params, self.device, enabled,
+                                     masters=bool(self.masters))
+        for g, params in enumerate(self.opt_params):
+            if self.masters and enabled:
+                self.store.offload(g)  # fp32 masters start in (pinned) host memory
+            elif self.masters:
+                for m in params:
+                    m.data = m.data.to(self.device)
+        log.info(f"Optimizer state offload: {'on' if enabled else 'off'}"
+                 + (" (fp32 masters too)" if self.masters and enabled else ""))
 
     def _setup_scheduler(self) -> None:
         tcfg = self.cfg.trainer
@@ -165,11 +201,16 @@ class HiftTrainer:
                 progress.note(f"eval before training: loss {before['eval/loss']:.4f}"
                               f" (perplexity {before['eval/perplexity']:.2f})")
 
-            train_start, total_tokens = time.perf_counter(), 0
+            train_start, total_tokens, total_stall = time.perf_counter(), 0, 0.0
             for step in range(self.global_step, tcfg.max_steps):
                 step_start = time.perf_counter()
                 cycle = step // k
                 group = self.groups[self.schedule.group_at(step)]
+                last = step + 1 == tcfg.max_steps
+                next_index = None if last else self.schedule.group_at(step + 1)
+                if next_index is not None:
+                    # The next group's state comes in on a side stream while this step runs.
+                    self.store.prefetch(next_index)
                 if group is not self.active:
                     self._activate(group)
 
@@ -185,11 +226,20 @@ class HiftTrainer:
                     loss_sum += loss.detach()
                     tokens += int(batch["attention_mask"].sum())
 
+                params = self.opt_params[group.index]
+                if self.masters:  # bf16 grads -> fp32 grads on the masters
+                    for p, master in zip(group.params.values(), params):
+                        master.grad, p.grad = p.grad.float(), None
                 if tcfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(list(group.params.values()), tcfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
                 lr = self.optimizer.param_groups[0]["lr"]
+                self.store.wait(group.index)  # its state must have arrived
                 self.optimizer.step()
+                if self.masters:
+                    for p, master in zip(group.params.values(), params):
+                        p.data.copy_(master.data)  # fp32 -> bf16 weights
                 self.optimizer.zero_grad(set_to_none=True)  # free the group's grads now
+                self.store.offload(group.index, keep=next_index == group.index)
                 if self.schedule.ends_cycle(step):
                     self.scheduler.step()  # delayed LR update: once per full cycle
                 self.global_step = step + 1
@@ -197,10 +247,13 @@ class HiftTrainer:
                 # .item() is a CPU-GPU sync point; one per step is noise next to a step.
                 train_loss = (loss_sum / tcfg.grad_accum).item()
                 seconds = time.perf_counter() - step_start
+                moved = self.store.take_stats()
                 total_tokens += tokens
+                total_stall += moved.stall_seconds
                 row = {"step": self.global_step, "cycle": cycle, "group": group.index,
                        "train/loss": train_loss, "lr": lr, "tokens_per_second": tokens / seconds,
-                       "step_seconds": seconds}
+                       "step_seconds": seconds, "offload/stall_seconds": moved.stall_seconds,
+                       "offload/h2d_bytes": moved.h2d_bytes, "offload/d2h_bytes": moved.d2h_bytes}
                 record(row)
                 progress.update(row, log_line=self.global_step % tcfg.log_every == 0
                                 or self.global_step == tcfg.max_steps)
@@ -215,6 +268,7 @@ class HiftTrainer:
             elapsed = time.perf_counter() - train_start
             summary["tokens_per_second"] = total_tokens / max(elapsed, 1e-9)
             summary["train/seconds"] = elapsed
+            summary["offload/stall_fraction"] = total_stall / max(elapsed, 1e-9)
             if len(self.eval_set):
                 after = self.evaluate()
                 summary.update(after)
