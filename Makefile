@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Tests and the demo never touch the Hugging Face Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: help install demo test test-fast clean
+.PHONY: help install demo test test-fast gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,12 @@ test: install  ## the full test suite (includes the slow SmolLM2 integration tes
 
 test-fast: install  ## unit tests only
 	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+
+# On a machine whose own python already has torch (e.g. a lent GPU box without PyPI):
+#   make gpu-check GPU_PY=python3
+GPU_PY ?= $(PY)
+gpu-check: $(if $(filter $(PY),$(GPU_PY)),install)  ## GPU measurements into bench/results/ (says so and exits 0 without CUDA)
+	PYTHONPATH=$(CURDIR) $(OFFLINE) $(GPU_PY) bench/gpu_check.py
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) outputs multirun .pytest_cache
