@@ -201,7 +201,9 @@ class HiftTrainer:
                 progress.note(f"eval before training: loss {before['eval/loss']:.4f}"
                               f" (perplexity {before['eval/perplexity']:.2f})")
 
-            train_start, total_tokens, total_stall = time.perf_counter(), 0, 0.0
+            train_start, total_tokens = time.perf_counter(), 0
+            total_moved = {"offload/stall_seconds": 0.0, "offload/h2d_bytes": 0,
+                           "offload/d2h_bytes": 0}
             for step in range(self.global_step, tcfg.max_steps):
                 step_start = time.perf_counter()
                 cycle = step // k
@@ -249,11 +251,12 @@ class HiftTrainer:
                 seconds = time.perf_counter() - step_start
                 moved = self.store.take_stats()
                 total_tokens += tokens
-                total_stall += moved.stall_seconds
                 row = {"step": self.global_step, "cycle": cycle, "group": group.index,
                        "train/loss": train_loss, "lr": lr, "tokens_per_second": tokens / seconds,
                        "step_seconds": seconds, "offload/stall_seconds": moved.stall_seconds,
                        "offload/h2d_bytes": moved.h2d_bytes, "offload/d2h_bytes": moved.d2h_bytes}
+                for key in total_moved:
+                    total_moved[key] += row[key]
                 record(row)
                 progress.update(row, log_line=self.global_step % tcfg.log_every == 0
                                 or self.global_step == tcfg.max_steps)
@@ -268,7 +271,15 @@ class HiftTrainer:
             elapsed = time.perf_counter() - train_start
             summary["tokens_per_second"] = total_tokens / max(elapsed, 1e-9)
             summary["train/seconds"] = elapsed
-            summary["offload/stall_fraction"] = total_stall / max(elapsed, 1e-9)
+            summary.update(total_moved)
+            summary["offload/stall_fraction"] = total_moved["offload/stall_seconds"] / max(
+                elapsed, 1e-9)
+            if self.store.enabled:
+                progress.note(
+                    f"offload: waited {total_moved['offload/stall_seconds']:.2f} s for state"
+                    f" ({100 * summary['offload/stall_fraction']:.1f}% of training), moved"
+                    f" {total_moved['offload/h2d_bytes'] / 2**30:.2f} GiB to and"
+                    f" {total_moved['offload/d2h_bytes'] / 2**30:.2f} GiB from the device")
             if len(self.eval_set):
                 after = self.evaluate()
                 summary.update(after)
