@@ -50,14 +50,6 @@ def compose(*overrides: str):
         return to_config(hydra_compose("config", overrides=list(overrides)))
 
 
-def synthetic_batches(batch: int, seq: int, vocab: int, device: torch.device):
-    """Random token ids, every position a target: the shape is what matters here."""
-    g = torch.Generator().manual_seed(0)
-    while True:
-        ids = torch.randint(3, vocab, (batch, seq), generator=g)
-        yield {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-
-
 def measure(name: str, overrides: list[str], warm_steps: int, steps: int,
             synthetic: tuple[int, int, int] | None = None) -> dict:
     """Train ``warm_steps`` (state gets created), then time ``steps`` more.
@@ -66,6 +58,7 @@ def measure(name: str, overrides: list[str], warm_steps: int, steps: int,
     out-of-memory error is recorded instead of raised.
     """
     from hift_cli.engine import HiftTrainer
+    from hift_cli.memory import fixed_shape_batches
 
     cfg = compose("trainer.eval_before=false", "trainer.save_model=false", *overrides)
     out = Path(tempfile.mkdtemp(prefix=f"gpu-check-{name}-"))
@@ -76,7 +69,7 @@ def measure(name: str, overrides: list[str], warm_steps: int, steps: int,
         trainer.setup()
         trainer.eval_set = trainer.eval_set.select([])  # time training only
         if synthetic:
-            trainer.batches = synthetic_batches(*synthetic, trainer.device)
+            trainer.batches = fixed_shape_batches(*synthetic)
         cuda = trainer.device.type == "cuda"
         trainer.cfg.trainer.max_steps = warm_steps
         trainer.train()
@@ -111,29 +104,18 @@ def measure(name: str, overrides: list[str], warm_steps: int, steps: int,
     return result
 
 
-SHAPES = {
-    # SmolLM2-135M's architecture (tied embeddings); random weights cost the same memory
-    # and time as real ones, and need nothing from the Hub or PyPI's model packages.
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         tie_word_embeddings=True, max_position_embeddings=8192),
-    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                     tie_word_embeddings=False, max_position_embeddings=4096),
-}
-
-
 def shape_dir(name: str) -> str:
     """A local model folder with a named architecture and the tiny byte tokenizer."""
     import shutil
 
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
-    from hift_cli.config import ASSETS_DIR
+    from hift_cli.config import ASSETS_DIR, SHAPES
 
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-shape-"))
-    LlamaConfig(**SHAPES[name], eos_token_id=1, pad_token_id=0, bos_token_id=None
-                ).save_pretrained(folder)
+    preset = dict(SHAPES[name])
+    AutoConfig.for_model(preset.pop("model_type"), **preset, eos_token_id=1, pad_token_id=0,
+                         bos_token_id=None).save_pretrained(folder)
     for f in (ASSETS_DIR / "tiny_llama").iterdir():
         if "token" in f.name:
             shutil.copy(f, folder / f.name)
@@ -156,6 +138,8 @@ def run_checks(smoke: bool = False) -> dict:
     tiny_dir = str(Path(__file__).parents[1] / "hift_cli" / "assets" / "tiny_llama")
 
     small_dir = tiny_dir if smoke else shape_dir("smollm2-135m")
+    from hift_cli.config import SHAPES
+
     small_shape = (4, 32, 384) if smoke else (8, 256, SHAPES["smollm2-135m"]["vocab_size"])
     small = [*base, f"model.name_or_path={small_dir}", f"trainer.batch_size={small_shape[0]}",
              "hift.k=3" if smoke else "hift.k=8"]

@@ -94,7 +94,7 @@ def memprofile_app(cfg: DictConfig) -> None:
     config = to_config(cfg)
     from hift_cli.memprofile import run_memprofile
 
-    run_memprofile(config)
+    run_memprofile(config, _output_dir())
 
 
 APPS: dict[str, Callable[[], None]] = {

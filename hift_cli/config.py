@@ -33,6 +33,21 @@ DATA_GENERATORS = ("reasoning_gym:gsm_symbolic",)
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 
 
+# Architecture presets (LLaMA-1/2 and SmolLM2 shapes) for memory estimates without the Hub.
+SHAPES = {
+    "llama-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096,
+                     intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, max_position_embeddings=4096),
+    "llama-13b": dict(model_type="llama", vocab_size=32000, hidden_size=5120,
+                      intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, max_position_embeddings=4096),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, tie_word_embeddings=True,
+                         max_position_embeddings=8192),
+}
+
+
 class ConfigError(ValueError):
     """Bad user input: reported as one line, no traceback."""
 
@@ -190,9 +205,19 @@ class EvalConfig:
 class MemprofileConfig:
     format: str = "table"
     """table | json."""
+    shape: Optional[str] = None
+    """Architecture preset (llama-7b, llama-13b, smollm2-135m) instead of model.name_or_path's
+    config: estimates offline, without the Hub."""
+    seq_len: Optional[int] = None
+    """Tokens per sample for the activation estimate (null: data.max_length)."""
+    measure: bool = False
+    """Also run one fpft step and one HiFT cycle and report measured bytes beside the estimate."""
 
     def __post_init__(self) -> None:
         _one_of("memprofile.format", self.format, ("table", "json"))
+        if self.shape is not None:
+            _one_of("memprofile.shape", self.shape, tuple(SHAPES))
+        _positive("memprofile.seq_len", self.seq_len)
 
 
 @dataclass

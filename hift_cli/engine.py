@@ -54,6 +54,9 @@ class HiftTrainer:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.global_step = 0
+        # Called as hook(trainer, group) right after each optimizer step, while the
+        # group's gradients and optimizer state are on the device (memory probes).
+        self.after_update: list = []
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -237,6 +240,8 @@ class HiftTrainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.store.wait(group.index)  # its state must have arrived
                 self.optimizer.step()
+                for hook in self.after_update:
+                    hook(self, group)
                 if self.masters:
                     for p, master in zip(group.params.values(), params):
                         p.data.copy_(master.data)  # fp32 -> bf16 weights
@@ -316,7 +321,30 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     saved = trainer.save()
     with open(output_dir / "summary.json", "w") as f:
         json.dump(metrics, f, indent=2)
+    write_memory_report(cfg, trainer, output_dir)
     if "eval/loss_before" in metrics and "eval/loss" in metrics:
         log.info(f"Eval loss {metrics['eval/loss_before']:.4f} -> {metrics['eval/loss']:.4f}")
     log.info(f"Output: {output_dir}" + (f" (model: {saved})" if saved else ""))
     return metrics
+
+
+def write_memory_report(cfg: Config, trainer: HiftTrainer, output_dir: Path) -> None:
+    """``memory_report.json``: the estimate for this run's settings, and what was measured."""
+    import io
+    import resource
+
+    from rich.console import Console
+
+    from hift_cli.memory import estimate, render
+
+    report = estimate(dataclasses.replace(
+        cfg, hift=dataclasses.replace(cfg.hift, offload=trainer.store.enabled)))
+    if trainer.device.type == "cuda":
+        report["measured"] = {"cuda_peak_allocated": torch.cuda.max_memory_allocated()}
+    else:  # ru_maxrss is in KiB on Linux
+        report["measured"] = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    with open(output_dir / "memory_report.json", "w") as f:
+        json.dump(report, f, indent=2)
+    text = io.StringIO()
+    Console(file=text, width=120).print(render(report))
+    log.info("Memory (estimate at data.max_length):\n" + text.getvalue().rstrip())

@@ -48,7 +48,7 @@ class Group:
         return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
 
 
-def _block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of transformer blocks: the homogeneous stack with most parameters."""
     candidates = []
     for name, module in model.named_modules():
@@ -119,7 +119,7 @@ def find_units(model: nn.Module) -> list[Unit]:
 
     Every trainable parameter lands in exactly one unit.
     """
-    stack_name, stack = _block_stack(model)
+    stack_name, stack = block_stack(model)
     order = _forward_order(model, stack)
     block_ids = {id(b): i for i, b in enumerate(stack)}
     embeddings, head = Unit("embeddings"), Unit("head")

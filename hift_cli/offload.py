@@ -126,8 +126,10 @@ class GroupStateStore:
         with self._side():
             for dtype, host in self.host[g].items():
                 if dtype not in slot or slot[dtype].numel() < host.numel():
-                    # Grows during the first cycle only, as groups gain optimizer state.
-                    slot[dtype] = torch.empty(host.numel(), dtype=dtype, device=self.device)
+                    # Sized for the largest group known so far: grows only while the
+                    # first cycle is still creating optimizer state.
+                    need = max(layout.numel.get(dtype, 0) for layout in self.layouts.values())
+                    slot[dtype] = torch.empty(need, dtype=dtype, device=self.device)
                 slot[dtype][: host.numel()].copy_(host, non_blocking=True)
                 self.stats.h2d_bytes += host.numel() * host.element_size()
             if self.cuda:

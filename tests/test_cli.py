@@ -59,6 +59,9 @@ def test_train_writes_config_metrics_and_a_loadable_model(capsys):
     assert set(steps[0]) >= {"step", "cycle", "group", "train/loss", "lr", "tokens_per_second"}
     assert "eval/loss" in rows[0] and "eval/loss" in rows[-1]
     assert "strategy: top2down" in (run / "config.yaml").read_text()
+    memory = json.load(open(run / "memory_report.json"))
+    assert memory["groups"] == 3 and memory["measured"]["peak_rss"] > 0
+    assert memory["hift"]["total"] < memory["fpft"]["total"]
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.num_hidden_layers == 4
     assert (run / "model" / "model.safetensors").exists()
@@ -79,14 +82,6 @@ def test_multirun_gives_one_dir_per_job():
     groups = [{json.loads(line).get("group") for line in open(sweep / j / "metrics.jsonl")}
               - {None} for j in jobs]
     assert groups == [{0, 1}, {0, 1, 2, 3}]
-
-
-def test_memprofile_json(capsys):
-    assert main(["memprofile", "recipe=tiny", "hift.k=3", "memprofile.format=json"]) == 0
-    profile = json.loads(capsys.readouterr().out)
-    assert (profile["num_units"], profile["num_groups"]) == (6, 3)
-    assert sum(g["params"] for g in profile["groups"]) == profile["total_params"]
-    assert profile["total_bytes"] == 4 * profile["total_params"]
 
 
 @pytest.mark.parametrize("args,message", [
