@@ -60,9 +60,18 @@ def measure(name: str, overrides: list[str], warm_steps: int, steps: int,
     from hift_cli.engine import HiftTrainer
     from hift_cli.memory import fixed_shape_batches
 
+    import dataclasses
+
+    from hift_cli.memory import estimate
+
     cfg = compose("trainer.eval_before=false", "trainer.save_model=false", *overrides)
     out = Path(tempfile.mkdtemp(prefix=f"gpu-check-{name}-"))
     result: dict = {"name": name, "overrides": overrides}
+    if synthetic:  # hift memprofile's estimate for the same run, to set beside the peak
+        report = estimate(dataclasses.replace(
+            cfg, memprofile=dataclasses.replace(cfg.memprofile, seq_len=synthetic[1])))
+        column = "fpft" if cfg.hift.strategy == "fpft" else "hift"
+        result["estimated_peak_gib"] = report[column]["total"] / GIB
     trainer = None
     try:
         trainer = HiftTrainer(cfg, out)
@@ -182,25 +191,29 @@ def write(results: dict) -> Path:
 
     lines = [
         f"# gpu-check {results['date']} on {results['device']} (torch {results['torch']})", "",
+        "Peak: `torch.cuda.max_memory_allocated` over the measured steps; estimated: what"
+        " `hift memprofile` predicts for the same settings.", "",
         f"## SmolLM2-135M architecture (random init), k=8, batch {s['batch']} x {s['seq_len']}",
         "",
-        "| run | mean step s | stall fraction | H2D GiB/step | peak GiB |", "|---|---|---|---|---|",
+        "| run | mean step s | stall fraction | H2D GiB/step | peak GiB | estimated GiB |",
+        "|---|---|---|---|---|---|",
     ]
     for key in ("offload_on", "offload_off", "fpft"):
         r = s[key]
         lines.append(f"| {key} | {fmt(r, 'mean_step_seconds')} | {fmt(r, 'stall_fraction')} |"
-                     f" {fmt(r, 'h2d_gib_per_step')} | {fmt(r, 'peak_gib', '.2f')} |")
+                     f" {fmt(r, 'h2d_gib_per_step')} | {fmt(r, 'peak_gib', '.2f')} |"
+                     f" {fmt(r, 'estimated_peak_gib', '.2f')} |")
     if "offload_step_time_ratio" in s:
         lines += ["", f"Step time with offload / without: {s['offload_step_time_ratio']:.3f}"]
     lines += [
         "", f"## LLaMA-7B shape, random init, bf16-mixed, gradient checkpointing, batch"
         f" {b['batch']} x {b['seq_len']}", "",
-        "| run | mean step s | stall fraction | peak GiB |", "|---|---|---|---|",
+        "| run | mean step s | stall fraction | peak GiB | estimated GiB |", "|---|---|---|---|---|",
     ]
     for key in ("hift_m1", "fpft"):
         r = b[key]
         lines.append(f"| {key} | {fmt(r, 'mean_step_seconds')} | {fmt(r, 'stall_fraction')} |"
-                     f" {fmt(r, 'peak_gib', '.2f')} |")
+                     f" {fmt(r, 'peak_gib', '.2f')} | {fmt(r, 'estimated_peak_gib', '.2f')} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return stem
 
