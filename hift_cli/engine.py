@@ -32,7 +32,7 @@ from transformers import get_scheduler, set_seed
 
 from hift_cli import data as data_lib
 from hift_cli.config import Config
-from hift_cli.evaluate import evaluate_loss
+from hift_cli.evaluate import build_evaluator
 from hift_cli.grouping import Group, GroupSchedule, find_units, make_groups
 from hift_cli.models import (
     enable_checkpointing,
@@ -68,8 +68,10 @@ class HiftTrainer:
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
         self.device = pick_device(cfg.trainer.device)
+        self.model_path = resolve(cfg.model.name_or_path)
+        self.tokenizer = load_tokenizer(self.model_path, cfg.model.trust_remote_code)
+        self._setup_data()  # before the model: classification data sets num_labels
         self._setup_model()
-        self._setup_data()
         self._setup_groups()
         self._setup_optimizer()
         self._setup_store()
@@ -77,13 +79,16 @@ class HiftTrainer:
 
     def _setup_model(self) -> None:
         cfg = self.cfg.model
-        self.model_path = resolve(cfg.name_or_path)
-        self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code)
+        if self.labels.names:
+            cfg = dataclasses.replace(cfg, num_labels=len(self.labels.names))
         mixed = self.cfg.trainer.precision == "bf16-mixed"
         # bf16-mixed: load fp32 weights, keep them as the fp32 masters the optimizer
         # updates, and train a bf16 copy (no precision lost to a bf16 round trip).
         load_cfg = dataclasses.replace(cfg, dtype="float32") if mixed else cfg
         self.model = load_model(load_cfg, self.model_path, self.tokenizer.pad_token_id)
+        if self.labels.names:  # saved with the model, so its predictions have names
+            self.model.config.id2label = dict(enumerate(self.labels.names))
+            self.model.config.label2id = {n: i for i, n in enumerate(self.labels.names)}
         self.masters: dict[int, torch.nn.Parameter] = {}
         if mixed:
             self.masters = {id(p): torch.nn.Parameter(p.data, requires_grad=False)
@@ -99,15 +104,28 @@ class HiftTrainer:
     def _setup_data(self) -> None:
         cfg = self.cfg.data
         splits = data_lib.load_splits(cfg)
+        classify = cfg.format == "classification"
+        self.labels = (data_lib.label_map(splits.train, cfg, splits.eval) if classify
+                       else data_lib.Labels())
         self.train_set = data_lib.tokenize(splits.train, self.tokenizer, cfg, cfg.max_samples,
-                                           "train")
-        self.eval_set = data_lib.tokenize(splits.eval, self.tokenizer, cfg,
-                                          cfg.max_eval_samples, "eval")
+                                           "train", self.labels)
+        self.evaluator = build_evaluator(self.cfg, self.tokenizer, splits, self.labels,
+                                         self.device)
         self.pad_id = self.tokenizer.pad_token_id
         self.batches = data_lib.train_batches(self.train_set, self.cfg.trainer.batch_size,
-                                              self.pad_id, self.cfg.trainer.seed)
-        log.info(f"Data: {len(self.train_set)} train / {len(self.eval_set)} eval samples"
-                 f" from {cfg.path}")
+                                              self.pad_id, self.cfg.trainer.seed,
+                                              cfg.group_by_length)
+        log.info(f"Data ({cfg.format}): {len(self.train_set)} train / {len(self.eval_set)}"
+                 f" eval samples from {cfg.path}"
+                 + (f"; labels: {', '.join(self.labels.names)}" if self.labels.names else ""))
+
+    @property
+    def eval_set(self):
+        return self.evaluator.ds
+
+    @eval_set.setter
+    def eval_set(self, ds) -> None:
+        self.evaluator.ds = ds
 
     def _setup_groups(self) -> None:
         hcfg = self.cfg.hift
@@ -181,8 +199,7 @@ class HiftTrainer:
         return contextlib.nullcontext()
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate_loss(self.model, self.eval_set, self.cfg.trainer.eval_batch_size,
-                             self.pad_id, self.device, self._autocast())
+        return self.evaluator(self.model, self.cfg.trainer.eval_batch_size)
 
     def train(self) -> dict[str, float]:
         """Run ``trainer.max_steps`` steps; returns the final metrics."""
@@ -199,10 +216,9 @@ class HiftTrainer:
 
             if tcfg.eval_before and len(self.eval_set):
                 before = self.evaluate()
-                summary["eval/loss_before"] = before["eval/loss"]
+                summary.update({f"{k}_before": v for k, v in before.items()})
                 record({"step": 0, **before})
-                progress.note(f"eval before training: loss {before['eval/loss']:.4f}"
-                              f" (perplexity {before['eval/perplexity']:.2f})")
+                progress.note(f"eval before training: {_describe(before)}")
 
             train_start, total_tokens = time.perf_counter(), 0
             total_moved = {"offload/stall_seconds": 0.0, "offload/h2d_bytes": 0,
@@ -271,7 +287,7 @@ class HiftTrainer:
                         and self.global_step < tcfg.max_steps and len(self.eval_set):
                     ev = self.evaluate()
                     record({"step": self.global_step, **ev})
-                    progress.note(f"step {self.global_step}: eval loss {ev['eval/loss']:.4f}")
+                    progress.note(f"step {self.global_step}: eval {_describe(ev)}")
 
             elapsed = time.perf_counter() - train_start
             summary["tokens_per_second"] = total_tokens / max(elapsed, 1e-9)
@@ -289,8 +305,7 @@ class HiftTrainer:
                 after = self.evaluate()
                 summary.update(after)
                 record({"step": self.global_step, **after})
-                progress.note(f"eval after training: loss {after['eval/loss']:.4f}"
-                              f" (perplexity {after['eval/perplexity']:.2f})")
+                progress.note(f"eval after training: {_describe(after)}")
         return summary
 
     # ------------------------------------------------------------------ save
@@ -308,6 +323,13 @@ class HiftTrainer:
         return path
 
 
+def _describe(metrics: dict[str, float]) -> str:
+    shown = {"loss": "loss", "perplexity": "perplexity", "accuracy": "accuracy",
+             "macro_f1": "macro-F1", "exact_match": "exact match"}
+    return ", ".join(f"{label} {metrics['eval/' + key]:.4f}" for key, label in shown.items()
+                     if "eval/" + key in metrics)
+
+
 def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     """The task function behind ``hift train``: set up, train, save; returns final metrics."""
     output_dir = Path(output_dir)
@@ -322,8 +344,10 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     with open(output_dir / "summary.json", "w") as f:
         json.dump(metrics, f, indent=2)
     write_memory_report(cfg, trainer, output_dir)
-    if "eval/loss_before" in metrics and "eval/loss" in metrics:
-        log.info(f"Eval loss {metrics['eval/loss_before']:.4f} -> {metrics['eval/loss']:.4f}")
+    for key in ("eval/loss", "eval/accuracy", "eval/exact_match"):
+        if f"{key}_before" in metrics and key in metrics:
+            log.info(f"{key.removeprefix('eval/').replace('_', ' ').capitalize()}"
+                     f" {metrics[key + '_before']:.4f} -> {metrics[key]:.4f}")
     log.info(f"Output: {output_dir}" + (f" (model: {saved})" if saved else ""))
     return metrics
 

@@ -35,6 +35,7 @@ class Settings:
     checkpointing: bool
     batch_size: int
     seq_len: int
+    causal: bool  # causal_lm: a label per token; else one per sequence
 
     @classmethod
     def of(cls, cfg: Config) -> "Settings":
@@ -47,7 +48,7 @@ class Settings:
                    mixed=mixed, offload=offload and cfg.hift.strategy != "fpft",
                    checkpointing=cfg.model.gradient_checkpointing,
                    batch_size=cfg.trainer.batch_size, seq_len=cfg.memprofile.seq_len
-                   or cfg.data.max_length)
+                   or cfg.data.max_length, causal=cfg.model.task == "causal_lm")
 
 
 def meta_model(cfg: Config) -> nn.Module:
@@ -157,8 +158,10 @@ def activation_bytes(model: nn.Module, groups: list[Group], settings: Settings
                      ) -> list[int]:
     """Bytes autograd keeps for backward while each group is the active one."""
     blocks = list(block_stack(model)[1])
-    ids = torch.zeros(settings.batch_size, settings.seq_len, dtype=torch.long,
-                      device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    ids = torch.zeros(settings.batch_size, settings.seq_len, dtype=torch.long, device=device)
+    labels = ids if settings.causal else torch.zeros(settings.batch_size, dtype=torch.long,
+                                                     device=device)
     result = []
     for group in groups:
         active = {id(p) for p in group.params.values()}
@@ -166,7 +169,7 @@ def activation_bytes(model: nn.Module, groups: list[Group], settings: Settings
             p.requires_grad_(id(p) in active)
         saved = SavedBytes(model, blocks)
         with saved, _efficient_attention_on_meta():
-            model(input_ids=ids, labels=ids)
+            model(input_ids=ids, labels=labels)
         result.append(saved.with_checkpointing() if settings.checkpointing else saved.total)
     for p in model.parameters():
         p.requires_grad_(True)

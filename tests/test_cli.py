@@ -31,7 +31,7 @@ def test_help_and_version(capsys):
 def test_train_help_lists_config_groups(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "recipe: demo, llama7b_alpaca, tiny" in out
+    assert "recipe: demo, llama7b_alpaca, minilm_cls, roberta_large_sst2, smollm2_gsm, tiny" in out
 
 
 def test_cfg_job_prints_the_composed_config(capsys):
@@ -41,10 +41,23 @@ def test_cfg_job_prints_the_composed_config(capsys):
     assert not Path("outputs").exists()  # printing the config runs nothing
 
 
+# Recipes that run on the user's own file say so with a mandatory data.path.
+NEEDS_DATA = {"minilm_cls"}
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_composes_and_validates(recipe):
-    cfg = compose_config(recipe=recipe)
+def test_every_recipe_composes_and_validates(recipe, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "good", "label": 1}\n')
+    extra = [f"data.path={path}"] if recipe in NEEDS_DATA else []
+    cfg = compose_config(*extra, recipe=recipe)
     assert cfg.trainer.max_steps > 0 and cfg.optimizer["_target_"]
+
+
+def test_a_recipe_missing_its_data_path_says_so(capsys):
+    assert main(["train", "recipe=minilm_cls"]) == 2
+    assert capsys.readouterr().err == ("hift train: error: data.path is required: add"
+                                       " data.path=... to the command line\n")
 
 
 def test_train_writes_config_metrics_and_a_loadable_model(capsys):
@@ -87,7 +100,8 @@ def test_multirun_gives_one_dir_per_job():
 @pytest.mark.parametrize("args,message", [
     (["hift.k=0"], "hift train: error: hift.k must be >= 1 (got 0)"),
     (["recipe=nope"], "hift train: error: In 'config': Could not find 'recipe/nope'"
-                      " (available: demo, llama7b_alpaca, tiny)"),
+                      " (available: demo, llama7b_alpaca, minilm_cls,"
+                      " roberta_large_sst2, smollm2_gsm, tiny)"),
     (["hift.strategy=sideways"], "hift train: error: hift.strategy must be one of bottom2up,"
                                  " top2down, random, fpft (got 'sideways')"),
     (["hift.kk=3"], "hift train: error: Could not override 'hift.kk'."

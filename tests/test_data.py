@@ -49,7 +49,7 @@ def test_truncation_keeps_partial_responses_and_drops_empty_ones(byte_tok):
 def test_every_sample_dropped_is_a_clear_error(byte_tok):
     ds = Dataset.from_list([{"instruction": "x" * 80, "input": "", "output": "z"}])
     with pytest.raises(ConfigError, match="leaves no room for the response"):
-        tokenize(ds, byte_tok, cfg(max_length=16), None, "train")
+        tokenize(ds, byte_tok, cfg(max_length=40), None, "train")
 
 
 def test_missing_fields_are_named(byte_tok):
