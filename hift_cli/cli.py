@@ -60,11 +60,16 @@ def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig],
 
     @functools.wraps(task)
     def wrapper(cfg: DictConfig):
+        command = sys.argv[0].replace("-", " ")
         try:
             return task(cfg)
         except ConfigError as e:
-            print(f"{sys.argv[0].replace('-', ' ')}: error: {e}", file=sys.stderr)
+            print(f"{command}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except SystemExit as e:  # TrainingStopped: a deliberate stop with its own message
+            if getattr(e, "message", None):
+                print(f"{command}: {e.message}", file=sys.stderr)
+            raise SystemExit(e.code) from None
 
     return wrapper
 

@@ -196,13 +196,21 @@ class TrainerConfig:
     eval_batch_size: int = 8
     eval_before: bool = True
     save_model: bool = True
+    save_every: Optional[int] = None
+    """Write a resumable checkpoint every N steps (and at the end); null: only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    max_bad_steps: int = 3
+    """Stop after this many steps in a row with a non-finite loss or gradient."""
     num_threads: Optional[int] = None
     """torch intra-op threads on CPU (None: torch's default)."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batch_size",
+                    "keep_last", "max_bad_steps"):
             _positive(f"trainer.{key}", getattr(self, key))
         _positive("trainer.eval_every", self.eval_every)
+        _positive("trainer.save_every", self.save_every)
         _positive("trainer.warmup_cycles", self.warmup_cycles, allow_zero=True)
         _positive("trainer.max_grad_norm", self.max_grad_norm)
         _one_of("trainer.precision", self.precision, tuple(PRECISIONS))
@@ -252,6 +260,9 @@ class Config:
     memprofile: MemprofileConfig = field(default_factory=MemprofileConfig)
     checkpoint: Optional[str] = None
     """hift eval / memprofile: a saved model folder or a run dir (uses its ``model/``)."""
+    resume: Optional[str] = None
+    """hift train: ``latest`` (newest run with a complete checkpoint), a run dir, or a
+    checkpoint dir. The resumed run continues in the original run dir."""
 
     def __post_init__(self) -> None:
         dtype = PRECISIONS[self.trainer.precision]

@@ -328,10 +328,12 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def train_batches(ds: Dataset, batch_size: int, pad_id: int, seed: int,
-                  group_by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                  group_by_length: bool = False, start: int = 0
+                  ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches; epoch e uses permutation seed ``(seed, e)``.
 
     ``group_by_length``: batches of similar lengths (less padding), in shuffled order.
+    ``start``: batches already consumed (a resumed run continues the same order).
     """
     if len(ds) == 0:
         raise ConfigError("data: the training split is empty")
@@ -351,8 +353,11 @@ def train_batches(ds: Dataset, batch_size: int, pad_id: int, seed: int,
         starts = list(range(0, n - size + 1, size))
         if lengths is not None:
             starts = [starts[i] for i in torch.randperm(len(starts), generator=g).tolist()]
-        for start in starts:
-            yield collate([rows[i] for i in perm[start: start + size]], pad_id)
+        for first in starts:
+            if start:
+                start -= 1
+                continue
+            yield collate([rows[i] for i in perm[first: first + size]], pad_id)
         epoch += 1
 
 

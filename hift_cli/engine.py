@@ -20,6 +20,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +35,14 @@ from omegaconf import OmegaConf
 from transformers import get_scheduler, set_seed
 
 from hift_cli import data as data_lib
+from hift_cli.checkpoint import (
+    MARKER,
+    STATE_FILE,
+    CheckpointError,
+    find_resume,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hift_cli.config import Config
 from hift_cli.evaluate import build_evaluator
 from hift_cli.grouping import Group, GroupSchedule, find_units, make_groups
@@ -54,6 +66,10 @@ class HiftTrainer:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.global_step = 0
+        self.batches_consumed = 0  # with the seed, this fixes the data order on resume
+        self.bad_steps = 0  # non-finite steps in a row
+        self.skipped_steps = 0
+        self.stop_signal: int | None = None  # SIGINT/SIGTERM seen: stop after this step
         # Called as hook(trainer, group) right after each optimizer step, while the
         # group's gradients and optimizer state are on the device (memory probes).
         self.after_update: list = []
@@ -112,12 +128,20 @@ class HiftTrainer:
         self.evaluator = build_evaluator(self.cfg, self.tokenizer, splits, self.labels,
                                          self.device)
         self.pad_id = self.tokenizer.pad_token_id
-        self.batches = data_lib.train_batches(self.train_set, self.cfg.trainer.batch_size,
-                                              self.pad_id, self.cfg.trainer.seed,
-                                              cfg.group_by_length)
+        self.restart_batches()
         log.info(f"Data ({cfg.format}): {len(self.train_set)} train / {len(self.eval_set)}"
                  f" eval samples from {cfg.path}"
                  + (f"; labels: {', '.join(self.labels.names)}" if self.labels.names else ""))
+
+    def restart_batches(self) -> None:
+        """(Re)start the batch stream after ``batches_consumed`` batches."""
+        self.batches = data_lib.train_batches(
+            self.train_set, self.cfg.trainer.batch_size, self.pad_id, self.cfg.trainer.seed,
+            self.cfg.data.group_by_length, start=self.batches_consumed)
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        self.batches_consumed += 1
+        return {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
 
     @property
     def eval_set(self):
@@ -239,8 +263,7 @@ class HiftTrainer:
                 loss_sum = torch.zeros((), device=self.device)
                 tokens = 0
                 for _ in range(tcfg.grad_accum):
-                    batch = {k_: v.to(self.device, non_blocking=True)
-                             for k_, v in next(self.batches).items()}
+                    batch = self._next_batch()
                     with self._autocast():
                         loss = self.model(**batch).loss
                     (loss / tcfg.grad_accum).backward()
@@ -250,17 +273,26 @@ class HiftTrainer:
                 params = self.opt_params[group.index]
                 if self.masters:  # bf16 grads -> fp32 grads on the masters
                     for p, master in zip(group.params.values(), params):
-                        master.grad, p.grad = p.grad.float(), None
-                if tcfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+                        master.grad, p.grad = (p.grad.float() if p.grad is not None else None,
+                                               None)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in params if p.grad is not None],
+                    tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf"))
                 lr = self.optimizer.param_groups[0]["lr"]
+                # A CPU-GPU sync point, needed to decide whether to update at all.
+                finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
                 self.store.wait(group.index)  # its state must have arrived
-                self.optimizer.step()
-                for hook in self.after_update:
-                    hook(self, group)
-                if self.masters:
-                    for p, master in zip(group.params.values(), params):
-                        p.data.copy_(master.data)  # fp32 -> bf16 weights
+                if finite:
+                    self.optimizer.step()
+                    self.bad_steps = 0
+                    for hook in self.after_update:
+                        hook(self, group)
+                    if self.masters:
+                        for p, master in zip(group.params.values(), params):
+                            p.data.copy_(master.data)  # fp32 -> bf16 weights
+                else:  # skip the update: weights and optimizer state stay as they were
+                    self.bad_steps += 1
+                    self.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)  # free the group's grads now
                 self.store.offload(group.index, keep=next_index == group.index)
                 if self.schedule.ends_cycle(step):
@@ -274,7 +306,8 @@ class HiftTrainer:
                 total_tokens += tokens
                 row = {"step": self.global_step, "cycle": cycle, "group": group.index,
                        "train/loss": train_loss, "lr": lr, "tokens_per_second": tokens / seconds,
-                       "step_seconds": seconds, "offload/stall_seconds": moved.stall_seconds,
+                       "step_seconds": seconds, "train/skipped": int(not finite),
+                       "offload/stall_seconds": moved.stall_seconds,
                        "offload/h2d_bytes": moved.h2d_bytes, "offload/d2h_bytes": moved.d2h_bytes}
                 for key in total_moved:
                     total_moved[key] += row[key]
@@ -282,6 +315,25 @@ class HiftTrainer:
                 progress.update(row, log_line=self.global_step % tcfg.log_every == 0
                                 or self.global_step == tcfg.max_steps)
                 summary["train/loss"] = train_loss
+                if not finite:
+                    progress.note(f"step {self.global_step}: non-finite loss or gradient;"
+                                  f" update skipped ({self.bad_steps} in a row)")
+                    if self.bad_steps >= tcfg.max_bad_steps:
+                        raise TrainingStopped(
+                            f"stopping: {self.bad_steps} steps in a row with a non-finite loss"
+                            f" or gradient (trainer.max_bad_steps={tcfg.max_bad_steps}) at step"
+                            f" {self.global_step}; lower optimizer.lr or check the data", 1)
+
+                if self.stop_signal is not None or (
+                        tcfg.save_every and self.global_step % tcfg.save_every == 0
+                        and self.global_step < tcfg.max_steps):
+                    path = save_checkpoint(self, tcfg.keep_last)
+                    if self.stop_signal is not None:
+                        raise TrainingStopped(
+                            f"interrupted by {signal.Signals(self.stop_signal).name} at step"
+                            f" {self.global_step}; checkpoint saved to {path}. Resume with the"
+                            f" same command plus resume={self.output_dir}",
+                            128 + self.stop_signal)
 
                 if tcfg.eval_every and self.global_step % tcfg.eval_every == 0 \
                         and self.global_step < tcfg.max_steps and len(self.eval_set):
@@ -289,6 +341,7 @@ class HiftTrainer:
                     record({"step": self.global_step, **ev})
                     progress.note(f"step {self.global_step}: eval {_describe(ev)}")
 
+            summary["train/skipped_steps"] = self.skipped_steps
             elapsed = time.perf_counter() - train_start
             summary["tokens_per_second"] = total_tokens / max(elapsed, 1e-9)
             summary["train/seconds"] = elapsed
@@ -309,18 +362,64 @@ class HiftTrainer:
         return summary
 
     # ------------------------------------------------------------------ save
+    def write_model(self, path: Path) -> None:
+        """The model (safetensors) and tokenizer, loadable with plain ``from_pretrained``."""
+        self.model.config.use_cache = True  # for whoever generates with it
+        try:
+            self.model.save_pretrained(path)
+        finally:
+            self.model.config.use_cache = False
+        self.tokenizer.save_pretrained(path)
+
     def save(self) -> Path | None:
-        """Write the model (safetensors) and tokenizer to ``<output_dir>/model``."""
+        """A last resumable checkpoint, and its model as ``<output_dir>/model``."""
         if not self.cfg.trainer.save_model:
             return None
+        checkpoint = save_checkpoint(self, self.cfg.trainer.keep_last)
         path = self.output_dir / "model"
-        # Save with every parameter trainable again, so the checkpoint is a plain model.
-        for p in self.model.parameters():
-            p.requires_grad_(True)
-        self.model.config.use_cache = True
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            for f in checkpoint.iterdir():
+                if f.name not in (MARKER, STATE_FILE):
+                    try:
+                        os.link(f, path / f.name)  # same bytes, no second copy on disk
+                    except OSError:
+                        shutil.copy2(f, path / f.name)
+        except OSError as e:
+            raise CheckpointError(f"cannot write the model to {path}: {e.strerror or e}"
+                                  ) from None
         return path
+
+
+class TrainingStopped(SystemExit):
+    """Training ended early on purpose (signal, non-finite steps): one line, an exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(code)
+        self.message = message
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: HiftTrainer):
+    """SIGINT / SIGTERM: finish the current step, checkpoint, stop (see the loop)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+        log.warning(f"{signal.Signals(signum).name}: finishing this step, then saving a"
+                    " checkpoint (again to stop at once)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _describe(metrics: dict[str, float]) -> str:
@@ -333,13 +432,22 @@ def _describe(metrics: dict[str, float]) -> str:
 def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     """The task function behind ``hift train``: set up, train, save; returns final metrics."""
     output_dir = Path(output_dir)
+    resume = find_resume(cfg.resume, output_dir.parent) if cfg.resume else None
+    if resume is not None:
+        output_dir = resume.parent.parent  # continue in the run that wrote the checkpoint
+        log.info(f"Resuming from {resume}")
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.structured(cfg)
     OmegaConf.save(resolved, output_dir / "config.yaml", resolve=True)
     log.info("Config:\n" + OmegaConf.to_yaml(resolved, resolve=True).rstrip())
     trainer = HiftTrainer(cfg, output_dir)
     trainer.setup()
-    metrics = trainer.train()
+    if resume is not None:
+        load_checkpoint(trainer, resume)
+        _truncate_metrics(output_dir / "metrics.jsonl", trainer.global_step)
+        trainer.cfg.trainer.eval_before = False
+    with _stop_on_signals(trainer):
+        metrics = trainer.train()
     saved = trainer.save()
     with open(output_dir / "summary.json", "w") as f:
         json.dump(metrics, f, indent=2)
@@ -350,6 +458,15 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
                      f" {metrics[key + '_before']:.4f} -> {metrics[key]:.4f}")
     log.info(f"Output: {output_dir}" + (f" (model: {saved})" if saved else ""))
     return metrics
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows a killed run logged after its last checkpoint; the resumed run redoes them."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in rows))
 
 
 def write_memory_report(cfg: Config, trainer: HiftTrainer, output_dir: Path) -> None:

@@ -76,14 +76,12 @@ class GroupStateStore:
     def _handles(self, g: int) -> list[tuple[torch.Tensor, str | None]]:
         """What group g moves: masters' data, and every non-scalar optimizer state tensor
         (scalar step counters stay where the optimizer keeps them)."""
-        known = self.layouts[g].entries if g in self.layouts else {}
         handles = []
         for p in self.group_params[g]:
             if self.masters:
                 handles.append((p, None))
             for key, value in self.optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0 and (
-                        value.device.type == self.device.type or (p, key) in known):
+                if torch.is_tensor(value) and value.dim() > 0:
                     handles.append((p, key))
         return handles
 
@@ -194,6 +192,16 @@ class GroupStateStore:
         return torch.cuda.stream(self.stream)
 
     # ------------------------------------------------------------------ bookkeeping
+    def reset(self) -> None:
+        """Forget every layout (after optimizer state was replaced, e.g. on resume);
+        the device slots are kept for reuse."""
+        self.synchronize()
+        self.layouts.clear()
+        self.host.clear()
+        self.resident.clear()
+        self.ready.clear()
+        self.slot_owner = [None, None]
+
     def synchronize(self) -> None:
         """Wait for every transfer (before reading host copies, e.g. to save them)."""
         if self.stream is not None:

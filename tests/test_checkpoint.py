@@ -1,0 +1,209 @@
+"""Checkpoints: atomic, resumable bit for bit, written on signals; bad numbers skipped."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hift_cli import checkpoint as ckpt
+from hift_cli.checkpoint import CheckpointError, complete_checkpoints
+from hift_cli.engine import HiftTrainer, TrainingStopped
+
+TINY = ["recipe=tiny", "trainer.num_threads=2", "data.max_eval_samples=4",
+        "trainer.eval_before=false", "trainer.log_every=1000"]
+
+
+def hift(run_dir: Path, *args: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "hift_cli.cli", "train", *TINY, f"hydra.run.dir={run_dir}",
+           *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=run_dir.parent)
+    if wait:
+        proc.wait(timeout=300)
+    return proc
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists():
+            steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()
+                     if x.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.002)
+    raise AssertionError(f"run never reached step {step} (exit {proc.poll()})")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+@pytest.mark.parametrize("strategy,seed", [("bottom2up", 1), ("top2down", 2), ("random", 3)])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy, seed):
+    args = [f"hift.strategy={strategy}", "trainer.max_steps=30", "trainer.save_every=1",
+            "hift.k=4"]
+    straight = tmp_path / "straight"
+    assert hift(straight, *args).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = hift(killed, *args, wait=False)
+    kill_at = random.Random(seed).randrange(3, 25)
+    wait_for_step(killed, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up, maybe mid-checkpoint
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = complete_checkpoints(killed)
+    assert done, "nothing checkpointed before the kill"
+
+    resumed = hift(killed, *args, f"resume={killed}")
+    assert resumed.returncode == 0, resumed.stderr.read()
+    a = load_file(straight / "model" / "model.safetensors")
+    b = load_file(killed / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert losses(killed) == losses(straight)  # every step logged once, same values
+
+
+def test_incomplete_checkpoint_is_skipped(tmp_path, caplog):
+    run = tmp_path / "run"
+    assert hift(run, "trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_last=5"
+                ).returncode == 0
+    steps = [p.name for p in complete_checkpoints(run)]
+    assert steps == ["step-00000002", "step-00000004", "step-00000006"]
+    (run / "checkpoints" / "step-00000006" / ckpt.MARKER).unlink()  # as if killed mid-write
+    assert ckpt.find_resume(str(run), tmp_path).name == "step-00000004"
+    assert "Skipping incomplete checkpoint" in caplog.text
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        ckpt.find_resume(str(run / "checkpoints" / "step-00000006"), tmp_path)
+
+
+def test_keep_last_rotates(tmp_path):
+    run = tmp_path / "run"
+    assert hift(run, "trainer.max_steps=8", "trainer.save_every=1", "trainer.keep_last=2"
+                ).returncode == 0
+    assert [p.name for p in complete_checkpoints(run)] == ["step-00000007", "step-00000008"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigint_finishes_the_step_and_writes_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = hift(run, "trainer.max_steps=100000", wait=False)
+    wait_for_step(run, 5, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT
+    (last,) = complete_checkpoints(run)
+    step = int(last.name.split("-")[1])
+    assert step >= 5 and max(losses(run)) == step
+    assert f"interrupted by SIGINT at step {step}; checkpoint saved to" in err
+    assert f"resume={run}" in err and "Traceback" not in err
+
+
+def make_trainer(tiny_cfg, tmp_path, *overrides):
+    trainer = HiftTrainer(tiny_cfg("trainer.eval_before=false", "trainer.save_model=false",
+                                   "hift.k=3", *overrides), tmp_path)
+    trainer.setup()
+    trainer.eval_set = trainer.eval_set.select([])
+    return trainer
+
+
+def poison(trainer, calls: set[int]):
+    """Make the model's loss NaN on the given forward calls (0-based)."""
+    count = [0]
+
+    def hook(module, args, output):
+        if count[0] in calls:
+            output.loss = output.loss * float("nan")
+        count[0] += 1
+        return output
+
+    trainer.model.register_forward_hook(hook)
+
+
+def test_a_nan_step_is_skipped_and_counted(tiny_cfg, tmp_path):
+    trainer = make_trainer(tiny_cfg, tmp_path, "trainer.max_steps=6")
+    poison(trainer, {2})  # step 3 (group 2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.cfg.trainer.max_steps = 3
+    summary = trainer.train()
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [r["train/skipped"] for r in rows] == [0, 0, 1]
+    assert summary["train/skipped_steps"] == 1
+    group2 = set(trainer.groups[2].params)
+    for n, p in trainer.model.named_parameters():
+        assert torch.isfinite(p).all()
+        if n in group2:
+            assert torch.equal(p, before[n])  # its update was skipped
+    assert not any(trainer.optimizer.state.get(p) for p in trainer.opt_params[2])
+    trainer.cfg.trainer.max_steps = 6
+    trainer.train()  # and training goes on
+    assert trainer.bad_steps == 0 and trainer.skipped_steps == 1
+
+
+def test_too_many_bad_steps_stop_with_a_message(tiny_cfg, tmp_path):
+    trainer = make_trainer(tiny_cfg, tmp_path, "trainer.max_steps=20", "trainer.max_bad_steps=3")
+    poison(trainer, set(range(100)))
+    with pytest.raises(TrainingStopped) as stop:
+        trainer.train()
+    assert stop.value.code == 1
+    assert stop.value.message.startswith("stopping: 3 steps in a row with a non-finite loss")
+
+
+def test_unwritable_output_keeps_the_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_cfg, tmp_path, "trainer.max_steps=2")
+    trainer.train()
+    first = ckpt.save_checkpoint(trainer, keep_last=2)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(ckpt.torch, "save", read_only)
+    trainer.cfg.trainer.max_steps = 3
+    trainer.train()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.save_checkpoint(trainer, keep_last=2)
+    assert str(err.value) == (f"cannot write checkpoint {tmp_path}/checkpoints/step-00000003:"
+                              f" Read-only file system; the previous checkpoint {first} is intact")
+    assert complete_checkpoints(tmp_path) == [first]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_restores_state_into_a_fresh_trainer(tiny_cfg, tmp_path):
+    """In-process: optimizer state, scheduler, counters and data order come back."""
+    a = make_trainer(tiny_cfg, tmp_path / "a", "trainer.max_steps=5",
+                     "trainer.lr_scheduler=linear", "hift.offload=true")
+    a.train()
+    path = ckpt.save_checkpoint(a, keep_last=1)
+    b = make_trainer(tiny_cfg, tmp_path / "b", "trainer.max_steps=5",
+                     "trainer.lr_scheduler=linear", "hift.offload=true")
+    ckpt.load_checkpoint(b, path)
+    assert (b.global_step, b.batches_consumed) == (5, 5)
+    assert b.scheduler.get_last_lr() == a.scheduler.get_last_lr()
+    for pa, pb in zip(a.optimizer.state.values(), b.optimizer.state.values()):
+        for key in pa:
+            assert torch.equal(pa[key], pb[key])
+    for x, y in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(x, y)
+    assert torch.equal(next(a.batches)["input_ids"], next(b.batches)["input_ids"])
+
+
+def test_a_resume_path_without_checkpoints_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    from hift_cli.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "recipe=tiny", f"resume={tmp_path}"]) == 2
+    assert f"resume={tmp_path}: no complete checkpoint there" in capsys.readouterr().err
