@@ -424,7 +424,8 @@ def _stop_on_signals(trainer: HiftTrainer):
 
 def _describe(metrics: dict[str, float]) -> str:
     shown = {"loss": "loss", "perplexity": "perplexity", "accuracy": "accuracy",
-             "macro_f1": "macro-F1", "exact_match": "exact match"}
+             "macro_f1": "macro-F1", "exact_match": "exact match",
+             "answer_format": "answers in #### format"}
     return ", ".join(f"{label} {metrics['eval/' + key]:.4f}" for key, label in shown.items()
                      if "eval/" + key in metrics)
 

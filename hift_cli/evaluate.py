@@ -117,7 +117,7 @@ class Evaluator:
     def _exact_match(self, model, batch_size: int) -> dict[str, float]:
         builder = PromptBuilder(self.tok, self.data_cfg)
         records = self.records.select(range(min(len(self.records), len(self.ds))))
-        hits, pad = 0, self.tok.pad_token_id
+        hits, formatted, pad = 0, 0, self.tok.pad_token_id
         for start in range(0, len(records), batch_size):
             rows = records[start: start + batch_size]
             prompts = [builder.prompt_ids(q) for q in rows["question"]]
@@ -135,7 +135,10 @@ class Evaluator:
             for text, gold in zip(texts, rows["answer"]):
                 predicted = extract_answer(text)
                 hits += predicted is not None and predicted == extract_answer(gold)
-        return {"eval/exact_match": hits / max(len(records), 1),
+                formatted += "####" in text
+        n = max(len(records), 1)
+        # answer_format: how often the model ends with GSM8K's "#### <number>" line.
+        return {"eval/exact_match": hits / n, "eval/answer_format": formatted / n,
                 "eval/exact_match_samples": len(records)}
 
 

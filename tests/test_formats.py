@@ -233,7 +233,8 @@ def test_minilm_cls_recipe_learns_a_local_file(tmp_path, monkeypatch):
              "label": label} for i in range(40) for label, ws in words.items()
             for w in ws[i % 4: i % 4 + 1]]
     data = write_jsonl(tmp_path / "reviews.jsonl", rows)
-    assert main(["train", "recipe=minilm_cls", f"data.path={data}", "trainer.max_steps=24",
+    assert main(["train", "recipe=minilm_cls", f"data.path={data}", "trainer.max_steps=48",
+                 "optimizer.lr=3e-4",
                  "trainer.log_every=8"]) == 0
     (run,) = (tmp_path / "outputs" / "train").iterdir()
     summary = json.load(open(run / "summary.json"))
