@@ -181,7 +181,14 @@ def _is_user_error(e: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    return isinstance(e, (ConfigError, HydraException, OmegaConfBaseException))
+    if isinstance(e, (ConfigError, HydraException, OmegaConfBaseException)):
+        return True
+    # Hydra rejects bad command lines (e.g. -m with --cfg) with a plain ValueError.
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return isinstance(e, ValueError) and tb is not None and \
+        "/hydra/" in tb.tb_frame.f_code.co_filename
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from hift_cli.models import (
 )
 from hift_cli.offload import GroupStateStore
 from hift_cli.progress import TrainProgress
+from hift_cli.report import plot_loss
 
 log = logging.getLogger(__name__)
 
@@ -452,6 +453,7 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     saved = trainer.save()
     with open(output_dir / "summary.json", "w") as f:
         json.dump(metrics, f, indent=2)
+    plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png", len(trainer.groups))
     write_memory_report(cfg, trainer, output_dir)
     for key in ("eval/loss", "eval/accuracy", "eval/exact_match"):
         if f"{key}_before" in metrics and key in metrics:

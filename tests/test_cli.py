@@ -1,5 +1,6 @@
 """The ``hift`` command end to end, in-process, on the tiny recipe."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -95,6 +96,40 @@ def test_multirun_gives_one_dir_per_job():
     groups = [{json.loads(line).get("group") for line in open(sweep / j / "metrics.jsonl")}
               - {None} for j in jobs]
     assert groups == [{0, 1}, {0, 1, 2, 3}]
+    # The sweep summary: one row per job with its overrides and final metrics.
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == jobs
+    assert rows[1]["overrides"] == "recipe=tiny hift.k=4 trainer.max_steps=4"
+    for r, j in zip(rows, jobs):
+        summary = json.load(open(sweep / j / "summary.json"))
+        assert float(r["eval/loss"]) == pytest.approx(summary["eval/loss"])
+        assert float(r["train/loss"]) == pytest.approx(summary["train/loss"])
+
+
+def test_every_run_plots_its_loss(capsys):
+    assert main(["train", "recipe=tiny", "trainer.max_steps=6"]) == 0
+    (run,) = run_dirs()
+    png = (run / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_slurm_launcher_preset_composes():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("hift_cli.recipes", version_base="1.3"):
+        cfg = compose("config", overrides=["recipe=tiny", "hydra/launcher=slurm"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.nodes) == (1, 1)
+
+
+def test_hydra_command_line_misuse_is_one_line(capsys):
+    assert main(["train", "-m", "recipe=tiny", "--cfg", "job"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("hift train: error: Only one of --run, --multirun, --cfg, --info and"
+                   " --shell_completion can be specified\n")
 
 
 @pytest.mark.parametrize("args,message", [
