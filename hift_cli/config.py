@@ -79,6 +79,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """True: recompute activations in backward; less memory, ~30% slower."""
     trust_remote_code: bool = False
+    """Run model code shipped with a Hub repo. Off unless a recipe or override sets it."""
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, DTYPES)
@@ -101,20 +102,25 @@ class DataConfig:
     config: Optional[str] = None
     """The hub dataset's configuration name (e.g. ``sst2`` of ``glue``)."""
     split: str = "train"
+    """The split of `path` to train on (hub datasets)."""
     eval_path: Optional[str] = None
     """Separate eval file or hub id; default: hold out ``eval_fraction`` of ``path``."""
     eval_split: Optional[str] = None
+    """A split of `path` to evaluate on (e.g. `validation`)."""
     eval_fraction: float = 0.05
+    """Held out of the training data for eval when no eval_path / eval_split."""
     max_length: int = 512
     """Tokens per sample; longer samples are truncated, those left with no response dropped."""
     max_samples: Optional[int] = None
     """Cap on training samples (None: all)."""
     max_eval_samples: Optional[int] = 64
+    """Cap on eval samples (None: all)."""
     prompt_template: str = (
         "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
     )
     """Used when the tokenizer has no chat template; ``{input}`` block is dropped when empty."""
     use_chat_template: bool = True
+    """Format prompts with the tokenizer's chat template when it has one."""
     text_field: str = "text"
     """text / classification: the field holding the text."""
     text_pair_field: Optional[str] = None
@@ -125,11 +131,15 @@ class DataConfig:
     """text: concatenate samples and cut them into blocks of max_length tokens."""
     group_by_length: bool = False
     """Batch samples of similar length together: less padding, less compute."""
-    # Generator settings (reasoning_gym:*): train and eval problems come from different seeds.
     num_train: int = 1000
+    """Generators (`reasoning_gym:*`): training problems, drawn from train_seed."""
     num_eval: int = 64
+    """Generators: eval problems, drawn from eval_seed (any also drawn for training leave
+    the training set)."""
     train_seed: int = 0
+    """Generators: seed of the training problems."""
     eval_seed: int = 1
+    """Generators: seed of the eval problems."""
 
     def __post_init__(self) -> None:
         _one_of("data.format", self.format, DATA_FORMATS)
@@ -177,12 +187,15 @@ class TrainerConfig:
     max_steps: int = 100
     """Optimizer steps; each step updates one group."""
     batch_size: int = 4
+    """Samples per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per step; the same group stays active over the whole window."""
     seed: int = 42
+    """Seeds weights init, data order, dropout and the random strategy's orders."""
     lr_scheduler: str = "linear"
     """transformers.get_scheduler name; stepped once per cycle (delayed LR update)."""
     warmup_cycles: int = 0
+    """Linear warmup length, in cycles."""
     max_grad_norm: Optional[float] = 1.0
     """Clip the active group's gradient norm; null: no clipping."""
     precision: str = "fp32"
@@ -191,11 +204,15 @@ class TrainerConfig:
     device: str = "auto"
     """auto (cuda if available) | cpu | cuda | cuda:N."""
     log_every: int = 1
+    """Console log line every N steps (metrics.jsonl gets every step)."""
     eval_every: Optional[int] = None
     """Evaluate every N steps (None: only before and after training)."""
     eval_batch_size: int = 8
+    """Batch size of evaluation during training."""
     eval_before: bool = True
+    """Evaluate once before the first step."""
     save_model: bool = True
+    """Write model/ and a final checkpoint at the end."""
     save_every: Optional[int] = None
     """Write a resumable checkpoint every N steps (and at the end); null: only at the end."""
     keep_last: int = 2
@@ -220,9 +237,11 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 8
+    """Batch size of `hift eval` (and of exact-match generation)."""
     exact_match: bool = False
     """math: also generate answers greedily and score the final number (slow on a CPU)."""
     max_new_tokens: int = 256
+    """Longest generated answer for math exact match."""
 
     def __post_init__(self) -> None:
         _positive("eval.batch_size", self.batch_size)
