@@ -51,6 +51,19 @@ def _output_dir() -> str:
     return HydraConfig.get().runtime.output_dir
 
 
+def _remove_if_empty(run_dir: str) -> None:
+    """A run stopped by bad input leaves no folder behind (only if it holds nothing but
+    Hydra's records, the log and the config)."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(run_dir)
+    files = [p for p in root.rglob("*") if p.is_file()]
+    if all(p.name.endswith(".log") or p.name == "config.yaml" or ".hydra" in p.parts
+           for p in files):
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
     """Bad input raised inside a task becomes one line on stderr and exit code 2.
 
@@ -65,6 +78,7 @@ def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig],
             return task(cfg)
         except ConfigError as e:
             print(f"{command}: error: {e}", file=sys.stderr)
+            _remove_if_empty(_output_dir())
             raise SystemExit(2) from None
         except SystemExit as e:  # TrainingStopped: a deliberate stop with its own message
             if getattr(e, "message", None):

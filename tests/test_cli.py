@@ -159,6 +159,7 @@ def test_bad_input_is_one_clear_line(capsys, args, message):
     assert code == 2
     assert err.startswith(message), err
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert not list(Path("outputs").glob("train/*"))  # no empty run folder left behind
 
 
 def test_unknown_command(capsys):
