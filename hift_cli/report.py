@@ -36,7 +36,7 @@ def plot_loss(metrics_path: Path, out_path: Path, steps_per_cycle: int) -> Path:
     if evals:
         ax.plot(*zip(*evals), "o-", lw=1.5, label="eval loss")
     last = max([s for s, _ in train] + [s for s, _ in evals] + [0])
-    if steps_per_cycle > 1:
+    if steps_per_cycle > 1 and last // steps_per_cycle <= 200:  # beyond that, a grey wall
         for boundary in range(steps_per_cycle, last + 1, steps_per_cycle):
             ax.axvline(boundary, color="0.85", lw=0.8, zorder=0)
         ax.set_title(f"{last} steps; grey lines: cycle boundaries ({steps_per_cycle} groups)")
