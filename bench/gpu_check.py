@@ -208,7 +208,8 @@ def write(results: dict) -> Path:
     lines += [
         "", f"## LLaMA-7B shape, random init, bf16-mixed, gradient checkpointing, batch"
         f" {b['batch']} x {b['seq_len']}", "",
-        "| run | mean step s | stall fraction | peak GiB | estimated GiB |", "|---|---|---|---|---|",
+        "| run | mean step s | stall fraction | peak GiB | estimated GiB |",
+        "|---|---|---|---|---|",
     ]
     for key in ("hift_m1", "fpft"):
         r = b[key]

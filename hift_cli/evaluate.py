@@ -180,7 +180,8 @@ def run_eval(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     model = load_model(model_cfg, path, tokenizer.pad_token_id).to(device)
     evaluator = build_evaluator(cfg, tokenizer, splits, labels, device)
     if len(evaluator.ds) == 0:
-        raise ConfigError("data: the eval split is empty (set data.eval_path or data.eval_fraction)")
+        raise ConfigError("data: the eval split is empty"
+                          " (set data.eval_path, data.eval_split or data.eval_fraction)")
     metrics = evaluator(model)
     result = {"model": path, "data": cfg.data.path, "format": cfg.data.format,
               "samples": len(evaluator.ds), **metrics}

@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, BertConfig
 
 from hift_cli.cli import main
-from hift_cli.config import ASSETS_DIR, ConfigError, DataConfig
+from hift_cli.config import ASSETS_DIR, DataConfig
 from hift_cli.data import IGNORE_INDEX, collate, label_map, load_splits, tokenize, train_batches
 from hift_cli.evaluate import extract_answer, macro_f1
 
