@@ -73,3 +73,34 @@ def markdown() -> str:
 
 if __name__ == "__main__":
     print(markdown(), end="")
+
+
+def error_messages() -> list[tuple[str, str]]:
+    """Every one-line error hift raises, as (module, template with … for the variable parts).
+
+    docs/troubleshooting.md must list each of them (a test checks).
+    """
+    from pathlib import Path
+
+    found = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and node.args and getattr(node.func, "id", None)
+                    in ("ConfigError", "CheckpointError", "TrainingStopped")):
+                continue
+            parts: list[str] = []
+
+            def walk(arg) -> None:
+                if isinstance(arg, ast.Constant):
+                    parts.append(str(arg.value))
+                elif isinstance(arg, ast.JoinedStr):
+                    for v in arg.values:
+                        parts.append(v.value if isinstance(v, ast.Constant) else "…")
+                else:
+                    parts.append("…")
+
+            walk(node.args[0])
+            template = "".join(parts)
+            if template.strip("…"):  # skip pass-throughs of other libraries' messages
+                found.append((path.stem, template))
+    return found
