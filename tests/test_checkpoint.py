@@ -207,3 +207,36 @@ def test_a_resume_path_without_checkpoints_is_one_clear_error(tmp_path, capsys, 
     monkeypatch.chdir(tmp_path)
     assert main(["train", "recipe=tiny", f"resume={tmp_path}"]) == 2
     assert f"resume={tmp_path}: no complete checkpoint there" in capsys.readouterr().err
+
+
+def test_resume_latest_picks_the_newest_complete_checkpoint(tiny_cfg, tmp_path):
+    older = make_trainer(tiny_cfg, tmp_path / "runs" / "a", "trainer.max_steps=2")
+    older.train()
+    ckpt.save_checkpoint(older, keep_last=2)
+    newer = make_trainer(tiny_cfg, tmp_path / "runs" / "b", "trainer.max_steps=3")
+    newer.train()
+    newest = ckpt.save_checkpoint(newer, keep_last=2)
+    (tmp_path / "runs" / "c").mkdir()  # a run that crashed before its first checkpoint
+    assert ckpt.find_resume("latest", tmp_path / "runs") == newest
+    with pytest.raises(CheckpointError, match="resume=latest: no complete checkpoint under"):
+        ckpt.find_resume("latest", tmp_path / "empty")
+
+
+def test_bf16_mixed_offloaded_resume_is_exact(tiny_cfg, tmp_path):
+    """fp32 masters and offloaded optimizer state survive a checkpoint round trip."""
+    opts = ("trainer.precision=bf16-mixed", "model.dtype=bfloat16", "hift.offload=true",
+            "trainer.max_steps=8", "hift.strategy=random")
+    straight = make_trainer(tiny_cfg, tmp_path / "straight", *opts)
+    straight.train()
+    first = make_trainer(tiny_cfg, tmp_path / "first", *opts)
+    first.cfg.trainer.max_steps = 4
+    first.train()
+    path = ckpt.save_checkpoint(first, keep_last=1)
+    second = make_trainer(tiny_cfg, tmp_path / "second", *opts)
+    ckpt.load_checkpoint(second, path)
+    second.train()
+    for a, b in zip(straight.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    for ma, mb in zip((m for ps in straight.opt_params for m in ps),
+                      (m for ps in second.opt_params for m in ps)):
+        assert ma.dtype == torch.float32 and torch.equal(ma, mb)
