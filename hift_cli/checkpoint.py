@@ -65,8 +65,8 @@ def find_resume(resume: str, outputs_root: Path) -> Path:
     path = Path(resume).expanduser()
     if (path / MARKER).is_file():
         return path
-    if path.is_dir() and (path / "checkpoints").is_dir() or path.name == "checkpoints":
-        run = path.parent if path.name == "checkpoints" else path
+    run = path.parent if path.name == "checkpoints" else path
+    if (run / "checkpoints").is_dir():
         found = complete_checkpoints(run)
         if found:
             return found[-1]

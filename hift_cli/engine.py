@@ -47,6 +47,7 @@ from hift_cli.config import Config
 from hift_cli.evaluate import build_evaluator
 from hift_cli.grouping import Group, GroupSchedule, find_units, make_groups
 from hift_cli.models import (
+    autocast,
     enable_checkpointing,
     load_model,
     load_tokenizer,
@@ -218,11 +219,6 @@ class HiftTrainer:
             p.requires_grad_(True)
         self.active = group
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.trainer.precision == "bf16-autocast":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def evaluate(self) -> dict[str, float]:
         return self.evaluator(self.model, self.cfg.trainer.eval_batch_size)
 
@@ -265,7 +261,7 @@ class HiftTrainer:
                 tokens = 0
                 for _ in range(tcfg.grad_accum):
                     batch = self._next_batch()
-                    with self._autocast():
+                    with autocast(tcfg.precision, self.device):
                         loss = self.model(**batch).loss
                     (loss / tcfg.grad_accum).backward()
                     loss_sum += loss.detach()

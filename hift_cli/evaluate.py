@@ -3,7 +3,6 @@ exact match of the final number (math, by greedy generation)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -27,7 +26,7 @@ from hift_cli.data import (
     load_splits,
     tokenize,
 )
-from hift_cli.models import load_model, load_tokenizer, pick_device, resolve
+from hift_cli.models import autocast, load_model, load_tokenizer, pick_device, resolve
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class Evaluator:
     """Scores a model on a tokenized eval split, as its data format asks."""
 
     def __init__(self, tokenizer, data_cfg: DataConfig, eval_cfg: EvalConfig, ds: Dataset,
-                 records: Dataset, labels: Labels, device: torch.device, autocast: bool):
+                 records: Dataset, labels: Labels, device: torch.device, precision: str):
         self.tok = tokenizer
         self.data_cfg = data_cfg
         self.eval_cfg = eval_cfg
@@ -62,12 +61,10 @@ class Evaluator:
         self.records = records  # raw eval records, for generation
         self.labels = labels
         self.device = device
-        self.autocast = autocast
+        self.precision = precision
 
     def _autocast(self):
-        if self.autocast:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.device)
 
     @torch.no_grad()
     def __call__(self, model, batch_size: int | None = None) -> dict[str, float]:
@@ -162,7 +159,7 @@ def build_evaluator(cfg: Config, tokenizer, splits, labels: Labels,
                     device: torch.device) -> Evaluator:
     ds = tokenize(splits.eval, tokenizer, cfg.data, cfg.data.max_eval_samples, "eval", labels)
     return Evaluator(tokenizer, cfg.data, cfg.eval, ds, splits.eval, labels, device,
-                     autocast=cfg.trainer.precision == "bf16-autocast")
+                     cfg.trainer.precision)
 
 
 def run_eval(cfg: Config, output_dir: str | Path) -> dict[str, float]:

@@ -9,6 +9,7 @@ unit. A tied weight (embeddings = LM head) belongs to the unit that uses it firs
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ class Group:
     index: int
     units: list[Unit]
 
-    @property
+    @functools.cached_property
     def params(self) -> dict[str, nn.Parameter]:
+        # Read several times per training step; units do not change after grouping.
         return {n: p for u in self.units for n, p in u.params.items()}
 
     @property

@@ -118,6 +118,13 @@ def load_config(path: str, trust_remote_code: bool = False, **kwargs):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``trainer.precision=bf16-autocast``; nothing otherwise."""
+    if precision == "bf16-autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     with _loading(path):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
