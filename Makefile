@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Tests and the demo never touch the Hugging Face Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: help install demo test test-fast gpu-check clean
+.PHONY: help install demo test test-fast bench gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test: install  ## the full test suite (includes the slow SmolLM2 integration tes
 
 test-fast: install  ## unit tests only
 	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+
+bench: install  ## fpft vs HiFT side by side on SmolLM2 + MiniLM (~40 min on 2 cores; not in CI)
+	$(OFFLINE) $(PY) bench/compare.py
 
 # On a machine whose own python already has torch (e.g. a lent GPU box without PyPI):
 #   make gpu-check GPU_PY=python3

@@ -28,8 +28,8 @@ PRECISIONS = {"fp32": "float32", "bf16-autocast": "float32", "bf16": "bfloat16",
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup", "inverse_sqrt")
 DATA_FORMATS = ("instruction", "math", "text", "classification")
-# data.path values that name a generator instead of a file or hub dataset.
-DATA_GENERATORS = ("reasoning_gym:gsm_symbolic",)
+# data.path values with this prefix name a generator instead of a file or hub dataset.
+DATA_GENERATOR_PREFIX = "reasoning_gym:"
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 
 
@@ -97,8 +97,9 @@ class DataConfig:
     """instruction (Alpaca records or chat ``messages``) | math (GSM8K: question, answer
     ending in ``#### <number>``) | text (language modelling) | classification."""
     path: str = "???"
-    """Local json/jsonl/csv/parquet/txt file, a ``datasets`` hub id, or a generator
-    (``reasoning_gym:gsm_symbolic``)."""
+    """Local json/jsonl/csv/parquet/txt file, a ``datasets`` hub id, or a reasoning-gym
+    generator (``reasoning_gym:<task>``, e.g. ``gsm_symbolic``; ``question``/``answer``
+    fields)."""
     config: Optional[str] = None
     """The hub dataset's configuration name (e.g. ``sst2`` of ``glue``)."""
     split: str = "train"
@@ -150,7 +151,8 @@ class DataConfig:
             raise ConfigError(f"data.eval_fraction must be in [0, 1) (got {self.eval_fraction})")
         for key in ("path", "eval_path"):
             value = getattr(self, key)
-            if value and value != "???" and value not in DATA_GENERATORS and _looks_local(value):
+            if value and value != "???" and not value.startswith(DATA_GENERATOR_PREFIX) \
+                    and _looks_local(value):
                 if not Path(value).expanduser().exists():
                     raise ConfigError(f"data.{key}: no such file: {value}")
 

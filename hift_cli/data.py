@@ -99,9 +99,16 @@ def _generate(name: str, size: int, seed: int) -> Dataset:
         import reasoning_gym
     except ImportError:
         raise ConfigError("data.path=reasoning_gym:*: pip install reasoning-gym") from None
+    from reasoning_gym.factory import DATASETS
+
+    if name not in DATASETS:
+        raise ConfigError(f"data.path=reasoning_gym:{name}: reasoning-gym has no task {name!r}"
+                          " (e.g. gsm_symbolic, family_relationships)")
     items = reasoning_gym.create_dataset(name, size=size, seed=seed)
-    # GSM8K's own shape: the worked solution ends in "#### <number>".
-    return Dataset.from_list([{"question": it["question"], "answer": it["metadata"]["answer_cot"]}
+    # gsm_symbolic carries GSM8K's own shape, a worked solution ending in "#### <number>";
+    # other tasks have only the short answer (a label, for the classification format).
+    return Dataset.from_list([{"question": it["question"],
+                               "answer": it["metadata"].get("answer_cot", it["answer"])}
                               for it in items])
 
 

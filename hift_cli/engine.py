@@ -447,6 +447,7 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     with _stop_on_signals(trainer):
         metrics = trainer.train()
     saved = trainer.save()
+    metrics.update({"data/train_samples": len(trainer.train_set), "groups": len(trainer.groups)})
     with open(output_dir / "summary.json", "w") as f:
         json.dump(metrics, f, indent=2)
     plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png", len(trainer.groups))

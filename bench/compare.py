@@ -1,0 +1,330 @@
+"""``make bench``: full fine-tuning (fpft) and HiFT side by side, measured in one run.
+
+Each configuration trains in its own ``hift train`` process (so peak RSS is its own) from
+the same pretrained weights on the same data in the same order. From every run's
+``metrics.jsonl``, ``summary.json`` and ``memory_report.json`` it takes:
+
+- mean step time (all steps, whole cycles) and tokens/s over the training steps only
+  (evaluation excluded), peak RSS of the process;
+- eval loss at equal steps (the end of every run; with the same data order that is also
+  equal tokens and, here, one epoch), at equal tokens (the smallest total any run reached)
+  and at equal wall-clock (the training time of the fastest run), the last two linearly
+  interpolated between the runs' periodic evaluations;
+- every figure as a ratio to fpft's, measured in the same invocation.
+
+The noise yardstick is the same HiFT configuration run with a second seed (data order and
+the random strategy's orders change); the three strategies are "within noise" when their
+spread of final eval loss is no larger than that seed-to-seed difference.
+
+Writes ``bench/results/<name>.json``, ``<name>.md`` and ``<name>-<suite>.png`` and, unless
+``--no-docs``, the measured block of ``docs/benchmarks.md``.
+
+    python bench/compare.py                      # what `make bench` runs (~40 min, 2 CPU cores)
+    python bench/compare.py --suite minilm       # one suite
+    python bench/compare.py --quick --out /tmp/b --no-docs   # tiny model, seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+M1 = ["hift.k=null", "hift.m=1"]
+K4 = ["hift.k=4", "hift.m=null"]
+
+
+def _configs(seed_variant: list[str]) -> dict[str, list[str]]:
+    """fpft, the three strategies at m=1 and at k=4, and one configuration on a 2nd seed."""
+    configs = {"fpft": ["hift.strategy=fpft"]}
+    for label, shape in (("m1", M1), ("k4", K4)):
+        for strategy in ("bottom2up", "top2down", "random"):
+            configs[f"{strategy}-{label}"] = [f"hift.strategy={strategy}", *shape]
+    configs["bottom2up-k4-seed2"] = ["hift.strategy=bottom2up", *K4, *seed_variant]
+    return configs
+
+
+# One epoch each: steps x batch = the training set (SmolLM2: 64 x 4 = 256 problems,
+# MiniLM: 180 x 16 = 2,880 questions). Constant LR, so the comparison is about which
+# parameters are updated, not about where a schedule has got to.
+SUITES = {
+    "minilm": {
+        "title": "all-MiniLM-L6-v2, kinship-relation classification (12 labels)",
+        "base": ["recipe=minilm_family", "data.num_train=2880", "trainer.max_steps=180",
+                 "trainer.batch_size=16", "trainer.eval_every=30",
+                 "trainer.lr_scheduler=constant", "optimizer.lr=1e-4"],
+        "configs": _configs(["trainer.seed=2"]),
+    },
+    "smollm2": {
+        "title": "SmolLM2-135M-Instruct, GSM-style math (causal LM, answer tokens)",
+        "base": ["recipe=demo", "data.num_train=256", "data.num_eval=32",
+                 "data.max_eval_samples=32", "trainer.max_steps=64", "trainer.batch_size=4",
+                 "trainer.eval_every=16", "trainer.eval_batch_size=16",
+                 "trainer.lr_scheduler=constant", "optimizer.lr=1e-4"],
+        "configs": _configs(["trainer.seed=2"]),
+    },
+}
+QUICK = {  # the same code path on the random-init tiny LLaMA: seconds (tests)
+    "tiny": {
+        "title": "tiny random-init LLaMA (smoke test of the benchmark itself)",
+        "base": ["recipe=tiny", "trainer.max_steps=6", "trainer.batch_size=4",
+                 "trainer.eval_every=3", "trainer.lr_scheduler=constant"],
+        "configs": {"fpft": ["hift.strategy=fpft"],
+                    "bottom2up-k3": ["hift.strategy=bottom2up", "hift.k=3"],
+                    "top2down-k3": ["hift.strategy=top2down", "hift.k=3"],
+                    "bottom2up-k3-seed2": ["hift.strategy=bottom2up", "hift.k=3",
+                                           "trainer.seed=2"]},
+    },
+}
+
+
+def run_one(run_dir: Path, overrides: list[str]) -> dict:
+    """Train one configuration in a fresh process; returns what the comparison needs."""
+    cmd = [sys.executable, "-c", "import sys; from hift_cli.cli import main; sys.exit(main())",
+           "train", *overrides, "trainer.save_model=false", "trainer.save_every=null",
+           f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if code != 0:
+        raise SystemExit(f"bench: `hift train {' '.join(overrides)}` failed (exit {code});"
+                         f" see {run_dir.parent / run_dir.name}.log")
+    return collect(run_dir)
+
+
+def collect(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    memory = json.loads((run_dir / "memory_report.json").read_text())
+    steps = [r for r in rows if "step_seconds" in r]
+    seconds = [r["step_seconds"] for r in steps]
+    tokens = [r["tokens_per_second"] * r["step_seconds"] for r in steps]
+    # Cumulative training time and tokens at the end of each step (step 0: nothing yet).
+    at_step = {0: (0.0, 0.0)}
+    t = n = 0.0
+    for r, s, k in zip(steps, seconds, tokens):
+        t, n = t + s, n + k
+        at_step[r["step"]] = (t, n)
+    curve = [{"step": r["step"], "seconds": at_step[r["step"]][0],
+              "tokens": at_step[r["step"]][1], "eval_loss": r["eval/loss"]}
+             for r in rows if "eval/loss" in r and r["step"] in at_step]
+    out = {
+        "steps": len(steps),
+        "groups": summary["groups"],
+        "epochs": len(steps) * _batch(run_dir) / summary["data/train_samples"],
+        "mean_step_seconds": sum(seconds) / len(seconds),
+        "train_seconds": t,
+        "tokens": n,
+        "tokens_per_second": n / t,
+        "peak_rss_gib": memory["measured"].get("peak_rss", 0) / 2**30,
+        "eval_loss": curve[-1]["eval_loss"],
+        "eval_curve": curve,
+        "train_loss": [(r["step"], r["train/loss"]) for r in steps],
+    }
+    for key in ("eval/accuracy", "eval/accuracy_before"):
+        if key in summary:
+            out[key.replace("eval/", "eval_")] = summary[key]
+    return out
+
+
+def _batch(run_dir: Path) -> int:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    return int(cfg.trainer.batch_size) * int(cfg.trainer.grad_accum)
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the polyline through ``points`` (sorted by x); None outside it."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if points and x == points[-1][0]:
+        return points[-1][1]
+    return None
+
+
+def compare(runs: dict[str, dict]) -> dict:
+    """Equal-tokens / equal-wall-clock losses and every figure as a ratio to fpft's."""
+    equal_tokens = min(r["tokens"] for r in runs.values())
+    equal_seconds = min(r["train_seconds"] for r in runs.values())
+    base = runs["fpft"]
+    for r in runs.values():
+        curve = r["eval_curve"]
+        r["eval_loss_equal_tokens"] = interpolate(
+            [(p["tokens"], p["eval_loss"]) for p in curve], equal_tokens)
+        r["eval_loss_equal_wallclock"] = interpolate(
+            [(p["seconds"], p["eval_loss"]) for p in curve], equal_seconds)
+    for r in runs.values():
+        r["ratio_to_fpft"] = {
+            key: r[key] / base[key] for key in (
+                "mean_step_seconds", "tokens_per_second", "peak_rss_gib", "eval_loss",
+                "eval_loss_equal_tokens", "eval_loss_equal_wallclock")
+            if r.get(key) is not None and base.get(key)}
+    noise = spread = None
+    seeded = [name for name in runs if name.endswith("-seed2")]
+    if seeded:
+        twin = seeded[0].removesuffix("-seed2")
+        noise = abs(runs[seeded[0]]["eval_loss"] - runs[twin]["eval_loss"])
+        suffix = twin.split("-", 1)[1]
+        peers = [r["eval_loss"] for name, r in runs.items() if name.endswith("-" + suffix)
+                 and not name.endswith("seed2")]
+        spread = max(peers) - min(peers)
+    return {"equal_tokens": equal_tokens, "equal_wallclock_seconds": equal_seconds,
+            "seed_noise_eval_loss": noise, "strategy_spread_eval_loss": spread,
+            "strategies_within_noise": None if noise is None else spread <= noise}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def plot(suite: str, title: str, runs: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
+    for name, r in runs.items():
+        style = dict(lw=2.2, color="black") if name == "fpft" else dict(lw=1.2)
+        if name.endswith("seed2"):
+            style["ls"] = ":"
+        curve = r["eval_curve"]
+        axes[0].plot([p["step"] for p in curve], [p["eval_loss"] for p in curve],
+                     marker="o", ms=3, label=name, **style)
+        axes[1].plot([p["seconds"] for p in curve], [p["eval_loss"] for p in curve],
+                     marker="o", ms=3, label=name, **style)
+        steps, losses = zip(*r["train_loss"])
+        window = max(1, len(losses) // 16)
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1):
+                  i + 1]) for i in range(len(losses))]
+        axes[2].plot(steps, smooth, label=name, **style)
+    axes[0].set(xlabel="step", ylabel="eval loss", title="eval loss vs step")
+    axes[1].set(xlabel="training seconds (eval excluded)", ylabel="eval loss",
+                title="eval loss vs wall-clock")
+    axes[2].set(xlabel="step", ylabel="train loss (moving mean)", title="train loss")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{suite}: {title}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(result: dict, name: str, plots: str = "") -> str:
+    """The results as markdown; ``plots``: the plots' folder relative to where it is shown."""
+    m = result["machine"]
+    lines = [f"Measured {result['date']} by `make bench` ({result['wall_minutes']:.0f} min) on"
+             f" {m['cpu'] or 'an unnamed CPU'} ({m['cores']} cores), torch {m['torch']},"
+             f" Python {m['python']}. Raw numbers: `{name}.json` beside the plots.", ""]
+    for suite, s in result["suites"].items():
+        c = s["comparison"]
+        lines += [f"### {suite}: {s['title']}", "",
+                  f"`{' '.join(s['base'])}`; {next(iter(s['runs'].values()))['steps']} steps"
+                  f" each, about {s['runs']['fpft']['epochs']:.2f} epoch. Equal tokens:"
+                  f" {c['equal_tokens']:.0f}; equal wall-clock: {c['equal_wallclock_seconds']:.1f}"
+                  " s of training (the fastest run's total).", "",
+                  "| config | groups | step s | ×fpft | tokens/s | ×fpft | peak RSS GiB | ×fpft"
+                  " | eval loss (equal steps) | ×fpft | equal tokens | ×fpft | equal wall-clock | ×fpft |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for config, r in s["runs"].items():
+            q = r["ratio_to_fpft"]
+            wall = r["eval_loss_equal_wallclock"]
+            lines.append(
+                f"| {config} | {r['groups']} | {r['mean_step_seconds']:.3f} |"
+                f" {q['mean_step_seconds']:.3f} | {r['tokens_per_second']:.0f} |"
+                f" {q['tokens_per_second']:.2f} | {r['peak_rss_gib']:.2f} |"
+                f" {q['peak_rss_gib']:.3f} | {r['eval_loss']:.4f} | {q['eval_loss']:.4f} |"
+                f" {r['eval_loss_equal_tokens']:.4f} |"
+                f" {q.get('eval_loss_equal_tokens', float('nan')):.4f} |"
+                f" {'—' if wall is None else f'{wall:.4f}'} |"
+                f" {q.get('eval_loss_equal_wallclock', float('nan')):.4f} |")
+        if c["seed_noise_eval_loss"] is not None:
+            lines += ["", f"Seed-to-seed difference of final eval loss (noise yardstick):"
+                          f" {c['seed_noise_eval_loss']:.4f}; spread of the strategies at the"
+                          f" same grouping: {c['strategy_spread_eval_loss']:.4f}."]
+            lines.append("Strategies within noise: "
+                         + ("yes." if c["strategies_within_noise"] else "no."))
+        lines += ["", f"![{suite}]({plots}{s['plot']})", ""]
+    return "\n".join(lines)
+
+
+def write_docs(block: str, docs: Path) -> None:
+    text = docs.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"bench: {docs} lacks the {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    docs.write_text(head + BEGIN + "\n" + block + "\n" + END + rest.split(END, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", action="append", choices=sorted(SUITES),
+                        help="run only this suite (repeatable); default: all")
+    parser.add_argument("--quick", action="store_true", help="tiny model, seconds (tests)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default=None, help="results name (default cpu-<date>)")
+    parser.add_argument("--no-docs", action="store_true", help=f"leave {DOCS.name} alone")
+    args = parser.parse_args(argv)
+
+    suites = QUICK if args.quick else {k: SUITES[k] for k in (args.suite or SUITES)}
+    name = args.name or f"{'quick' if args.quick else 'cpu'}-{dt.date.today().isoformat()}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs_dir = args.out / f"{name}-runs"
+    start = time.perf_counter()
+    result = {"date": dt.date.today().isoformat(), "machine": machine(), "suites": {}}
+    for suite, spec in suites.items():
+        runs = {}
+        for config, overrides in spec["configs"].items():
+            run_dir = runs_dir / suite / config
+            shutil.rmtree(run_dir, ignore_errors=True)  # a rerun must not append to old metrics
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[{time.perf_counter() - start:6.0f} s] {suite}/{config}", flush=True)
+            runs[config] = run_one(run_dir, [*spec["base"], *overrides])
+            r = runs[config]
+            print(f"         step {r['mean_step_seconds']:.3f} s, {r['tokens_per_second']:.0f}"
+                  f" tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB, eval loss {r['eval_loss']:.4f}",
+                  flush=True)
+        comparison = compare(runs)
+        plot_path = args.out / f"{name}-{suite}.png"
+        plot(suite, spec["title"], runs, plot_path)
+        result["suites"][suite] = {"title": spec["title"], "base": spec["base"],
+                                   "runs": runs, "comparison": comparison, "plot": plot_path.name}
+    result["wall_minutes"] = (time.perf_counter() - start) / 60
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    block = markdown(result, name)
+    (args.out / f"{name}.md").write_text(block + "\n")
+    if not args.no_docs:
+        write_docs(markdown(result, name, os.path.relpath(args.out, DOCS.parent) + "/"), DOCS)
+    print(block)
+    print(f"\nWrote {args.out / name}.json, .md and plots"
+          + ("" if args.no_docs else f"; updated {DOCS.relative_to(ROOT)}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

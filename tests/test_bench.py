@@ -1,0 +1,75 @@
+"""bench/compare.py: its arithmetic, and its whole code path on the tiny model."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "compare", Path(__file__).parents[1] / "bench" / "compare.py")
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def test_interpolate_between_points_and_none_outside():
+    points = [(0.0, 2.0), (10.0, 1.0), (20.0, 0.5)]
+    assert compare.interpolate(points, 5.0) == pytest.approx(1.5)
+    assert compare.interpolate(points, 20.0) == pytest.approx(0.5)
+    assert compare.interpolate(points, 0.0) == pytest.approx(2.0)
+    assert compare.interpolate(points, 25.0) is None
+
+
+def _run(seconds, loss_curve, tokens_per_step=100.0, rss=2.0):
+    steps = len(loss_curve) - 1
+    curve = [{"step": i, "seconds": i * seconds, "tokens": i * tokens_per_step,
+              "eval_loss": loss} for i, loss in enumerate(loss_curve)]
+    return {"mean_step_seconds": seconds, "train_seconds": steps * seconds,
+            "tokens": steps * tokens_per_step, "tokens_per_second": tokens_per_step / seconds,
+            "peak_rss_gib": rss, "eval_loss": loss_curve[-1], "eval_curve": curve}
+
+
+def test_compare_takes_ratios_to_fpft_at_equal_tokens_and_wallclock():
+    runs = {"fpft": _run(2.0, [3.0, 2.0, 1.0], rss=4.0),
+            "bottom2up-k4": _run(1.0, [3.0, 2.5, 2.0], rss=3.0),
+            "top2down-k4": _run(1.0, [3.0, 2.6, 2.2], rss=3.0),
+            "bottom2up-k4-seed2": _run(1.0, [3.0, 2.4, 1.9], rss=3.0)}
+    c = compare.compare(runs)
+    hift = runs["bottom2up-k4"]
+    assert hift["ratio_to_fpft"]["mean_step_seconds"] == pytest.approx(0.5)
+    assert hift["ratio_to_fpft"]["tokens_per_second"] == pytest.approx(2.0)
+    assert hift["ratio_to_fpft"]["peak_rss_gib"] == pytest.approx(0.75)
+    assert hift["ratio_to_fpft"]["eval_loss"] == pytest.approx(2.0)
+    # The fastest run trained 2 s: fpft had done one step (loss 2.0) by then.
+    assert c["equal_wallclock_seconds"] == pytest.approx(2.0)
+    assert runs["fpft"]["eval_loss_equal_wallclock"] == pytest.approx(2.0)
+    assert hift["ratio_to_fpft"]["eval_loss_equal_wallclock"] == pytest.approx(1.0)
+    assert c["seed_noise_eval_loss"] == pytest.approx(0.1)
+    assert c["strategy_spread_eval_loss"] == pytest.approx(0.2)
+    assert c["strategies_within_noise"] is False
+
+
+def test_quick_bench_runs_each_config_in_its_own_process(tmp_path):
+    assert compare.main(["--quick", "--out", str(tmp_path), "--name", "t", "--no-docs"]) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    runs = result["suites"]["tiny"]["runs"]
+    assert set(runs) == {"fpft", "bottom2up-k3", "top2down-k3", "bottom2up-k3-seed2"}
+    for name, r in runs.items():
+        assert r["steps"] == 6 and r["mean_step_seconds"] > 0 and r["peak_rss_gib"] > 0
+        assert [p["step"] for p in r["eval_curve"]] == [0, 3, 6]
+        assert r["ratio_to_fpft"]["eval_loss"] == pytest.approx(
+            r["eval_loss"] / runs["fpft"]["eval_loss"])
+    assert runs["fpft"]["groups"] == 1 and runs["bottom2up-k3"]["groups"] == 3
+    # Same weights, data and order at step 0: every run starts from the same eval loss.
+    assert len({r["eval_curve"][0]["eval_loss"] for name, r in runs.items()
+                if "seed2" not in name}) == 1
+    assert (tmp_path / "t-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "t.md").read_text()
+    assert "| bottom2up-k3 | 3 |" in md and "t-tiny.png" in md
+
+
+def test_docs_block_is_replaced_between_markers(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"intro\n{compare.BEGIN}\nold\n{compare.END}\noutro\n")
+    compare.write_docs("new table", docs)
+    assert docs.read_text() == f"intro\n{compare.BEGIN}\nnew table\n{compare.END}\noutro\n"
