@@ -65,7 +65,9 @@ SUITES = {
         "base": ["recipe=minilm_family", "data.num_train=2880", "trainer.max_steps=180",
                  "trainer.batch_size=16", "trainer.eval_every=30",
                  "trainer.lr_scheduler=constant", "optimizer.lr=1e-4"],
-        "configs": _configs(["trainer.seed=2"]),
+        # And HiFT given k times fpft's steps: each parameter then gets as many updates.
+        "configs": {**_configs(["trainer.seed=2"]),
+                    "bottom2up-k4-4x": ["hift.strategy=bottom2up", *K4, "trainer.max_steps=720"]},
     },
     "smollm2": {
         "title": "SmolLM2-135M-Instruct, GSM-style math (causal LM, answer tokens)",
@@ -88,6 +90,14 @@ QUICK = {  # the same code path on the random-init tiny LLaMA: seconds (tests)
                                            "trainer.seed=2"]},
     },
 }
+
+
+def merge(*lists: list[str]) -> list[str]:
+    """key=value overrides, a later value of a key replacing the earlier one."""
+    merged: dict[str, str] = {}
+    for item in (o for overrides in lists for o in overrides):
+        merged[item.split("=", 1)[0]] = item
+    return list(merged.values())
 
 
 def run_one(run_dir: Path, overrides: list[str]) -> dict:
@@ -158,12 +168,14 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 
 def compare(runs: dict[str, dict]) -> dict:
-    """Equal-tokens / equal-wall-clock losses and every figure as a ratio to fpft's."""
+    """Equal-steps / tokens / wall-clock losses and every figure as a ratio to fpft's."""
     equal_tokens = min(r["tokens"] for r in runs.values())
     equal_seconds = min(r["train_seconds"] for r in runs.values())
     base = runs["fpft"]
     for r in runs.values():
         curve = r["eval_curve"]
+        r["eval_loss_equal_steps"] = interpolate(
+            [(p["step"], p["eval_loss"]) for p in curve], base["steps"])
         r["eval_loss_equal_tokens"] = interpolate(
             [(p["tokens"], p["eval_loss"]) for p in curve], equal_tokens)
         r["eval_loss_equal_wallclock"] = interpolate(
@@ -171,8 +183,9 @@ def compare(runs: dict[str, dict]) -> dict:
     for r in runs.values():
         r["ratio_to_fpft"] = {
             key: r[key] / base[key] for key in (
-                "mean_step_seconds", "tokens_per_second", "peak_rss_gib", "eval_loss",
-                "eval_loss_equal_tokens", "eval_loss_equal_wallclock")
+                "mean_step_seconds", "tokens_per_second", "peak_rss_gib", "train_seconds",
+                "eval_loss", "eval_loss_equal_steps", "eval_loss_equal_tokens",
+                "eval_loss_equal_wallclock")
             if r.get(key) is not None and base.get(key)}
     noise = spread = None
     seeded = [name for name in runs if name.endswith("-seed2")]
@@ -181,7 +194,7 @@ def compare(runs: dict[str, dict]) -> dict:
         noise = abs(runs[seeded[0]]["eval_loss"] - runs[twin]["eval_loss"])
         suffix = twin.split("-", 1)[1]
         peers = [r["eval_loss"] for name, r in runs.items() if name.endswith("-" + suffix)
-                 and not name.endswith("seed2")]
+                 and r["steps"] == base["steps"]]
         spread = max(peers) - min(peers)
     return {"equal_tokens": equal_tokens, "equal_wallclock_seconds": equal_seconds,
             "seed_noise_eval_loss": noise, "strategy_spread_eval_loss": spread,
@@ -238,18 +251,20 @@ def plot(suite: str, title: str, runs: dict[str, dict], path: Path) -> None:
 def markdown(result: dict, name: str, plots: str = "") -> str:
     """The results as markdown; ``plots``: the plots' folder relative to where it is shown."""
     m = result["machine"]
-    lines = [f"Measured {result['date']} by `make bench` ({result['wall_minutes']:.0f} min) on"
-             f" {m['cpu'] or 'an unnamed CPU'} ({m['cores']} cores), torch {m['torch']},"
-             f" Python {m['python']}. Raw numbers: `{name}.json` beside the plots.", ""]
+    lines = [f"Measured by `make bench` on {m['cpu'] or 'an unnamed CPU'} ({m['cores']} cores),"
+             f" torch {m['torch']}, Python {m['python']}; each suite's configurations ran one"
+             f" after another in one invocation. Raw numbers: `{name}.json` beside the plots.", ""]
     for suite, s in result["suites"].items():
         c = s["comparison"]
         lines += [f"### {suite}: {s['title']}", "",
+                  f"Measured {s['date']}, {s['minutes']:.0f} min for the suite.", "",
                   f"`{' '.join(s['base'])}`; {next(iter(s['runs'].values()))['steps']} steps"
                   f" each, about {s['runs']['fpft']['epochs']:.2f} epoch. Equal tokens:"
                   f" {c['equal_tokens']:.0f}; equal wall-clock: {c['equal_wallclock_seconds']:.1f}"
                   " s of training (the fastest run's total).", "",
                   "| config | groups | step s | ×fpft | tokens/s | ×fpft | peak RSS GiB | ×fpft"
-                  " | eval loss (equal steps) | ×fpft | equal tokens | ×fpft | equal wall-clock | ×fpft |",
+                  " | eval loss (equal steps) | ×fpft | equal tokens | ×fpft"
+                  " | equal wall-clock | ×fpft |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for config, r in s["runs"].items():
             q = r["ratio_to_fpft"]
@@ -258,11 +273,21 @@ def markdown(result: dict, name: str, plots: str = "") -> str:
                 f"| {config} | {r['groups']} | {r['mean_step_seconds']:.3f} |"
                 f" {q['mean_step_seconds']:.3f} | {r['tokens_per_second']:.0f} |"
                 f" {q['tokens_per_second']:.2f} | {r['peak_rss_gib']:.2f} |"
-                f" {q['peak_rss_gib']:.3f} | {r['eval_loss']:.4f} | {q['eval_loss']:.4f} |"
+                f" {q['peak_rss_gib']:.3f} | {r['eval_loss_equal_steps']:.4f} |"
+                f" {q['eval_loss_equal_steps']:.4f} |"
                 f" {r['eval_loss_equal_tokens']:.4f} |"
                 f" {q.get('eval_loss_equal_tokens', float('nan')):.4f} |"
                 f" {'—' if wall is None else f'{wall:.4f}'} |"
                 f" {q.get('eval_loss_equal_wallclock', float('nan')):.4f} |")
+        fpft = s["runs"]["fpft"]
+        for config, r in s["runs"].items():
+            if r["steps"] != fpft["steps"]:
+                lines += ["", f"`{config}` trained {r['steps']} steps ({r['epochs']:.2f} epochs;"
+                              f" {r['steps'] / r['groups']:.0f} updates of every parameter, fpft:"
+                              f" {fpft['steps']}): final eval loss {r['eval_loss']:.4f},"
+                              f" ×{r['ratio_to_fpft']['eval_loss']:.4f} fpft's final, in"
+                              f" {r['train_seconds']:.0f} s of training"
+                              f" (×{r['ratio_to_fpft']['train_seconds']:.2f} fpft's)."]
         if c["seed_noise_eval_loss"] is not None:
             lines += ["", f"Seed-to-seed difference of final eval loss (noise yardstick):"
                           f" {c['seed_noise_eval_loss']:.4f}; spread of the strategies at the"
@@ -297,14 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = args.out / f"{name}-runs"
     start = time.perf_counter()
     result = {"date": dt.date.today().isoformat(), "machine": machine(), "suites": {}}
+    previous = args.out / f"{name}.json"
+    if args.suite and previous.exists():  # a rerun of some suites keeps the others
+        result["suites"] = json.loads(previous.read_text())["suites"]
     for suite, spec in suites.items():
+        suite_start = time.perf_counter()
         runs = {}
         for config, overrides in spec["configs"].items():
             run_dir = runs_dir / suite / config
             shutil.rmtree(run_dir, ignore_errors=True)  # a rerun must not append to old metrics
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             print(f"[{time.perf_counter() - start:6.0f} s] {suite}/{config}", flush=True)
-            runs[config] = run_one(run_dir, [*spec["base"], *overrides])
+            runs[config] = run_one(run_dir, merge(spec["base"], overrides))
             r = runs[config]
             print(f"         step {r['mean_step_seconds']:.3f} s, {r['tokens_per_second']:.0f}"
                   f" tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB, eval loss {r['eval_loss']:.4f}",
@@ -313,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         plot_path = args.out / f"{name}-{suite}.png"
         plot(suite, spec["title"], runs, plot_path)
         result["suites"][suite] = {"title": spec["title"], "base": spec["base"],
-                                   "runs": runs, "comparison": comparison, "plot": plot_path.name}
-    result["wall_minutes"] = (time.perf_counter() - start) / 60
+                                   "runs": runs, "comparison": comparison, "plot": plot_path.name,
+                                   "date": dt.date.today().isoformat(),
+                                   "minutes": (time.perf_counter() - suite_start) / 60}
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
     block = markdown(result, name)
     (args.out / f"{name}.md").write_text(block + "\n")

@@ -24,7 +24,7 @@ def _run(seconds, loss_curve, tokens_per_step=100.0, rss=2.0):
     steps = len(loss_curve) - 1
     curve = [{"step": i, "seconds": i * seconds, "tokens": i * tokens_per_step,
               "eval_loss": loss} for i, loss in enumerate(loss_curve)]
-    return {"mean_step_seconds": seconds, "train_seconds": steps * seconds,
+    return {"steps": steps, "mean_step_seconds": seconds, "train_seconds": steps * seconds,
             "tokens": steps * tokens_per_step, "tokens_per_second": tokens_per_step / seconds,
             "peak_rss_gib": rss, "eval_loss": loss_curve[-1], "eval_curve": curve}
 
@@ -33,7 +33,8 @@ def test_compare_takes_ratios_to_fpft_at_equal_tokens_and_wallclock():
     runs = {"fpft": _run(2.0, [3.0, 2.0, 1.0], rss=4.0),
             "bottom2up-k4": _run(1.0, [3.0, 2.5, 2.0], rss=3.0),
             "top2down-k4": _run(1.0, [3.0, 2.6, 2.2], rss=3.0),
-            "bottom2up-k4-seed2": _run(1.0, [3.0, 2.4, 1.9], rss=3.0)}
+            "bottom2up-k4-seed2": _run(1.0, [3.0, 2.4, 1.9], rss=3.0),
+            "bottom2up-k4-2x": _run(1.0, [3.0, 2.5, 2.0, 1.2, 0.9], rss=3.0)}
     c = compare.compare(runs)
     hift = runs["bottom2up-k4"]
     assert hift["ratio_to_fpft"]["mean_step_seconds"] == pytest.approx(0.5)
@@ -44,9 +45,16 @@ def test_compare_takes_ratios_to_fpft_at_equal_tokens_and_wallclock():
     assert c["equal_wallclock_seconds"] == pytest.approx(2.0)
     assert runs["fpft"]["eval_loss_equal_wallclock"] == pytest.approx(2.0)
     assert hift["ratio_to_fpft"]["eval_loss_equal_wallclock"] == pytest.approx(1.0)
+    # A longer run is compared at fpft's step count, and left out of the strategy spread.
+    assert runs["bottom2up-k4-2x"]["eval_loss_equal_steps"] == pytest.approx(2.0)
+    assert runs["bottom2up-k4-2x"]["ratio_to_fpft"]["eval_loss"] == pytest.approx(0.9)
     assert c["seed_noise_eval_loss"] == pytest.approx(0.1)
     assert c["strategy_spread_eval_loss"] == pytest.approx(0.2)
     assert c["strategies_within_noise"] is False
+
+
+def test_later_overrides_replace_earlier_ones():
+    assert compare.merge(["a=1", "b=2"], ["b=3", "c=4"]) == ["a=1", "b=3", "c=4"]
 
 
 def test_quick_bench_runs_each_config_in_its_own_process(tmp_path):
