@@ -42,6 +42,7 @@ RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
+STRATEGIES = ("bottom2up", "top2down", "random")
 M1 = ["hift.k=null", "hift.m=1"]
 K4 = ["hift.k=4", "hift.m=null"]
 
@@ -50,7 +51,7 @@ def _configs(seed_variant: list[str]) -> dict[str, list[str]]:
     """fpft, the three strategies at m=1 and at k=4, and one configuration on a 2nd seed."""
     configs = {"fpft": ["hift.strategy=fpft"]}
     for label, shape in (("m1", M1), ("k4", K4)):
-        for strategy in ("bottom2up", "top2down", "random"):
+        for strategy in STRATEGIES:
             configs[f"{strategy}-{label}"] = [f"hift.strategy={strategy}", *shape]
     configs["bottom2up-k4-seed2"] = ["hift.strategy=bottom2up", *K4, *seed_variant]
     return configs
@@ -187,18 +188,23 @@ def compare(runs: dict[str, dict]) -> dict:
                 "eval_loss", "eval_loss_equal_steps", "eval_loss_equal_tokens",
                 "eval_loss_equal_wallclock")
             if r.get(key) is not None and base.get(key)}
-    noise = spread = None
+    noise = None
     seeded = [name for name in runs if name.endswith("-seed2")]
     if seeded:
         twin = seeded[0].removesuffix("-seed2")
         noise = abs(runs[seeded[0]]["eval_loss"] - runs[twin]["eval_loss"])
-        suffix = twin.split("-", 1)[1]
-        peers = [r["eval_loss"] for name, r in runs.items() if name.endswith("-" + suffix)
-                 and r["steps"] == base["steps"]]
-        spread = max(peers) - min(peers)
+    # Strategies side by side, per grouping ("<strategy>-<grouping>" at fpft's step count).
+    by_grouping: dict[str, list[float]] = {}
+    for name, r in runs.items():
+        strategy, _, grouping = name.partition("-")
+        if strategy in STRATEGIES and grouping and "-" not in grouping \
+                and r["steps"] == base["steps"]:
+            by_grouping.setdefault(grouping, []).append(r["eval_loss"])
+    spread = {g: max(v) - min(v) for g, v in by_grouping.items() if len(v) > 1}
     return {"equal_tokens": equal_tokens, "equal_wallclock_seconds": equal_seconds,
             "seed_noise_eval_loss": noise, "strategy_spread_eval_loss": spread,
-            "strategies_within_noise": None if noise is None else spread <= noise}
+            "strategies_within_noise": None if noise is None else
+            {g: v <= noise for g, v in spread.items()}}
 
 
 def machine() -> dict:
@@ -289,11 +295,12 @@ def markdown(result: dict, name: str, plots: str = "") -> str:
                               f" {r['train_seconds']:.0f} s of training"
                               f" (×{r['ratio_to_fpft']['train_seconds']:.2f} fpft's)."]
         if c["seed_noise_eval_loss"] is not None:
-            lines += ["", f"Seed-to-seed difference of final eval loss (noise yardstick):"
-                          f" {c['seed_noise_eval_loss']:.4f}; spread of the strategies at the"
-                          f" same grouping: {c['strategy_spread_eval_loss']:.4f}."]
-            lines.append("Strategies within noise: "
-                         + ("yes." if c["strategies_within_noise"] else "no."))
+            spreads = "; ".join(
+                f"{g}: {v:.4f} ({'within' if c['strategies_within_noise'][g] else 'outside'}"
+                " noise)" for g, v in c["strategy_spread_eval_loss"].items())
+            lines += ["", f"Seed-to-seed difference of final eval loss (the noise yardstick):"
+                          f" {c['seed_noise_eval_loss']:.4f}. Spread of the three strategies'"
+                          f" final eval loss per grouping: {spreads}."]
         lines += ["", f"![{suite}]({plots}{s['plot']})", ""]
     return "\n".join(lines)
 
@@ -314,7 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="results name (default cpu-<date>)")
     parser.add_argument("--no-docs", action="store_true", help=f"leave {DOCS.name} alone")
+    parser.add_argument("--render", metavar="NAME",
+                        help="recompute the comparisons of <out>/NAME.json and rewrite its"
+                             " tables (no training)")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads((args.out / f"{args.render}.json").read_text())
+        for s in result["suites"].values():
+            s["comparison"] = compare(s["runs"])
+        write_results(result, args.out, args.render, not args.no_docs)
+        return 0
 
     suites = QUICK if args.quick else {k: SUITES[k] for k in (args.suite or SUITES)}
     name = args.name or f"{'quick' if args.quick else 'cpu'}-{dt.date.today().isoformat()}"
@@ -345,15 +361,18 @@ def main(argv: list[str] | None = None) -> int:
                                    "runs": runs, "comparison": comparison, "plot": plot_path.name,
                                    "date": dt.date.today().isoformat(),
                                    "minutes": (time.perf_counter() - suite_start) / 60}
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    block = markdown(result, name)
-    (args.out / f"{name}.md").write_text(block + "\n")
-    if not args.no_docs:
-        write_docs(markdown(result, name, os.path.relpath(args.out, DOCS.parent) + "/"), DOCS)
-    print(block)
-    print(f"\nWrote {args.out / name}.json, .md and plots"
-          + ("" if args.no_docs else f"; updated {DOCS.relative_to(ROOT)}"))
+    write_results(result, args.out, name, not args.no_docs)
     return 0
+
+
+def write_results(result: dict, out: Path, name: str, docs: bool) -> None:
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    block = markdown(result, name)
+    (out / f"{name}.md").write_text(block + "\n")
+    if docs:
+        write_docs(markdown(result, name, os.path.relpath(out, DOCS.parent) + "/"), DOCS)
+    print(block)
+    print(f"\nWrote {out / name}.json, .md" + (f"; updated {DOCS}" if docs else ""))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ def test_compare_takes_ratios_to_fpft_at_equal_tokens_and_wallclock():
     assert runs["bottom2up-k4-2x"]["eval_loss_equal_steps"] == pytest.approx(2.0)
     assert runs["bottom2up-k4-2x"]["ratio_to_fpft"]["eval_loss"] == pytest.approx(0.9)
     assert c["seed_noise_eval_loss"] == pytest.approx(0.1)
-    assert c["strategy_spread_eval_loss"] == pytest.approx(0.2)
-    assert c["strategies_within_noise"] is False
+    assert c["strategy_spread_eval_loss"] == {"k4": pytest.approx(0.2)}
+    assert c["strategies_within_noise"] == {"k4": False}
 
 
 def test_later_overrides_replace_earlier_ones():
@@ -74,6 +74,10 @@ def test_quick_bench_runs_each_config_in_its_own_process(tmp_path):
     assert (tmp_path / "t-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "t.md").read_text()
     assert "| bottom2up-k3 | 3 |" in md and "t-tiny.png" in md
+    # Re-rendering the stored runs gives the same tables without training.
+    (tmp_path / "t.md").unlink()
+    assert compare.main(["--out", str(tmp_path), "--render", "t", "--no-docs"]) == 0
+    assert (tmp_path / "t.md").read_text() == md
 
 
 def test_docs_block_is_replaced_between_markers(tmp_path):
