@@ -75,7 +75,7 @@ def find_resume(resume: str, outputs_root: Path) -> Path:
     raise CheckpointError(f"resume={resume}: no complete checkpoint there")
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -104,8 +104,10 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(trainer, keep_last: int) -> Path:
+def save_checkpoint(trainer, keep_last: int, rng_ranks: list | None = None) -> Path:
     """Write a complete checkpoint of ``trainer`` atomically; rotate old ones.
+
+    ``rng_ranks``: every rank's RNG state (data parallel; rank 0 writes for all).
 
     Raises:
         CheckpointError: the run dir cannot be written; earlier checkpoints are untouched.
@@ -125,7 +127,8 @@ def save_checkpoint(trainer, keep_last: int) -> Path:
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "masters": [m.data for ps in trainer.opt_params for m in ps] if trainer.masters else [],
-        "rng": _rng_state(),
+        "rng": rng_state(),
+        "rng_ranks": rng_ranks or [],
     }
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,7 +187,9 @@ def load_checkpoint(trainer, path: Path) -> None:
     trainer.bad_steps = state["bad_steps"]
     trainer.skipped_steps = state["skipped_steps"]
     trainer.restart_batches()
-    _set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks") or []
+    rank, world = trainer.dist.rank, trainer.dist.world
+    _set_rng_state(ranks[rank] if len(ranks) == world else state["rng"])
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict,

@@ -45,6 +45,12 @@ recipes: demo (default), tiny, llama7b_alpaca; see recipes/recipe/*.yaml
 """
 
 
+def say(line: str) -> None:
+    """One line on stderr; under torchrun only rank 0 speaks (N copies help no one)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
 def _output_dir() -> str:
     from hydra.core.hydra_config import HydraConfig
 
@@ -77,12 +83,13 @@ def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig],
         try:
             return task(cfg)
         except ConfigError as e:
-            print(f"{command}: error: {e}", file=sys.stderr)
-            _remove_if_empty(_output_dir())
+            say(f"{command}: error: {e}")
+            if os.environ.get("RANK", "0") == "0":
+                _remove_if_empty(_output_dir())
             raise SystemExit(2) from None
         except SystemExit as e:  # TrainingStopped: a deliberate stop with its own message
             if getattr(e, "message", None):
-                print(f"{command}: {e.message}", file=sys.stderr)
+                say(f"{command}: {e.message}")
             raise SystemExit(e.code) from None
 
     return wrapper
@@ -154,41 +161,69 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in APPS:
-        print(f"hift: error: unknown command {command!r} (choose from train, eval, memprofile)",
-              file=sys.stderr)
+        say(f"hift: error: unknown command {command!r} (choose from train, eval, memprofile)")
         return 2
     # Let exceptions reach us instead of Hydra's multi-line report with a stack.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    overrides = [f"hydra.job.name={command}"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        if command != "train" or "-m" in rest or "--multirun" in rest:
+            what = "a -m sweep" if command == "train" else f"hift {command}"
+            say(f"hift {command}: error: {what} runs in one process: start it without"
+                " torchrun (data parallel is for one `hift train` run)")
+            return 2
+        overrides += _distributed_overrides(rest)
     saved_argv = sys.argv
-    sys.argv = [f"hift-{command}", *_with_job_name(rest, command)]
+    sys.argv = [f"hift-{command}", *_with_overrides(rest, overrides)]
     try:
         APPS[command]()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
-        print(f"hift {command}: interrupted", file=sys.stderr)
+        say(f"hift {command}: interrupted")
         return 130
     except Exception as e:
         if _is_user_error(e):
-            print(f"hift {command}: error: {one_line(e)}", file=sys.stderr)
+            say(f"hift {command}: error: {one_line(e)}")
             return 2
         raise
     finally:
         sys.argv = saved_argv
+        if len(overrides) > 1:
+            from hift_cli import distributed
+
+            distributed.shutdown()
     return 0
 
 
-def _with_job_name(args: list[str], command: str) -> list[str]:
-    """Add ``hydra.job.name=<command>`` (it names the output folder, outputs/<command>/).
+def _with_overrides(args: list[str], overrides: list[str]) -> list[str]:
+    """Add our overrides, e.g. ``hydra.job.name=<command>`` (it names the output folder,
+    outputs/<command>/).
 
-    Hydra's argparse wants all overrides in one run of positionals, so the new one goes
+    Hydra's argparse wants all overrides in one run of positionals, so the new ones go
     just before the user's first override, or last if there is none.
     """
-    override = f"hydra.job.name={command}"
     for i, arg in enumerate(args):
         if "=" in arg and not arg.startswith("-"):
-            return [*args[:i], override, *args[i:]]
-    return [*args, override]
+            return [*args[:i], *overrides, *args[i:]]
+    return [*args, *overrides]
+
+
+def _distributed_overrides(args: list[str]) -> list[str]:
+    """Under torchrun: one run dir for the whole job, and only rank 0 writes to it."""
+    import datetime as dt
+
+    from hift_cli import distributed
+
+    rank = distributed.init()
+    overrides = []
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        # Each process would name the dir after its own clock: use rank 0's.
+        stamp = distributed.broadcast_object(dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        overrides.append(f"hydra.run.dir=outputs/train/{stamp}")
+    if not rank.main:  # no .hydra/ records, no log file, no console lines
+        overrides += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[]"]
+    return overrides
 
 
 def _is_user_error(e: BaseException) -> bool:

@@ -189,9 +189,10 @@ class TrainerConfig:
     max_steps: int = 100
     """Optimizer steps; each step updates one group."""
     batch_size: int = 4
-    """Samples per micro-batch."""
+    """Samples per micro-batch (per process under torchrun)."""
     grad_accum: int = 1
-    """Micro-batches per step; the same group stays active over the whole window."""
+    """Micro-batches per step; the same group stays active over the whole window, and each
+    micro-batch counts by its share of the window's label tokens (samples)."""
     seed: int = 42
     """Seeds weights init, data order, dropout and the random strategy's orders."""
     lr_scheduler: str = "linear"

@@ -335,18 +335,24 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def train_batches(ds: Dataset, batch_size: int, pad_id: int, seed: int,
-                  group_by_length: bool = False, start: int = 0
-                  ) -> Iterator[dict[str, torch.Tensor]]:
+                  group_by_length: bool = False, start: int = 0, rank: int = 0,
+                  world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches; epoch e uses permutation seed ``(seed, e)``.
 
     ``group_by_length``: batches of similar lengths (less padding), in shuffled order.
     ``start``: batches already consumed (a resumed run continues the same order).
+    ``rank``/``world`` (data parallel): each global batch of ``batch_size * world`` samples
+    is dealt out as DistributedSampler does (sample j to rank j mod world), so the ranks
+    together see exactly the batches one process with the global batch size would.
     """
     if len(ds) == 0:
         raise ConfigError("data: the training split is empty")
     rows = ds.with_format(None)
     n = len(rows)
-    size = min(batch_size, n)  # the last incomplete batch of an epoch is dropped
+    if n < world:
+        raise ConfigError(f"data: {n} training samples cannot be shared by {world} processes")
+    # The last incomplete (global) batch of an epoch is dropped.
+    size = min(batch_size * world, n - n % world)
     lengths = [len(x) for x in rows["input_ids"]] if group_by_length else None
     epoch = 0
     while True:
@@ -364,7 +370,7 @@ def train_batches(ds: Dataset, batch_size: int, pad_id: int, seed: int,
             if start:
                 start -= 1
                 continue
-            yield collate([rows[i] for i in perm[first: first + size]], pad_id)
+            yield collate([rows[i] for i in perm[first + rank: first + size: world]], pad_id)
         epoch += 1
 
 

@@ -35,12 +35,14 @@ from omegaconf import OmegaConf
 from transformers import get_scheduler, set_seed
 
 from hift_cli import data as data_lib
+from hift_cli import distributed
 from hift_cli.checkpoint import (
     MARKER,
     STATE_FILE,
     CheckpointError,
     find_resume,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
 )
 from hift_cli.config import Config
@@ -82,14 +84,21 @@ class HiftTrainer:
         # Our own progress display replaces the libraries' tqdm bars.
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-        set_seed(cfg.trainer.seed)
+        self.dist = distributed.current()
+        set_seed(cfg.trainer.seed)  # the same on every rank: same init, same group order
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
         self.device = pick_device(cfg.trainer.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
         self.model_path = resolve(cfg.model.name_or_path)
         self.tokenizer = load_tokenizer(self.model_path, cfg.model.trust_remote_code)
         self._setup_data()  # before the model: classification data sets num_labels
         self._setup_model()
+        if self.dist.enabled:
+            distributed.broadcast_parameters(self.model)
+            torch.manual_seed(cfg.trainer.seed + self.dist.rank)  # own dropout masks
         self._setup_groups()
         self._setup_optimizer()
         self._setup_store()
@@ -139,11 +148,20 @@ class HiftTrainer:
         """(Re)start the batch stream after ``batches_consumed`` batches."""
         self.batches = data_lib.train_batches(
             self.train_set, self.cfg.trainer.batch_size, self.pad_id, self.cfg.trainer.seed,
-            self.cfg.data.group_by_length, start=self.batches_consumed)
+            self.cfg.data.group_by_length, start=self.batches_consumed,
+            rank=self.dist.rank, world=self.dist.world)
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
+    def _next_batch(self) -> tuple[dict[str, torch.Tensor], int, int]:
+        """The next micro-batch on the device, its loss items and its tokens."""
         self.batches_consumed += 1
-        return {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+        batch = next(self.batches)
+        labels = batch["labels"]
+        # What the model's loss averages over: (shifted) label tokens for a causal LM,
+        # samples for classification.
+        items = int((labels[:, 1:] != -100).sum()) if labels.dim() > 1 else len(labels)
+        tokens = int(batch["attention_mask"].sum())
+        return ({k: v.to(self.device, non_blocking=True) for k, v in batch.items()},
+                items, tokens)
 
     @property
     def eval_set(self):
@@ -161,6 +179,8 @@ class HiftTrainer:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.active: Group | None = None
+        # Data parallel: only the active group's gradients cross the wire.
+        self.grad_sync = distributed.GradSync() if self.dist.enabled else None
         log.info(f"HiFT: {len(self.units)} units in {len(self.groups)} groups, strategy "
                  f"{hcfg.strategy}: " + ", ".join(
                      f"{g.name} ({g.numel / 1e6:.2f}M)" for g in self.groups))
@@ -217,6 +237,8 @@ class HiftTrainer:
                 p.requires_grad_(False)
         for p in group.params.values():
             p.requires_grad_(True)
+        if self.grad_sync is not None:
+            self.grad_sync.attach(list(group.params.values()))
         self.active = group
 
     def evaluate(self) -> dict[str, float]:
@@ -226,14 +248,18 @@ class HiftTrainer:
         """Run ``trainer.max_steps`` steps; returns the final metrics."""
         tcfg = self.cfg.trainer
         k = len(self.groups)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.main  # only rank 0 writes files and logs
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.output_dir / "metrics.jsonl"
         summary: dict[str, float] = {}
-        with open(metrics_path, "a") as metrics_file, TrainProgress(tcfg.max_steps) as progress:
+        with (open(metrics_path, "a") if main else contextlib.nullcontext()) as metrics_file, \
+                TrainProgress(tcfg.max_steps, enabled=main) as progress:
 
             def record(row: dict) -> None:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
 
             if tcfg.eval_before and len(self.eval_set):
                 before = self.evaluate()
@@ -244,6 +270,8 @@ class HiftTrainer:
             train_start, total_tokens = time.perf_counter(), 0
             total_moved = {"offload/stall_seconds": 0.0, "offload/h2d_bytes": 0,
                            "offload/d2h_bytes": 0}
+            if self.dist.enabled:
+                total_moved["dist/allreduce_bytes"] = 0
             for step in range(self.global_step, tcfg.max_steps):
                 step_start = time.perf_counter()
                 cycle = step // k
@@ -257,15 +285,22 @@ class HiftTrainer:
                     self._activate(group)
 
                 # Forward and backward; the same group stays active for the whole window.
+                # Each micro-batch's mean loss is weighted by its share of the window's
+                # items (over all ranks): the gradient of the mean over the global batch.
+                window = [self._next_batch() for _ in range(tcfg.grad_accum)]
+                counts = distributed.all_reduce_(torch.tensor(
+                    [sum(w[1] for w in window), sum(w[2] for w in window)], dtype=torch.float64))
+                total_items, tokens = max(float(counts[0]), 1.0), int(counts[1])
                 loss_sum = torch.zeros((), device=self.device)
-                tokens = 0
-                for _ in range(tcfg.grad_accum):
-                    batch = self._next_batch()
+                for i, (batch, items, _) in enumerate(window):
+                    if self.grad_sync is not None:  # sum across ranks on the last one only
+                        self.grad_sync.arm(i == len(window) - 1)
                     with autocast(tcfg.precision, self.device):
-                        loss = self.model(**batch).loss
-                    (loss / tcfg.grad_accum).backward()
+                        loss = self.model(**batch).loss * (items / total_items)
+                    loss.backward()
                     loss_sum += loss.detach()
-                    tokens += int(batch["attention_mask"].sum())
+                synced = self.grad_sync.finish() if self.grad_sync is not None else 0
+                distributed.all_reduce_(loss_sum)  # the global batch's loss, on every rank
 
                 params = self.opt_params[group.index]
                 if self.masters:  # bf16 grads -> fp32 grads on the masters
@@ -297,7 +332,7 @@ class HiftTrainer:
                 self.global_step = step + 1
 
                 # .item() is a CPU-GPU sync point; one per step is noise next to a step.
-                train_loss = (loss_sum / tcfg.grad_accum).item()
+                train_loss = loss_sum.item()
                 seconds = time.perf_counter() - step_start
                 moved = self.store.take_stats()
                 total_tokens += tokens
@@ -306,6 +341,12 @@ class HiftTrainer:
                        "step_seconds": seconds, "train/skipped": int(not finite),
                        "offload/stall_seconds": moved.stall_seconds,
                        "offload/h2d_bytes": moved.h2d_bytes, "offload/d2h_bytes": moved.d2h_bytes}
+                if self.dist.enabled:
+                    row["dist/allreduce_bytes"] = synced
+                    # A signal seen by any rank stops every rank after this same step.
+                    flag = distributed.all_reduce_(torch.tensor(
+                        [self.stop_signal or 0], dtype=torch.int64), distributed.dist.ReduceOp.MAX)
+                    self.stop_signal = self.stop_signal or int(flag[0]) or None
                 for key in total_moved:
                     total_moved[key] += row[key]
                 record(row)
@@ -324,7 +365,7 @@ class HiftTrainer:
                 if self.stop_signal is not None or (
                         tcfg.save_every and self.global_step % tcfg.save_every == 0
                         and self.global_step < tcfg.max_steps):
-                    path = save_checkpoint(self, tcfg.keep_last)
+                    path = self.checkpoint()
                     if self.stop_signal is not None:
                         raise TrainingStopped(
                             f"interrupted by {signal.Signals(self.stop_signal).name} at step"
@@ -368,11 +409,22 @@ class HiftTrainer:
             self.model.config.use_cache = False
         self.tokenizer.save_pretrained(path)
 
+    def checkpoint(self) -> Path:
+        """A resumable checkpoint, written by rank 0 while the others wait."""
+        # Each rank's RNG (dropout masks) goes into rank 0's file.
+        rngs = distributed.gather_objects(rng_state()) if self.dist.enabled else None
+        path = save_checkpoint(self, self.cfg.trainer.keep_last, rngs) if self.dist.main \
+            else None
+        distributed.barrier()
+        return distributed.broadcast_object(path)
+
     def save(self) -> Path | None:
         """A last resumable checkpoint, and its model as ``<output_dir>/model``."""
         if not self.cfg.trainer.save_model:
             return None
-        checkpoint = save_checkpoint(self, self.cfg.trainer.keep_last)
+        checkpoint = self.checkpoint()
+        if not self.dist.main:
+            return self.output_dir / "model"
         path = self.output_dir / "model"
         try:
             shutil.rmtree(path, ignore_errors=True)
@@ -434,20 +486,27 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     if resume is not None:
         output_dir = resume.parent.parent  # continue in the run that wrote the checkpoint
         log.info(f"Resuming from {resume}")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.current().main  # data parallel: rank 0 alone writes files
     resolved = OmegaConf.structured(cfg)
-    OmegaConf.save(resolved, output_dir / "config.yaml", resolve=True)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(resolved, output_dir / "config.yaml", resolve=True)
     log.info("Config:\n" + OmegaConf.to_yaml(resolved, resolve=True).rstrip())
     trainer = HiftTrainer(cfg, output_dir)
     trainer.setup()
     if resume is not None:
         load_checkpoint(trainer, resume)
-        _truncate_metrics(output_dir / "metrics.jsonl", trainer.global_step)
+        if main:
+            _truncate_metrics(output_dir / "metrics.jsonl", trainer.global_step)
         trainer.cfg.trainer.eval_before = False
     with _stop_on_signals(trainer):
         metrics = trainer.train()
     saved = trainer.save()
     metrics.update({"data/train_samples": len(trainer.train_set), "groups": len(trainer.groups)})
+    if trainer.dist.enabled:
+        metrics["dist/world_size"] = trainer.dist.world
+    if not main:
+        return metrics
     with open(output_dir / "summary.json", "w") as f:
         json.dump(metrics, f, indent=2)
     plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png", len(trainer.groups))

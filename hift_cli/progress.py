@@ -20,13 +20,14 @@ def format_row(row: dict) -> str:
 class TrainProgress:
     """``update(row)`` after every step; ``note(text)`` for one-off messages."""
 
-    def __init__(self, total_steps: int, console: Console | None = None):
+    def __init__(self, total_steps: int, console: Console | None = None, enabled: bool = True):
         self.console = console or Console()
         self.total = total_steps
+        self.enabled = enabled  # data parallel: only rank 0 shows progress
         self.bar: Progress | None = None
 
     def __enter__(self) -> "TrainProgress":
-        if self.console.is_terminal:
+        if self.enabled and self.console.is_terminal:
             self.bar = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"), TextColumn("ETA"), TimeRemainingColumn(),
@@ -44,11 +45,12 @@ class TrainProgress:
             stats = (f"loss {row['train/loss']:.4f}  lr {row['lr']:.2e}"
                      f"  {row['tokens_per_second']:.0f} tok/s")
             self.bar.update(self.task, completed=row["step"], stats=stats)
-        elif log_line:
+        elif log_line and self.enabled:
             log.info(format_row(row))
 
     def note(self, text: str) -> None:
-        log.info(text)
+        if self.enabled:
+            log.info(text)
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:

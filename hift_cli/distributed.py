@@ -1,0 +1,199 @@
+"""Data-parallel HiFT on ``torch.distributed`` (launched by ``torchrun``).
+
+Every rank holds the whole model and follows the same group order (shared seed). Each
+rank trains on its own shard of every global batch; after backward only the *active*
+group's gradients are summed across ranks, bucket by bucket as backward produces them
+(post-accumulate-grad hooks launch asynchronous all-reduces while the layers below are
+still back-propagating). The loss is normalised by the item count of the whole global
+batch, so a sum of the ranks' gradients is exactly the single-process gradient of that
+batch, and the optimizer step that follows is identical everywhere. Frozen groups never
+have gradients, so a step moves ~1/k of full fine-tuning's gradient bytes.
+
+Plain DDP does not fit: it builds its buckets once, for the parameters that require grad
+when it wraps the model, and HiFT changes that set every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+
+import torch
+import torch.distributed as dist
+
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets WORLD_SIZE) with >1 process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> Dist:
+    """Join the process group described by torchrun's environment (idempotent)."""
+    if not launched():
+        return Dist()
+    if not dist.is_initialized():
+        # NCCL moves CUDA tensors; gloo carries CPU tensors (the run-dir name, RNG states).
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=dt.timedelta(minutes=60))
+    return current()
+
+
+def current() -> Dist:
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dist()
+    return Dist(dist.get_rank(), dist.get_world_size(),
+                int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if current().enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not current().enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not current().enabled:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if current().enabled:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's weights everywhere (as DDP does when it wraps a model)."""
+    if not current().enabled:
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+class _Bucket:
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.pending = len(params)
+        self.launched = False
+
+
+class GradSync:
+    """Sums the active group's gradients across ranks, overlapped with backward.
+
+    ``attach(params)`` on every group switch; ``arm(True)`` before the backward pass of a
+    window's last micro-batch (earlier ones accumulate locally, as DDP's ``no_sync``);
+    ``finish()`` after it: waits, writes the sums back, returns the bytes all-reduced.
+    """
+
+    def __init__(self, bucket_bytes: int = BUCKET_BYTES):
+        self.bucket_bytes = bucket_bytes
+        self.buckets: list[_Bucket] = []
+        self.bucket_of: dict[int, _Bucket] = {}
+        self.handles: list = []
+        self.inflight: list[tuple[_Bucket, torch.Tensor, object]] = []
+        self.armed = False
+
+    def attach(self, params: list[torch.nn.Parameter]) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.buckets, self.bucket_of = [], [], {}
+        # Gradients arrive roughly in reverse forward order: bucket them that way so the
+        # first bucket fills (and goes on the wire) while backward is still running.
+        current: list = []
+        size = 0
+        unique = list({id(p): p for p in params}.values())  # tied weights: once
+        for p in reversed(unique):
+            if current and (size + p.numel() * p.element_size() > self.bucket_bytes
+                            or p.dtype != current[0].dtype):
+                self.buckets.append(_Bucket(current))
+                current, size = [], 0
+            current.append(p)
+            size += p.numel() * p.element_size()
+        if current:
+            self.buckets.append(_Bucket(current))
+        for bucket in self.buckets:
+            for p in bucket.params:
+                self.bucket_of[id(p)] = bucket
+                self.handles.append(p.register_post_accumulate_grad_hook(self._ready))
+
+    def arm(self, on: bool) -> None:
+        self.armed = on
+
+    def _ready(self, p: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        bucket = self.bucket_of[id(p)]
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch(bucket)
+
+    def _launch(self, bucket: _Bucket) -> None:
+        # Parameters the graph did not reach have no gradient, on every rank alike
+        # (same model, same group): leave them out.
+        grads = [p.grad for p in bucket.params if p.grad is not None]
+        bucket.launched = True
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.inflight.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
+
+    def finish(self) -> int:
+        for bucket in self.buckets:
+            if not bucket.launched:
+                self._launch(bucket)
+        moved = 0
+        for bucket, flat, work in self.inflight:
+            work.wait()
+            offset = 0
+            for p in bucket.params:
+                if p.grad is not None:
+                    n = p.grad.numel()
+                    p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
+                    offset += n
+            moved += flat.numel() * flat.element_size()
+        self.inflight = []
+        for bucket in self.buckets:
+            bucket.pending, bucket.launched = len(bucket.params), False
+        self.armed = False
+        return moved
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
