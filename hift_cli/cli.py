@@ -152,7 +152,16 @@ def one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hift`` console script; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    code = _main(list(sys.argv[1:] if argv is None else argv))
+    if code and os.environ.get("RANK", "0") != "0":
+        # torchrun stops every rank once one fails: give rank 0 a moment to say why.
+        import time
+
+        time.sleep(3)
+    return code
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0

@@ -92,6 +92,12 @@ class HiftTrainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        if self.dist.enabled:
+            t = cfg.trainer
+            log.info(f"Data parallel: {self.dist.world} processes"
+                     f" ({distributed.dist.get_backend()}); global batch"
+                     f" {t.batch_size * t.grad_accum * self.dist.world} = {t.batch_size} x"
+                     f" {t.grad_accum} micro-batches x {self.dist.world} processes")
         self.model_path = resolve(cfg.model.name_or_path)
         self.tokenizer = load_tokenizer(self.model_path, cfg.model.trust_remote_code)
         self._setup_data()  # before the model: classification data sets num_labels
@@ -272,7 +278,8 @@ class HiftTrainer:
                            "offload/d2h_bytes": 0}
             if self.dist.enabled:
                 total_moved["dist/allreduce_bytes"] = 0
-            for step in range(self.global_step, tcfg.max_steps):
+            first_step = self.global_step
+            for step in range(first_step, tcfg.max_steps):
                 step_start = time.perf_counter()
                 cycle = step // k
                 group = self.groups[self.schedule.group_at(step)]
@@ -392,6 +399,13 @@ class HiftTrainer:
                     f" ({100 * summary['offload/stall_fraction']:.1f}% of training), moved"
                     f" {total_moved['offload/h2d_bytes'] / 2**30:.2f} GiB to and"
                     f" {total_moved['offload/d2h_bytes'] / 2**30:.2f} GiB from the device")
+            if self.dist.enabled:
+                mib = total_moved["dist/allreduce_bytes"] / 2**20
+                full = sum(p.numel() * p.element_size() for p in self.model.parameters())
+                progress.note(
+                    f"data parallel: all-reduced {mib:.1f} MiB of gradients,"
+                    f" {mib / max(self.global_step - first_step, 1):.2f} MiB per step (all"
+                    f" parameters' gradients: {full / 2**20:.2f} MiB)")
             if len(self.eval_set):
                 after = self.evaluate()
                 summary.update(after)

@@ -174,3 +174,22 @@ def test_pure_bf16_weights(tiny_cfg, tmp_path):
     before = snapshot(trainer.model)
     trainer.train()
     assert changed(before, trainer.model) == set(before)
+
+
+def test_grad_accum_is_the_gradient_of_the_whole_window(tmp_path):
+    """2 micro-batches of 4 = 1 batch of 8: each micro-batch counts by its label tokens,
+    not 1/grad_accum (which would overweight the one with fewer tokens)."""
+    from safetensors.torch import load_file
+
+    from hift_cli.cli import main
+
+    common = ["recipe=tiny", "optimizer=sgd", "optimizer.lr=0.5", "trainer.max_steps=4",
+              "trainer.eval_before=false", "data.max_eval_samples=4"]
+    assert main(["train", *common, "trainer.batch_size=4", "trainer.grad_accum=2",
+                 f"hydra.run.dir={tmp_path / 'accum'}"]) == 0
+    assert main(["train", *common, "trainer.batch_size=8",
+                 f"hydra.run.dir={tmp_path / 'whole'}"]) == 0
+    a = load_file(tmp_path / "accum" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
