@@ -19,7 +19,7 @@ spread of final eval loss is no larger than that seed-to-seed difference.
 Writes ``bench/results/<name>.json``, ``<name>.md`` and ``<name>-<suite>.png`` and, unless
 ``--no-docs``, the measured block of ``docs/benchmarks.md``.
 
-    python bench/compare.py                      # what `make bench` runs (~40 min, 2 CPU cores)
+    python bench/compare.py                      # what `make bench` runs (~50 min, 2 CPU cores)
     python bench/compare.py --suite minilm       # one suite
     python bench/compare.py --quick --out /tmp/b --no-docs   # tiny model, seconds (tests)
 """
