@@ -175,7 +175,8 @@ def _main(argv: list[str]) -> int:
     # Let exceptions reach us instead of Hydra's multi-line report with a stack.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     overrides = [f"hydra.job.name={command}"]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+    data_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun
+    if data_parallel:
         if command != "train" or "-m" in rest or "--multirun" in rest:
             what = "a -m sweep" if command == "train" else f"hift {command}"
             say(f"hift {command}: error: {what} runs in one process: start it without"
@@ -198,7 +199,7 @@ def _main(argv: list[str]) -> int:
         raise
     finally:
         sys.argv = saved_argv
-        if len(overrides) > 1:
+        if data_parallel:
             from hift_cli import distributed
 
             distributed.shutdown()
@@ -224,13 +225,13 @@ def _distributed_overrides(args: list[str]) -> list[str]:
 
     from hift_cli import distributed
 
-    rank = distributed.init()
+    this = distributed.init()
     overrides = []
     if not any(a.startswith("hydra.run.dir=") for a in args):
         # Each process would name the dir after its own clock: use rank 0's.
         stamp = distributed.broadcast_object(dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
         overrides.append(f"hydra.run.dir=outputs/train/{stamp}")
-    if not rank.main:  # no .hydra/ records, no log file, no console lines
+    if not this.main:  # no .hydra/ records, no log file, no console lines
         overrides += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[]"]
     return overrides
 
