@@ -231,8 +231,9 @@ def _distributed_overrides(args: list[str]) -> list[str]:
         # Each process would name the dir after its own clock: use rank 0's.
         stamp = distributed.broadcast_object(dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
         overrides.append(f"hydra.run.dir=outputs/train/{stamp}")
-    if not this.main:  # no .hydra/ records, no log file, no console lines
-        overrides += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[]"]
+    if not this.main:  # no .hydra/ records, no log file; errors only on the console
+        overrides += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[]",
+                      "hydra.job_logging.root.level=ERROR"]
     return overrides
 
 
