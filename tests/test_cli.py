@@ -32,7 +32,8 @@ def test_help_and_version(capsys):
 def test_train_help_lists_config_groups(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "recipe: demo, llama7b_alpaca, minilm_cls, minilm_family, roberta_large_sst2, smollm2_gsm, tiny" in out
+    assert ("recipe: demo, llama7b_alpaca, minilm_cls, minilm_family, roberta_large_sst2,"
+            " smollm2_gsm, tiny") in out
 
 
 def test_cfg_job_prints_the_composed_config(capsys):
