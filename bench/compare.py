@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "runs": runs, "comparison": comparison, "plot": plot_path.name,
                                    "date": dt.date.today().isoformat(),
                                    "minutes": (time.perf_counter() - suite_start) / 60}
-    write_results(result, args.out, name, not args.no_docs)
+        # After every suite: a long run stopped later keeps what it has measured.
+        write_results(result, args.out, name, not args.no_docs)
     return 0
 
 
