@@ -118,23 +118,24 @@ def save_checkpoint(trainer, keep_last: int, rng_ranks: list | None = None) -> P
     for p in trainer.model.parameters():
         if not torch.isfinite(p).all():
             raise CheckpointError("refusing to save a checkpoint: the weights are not finite")
-    trainer.store.synchronize()  # host copies of offloaded state must have landed
-    state = {
-        "global_step": trainer.global_step,
-        "batches_consumed": trainer.batches_consumed,
-        "bad_steps": trainer.bad_steps,
-        "skipped_steps": trainer.skipped_steps,
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "masters": [m.data for ps in trainer.opt_params for m in ps] if trainer.masters else [],
-        "rng": rng_state(),
-        "rng_ranks": rng_ranks or [],
-    }
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         trainer.write_model(tmp)
-        torch.save(state, tmp / STATE_FILE)
+        with trainer.store.readable():  # offloaded state: its host copies have landed
+            state = {
+                "global_step": trainer.global_step,
+                "batches_consumed": trainer.batches_consumed,
+                "bad_steps": trainer.bad_steps,
+                "skipped_steps": trainer.skipped_steps,
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "masters": ([m.data for ps in trainer.opt_params for m in ps]
+                            if trainer.masters else []),
+                "rng": rng_state(),
+                "rng_ranks": rng_ranks or [],
+            }
+            torch.save(state, tmp / STATE_FILE)
         _fsync_tree(tmp)
         if final.exists():  # a re-save of the same step (e.g. after resume)
             shutil.rmtree(final)
@@ -173,14 +174,16 @@ def load_checkpoint(trainer, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} does not match this model"
                               f" (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
     store = trainer.store
-    store.reset()
+    store.reset()  # offloaded masters: written in place into their host buffers
     if trainer.masters:
         for m, saved in zip((m for ps in trainer.opt_params for m in ps), state["masters"]):
             m.data.copy_(saved)
     _restore_optimizer(trainer.optimizer, state["optimizer"],
-                       None if store.enabled else trainer.device)
-    for g in range(len(trainer.opt_params)):
-        store.offload(g)  # straight from the loaded CPU copy to (pinned) host buffers
+                       None if store.enabled else trainer.device, trainer.device)
+    store.restore()  # straight from the loaded CPU copy into the host buffers
+    if hasattr(trainer.optimizer, "initialized"):
+        # bitsandbytes: its first step() would move every group's state to the GPU.
+        trainer.optimizer.initialized = True
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.global_step = state["global_step"]
     trainer.batches_consumed = state["batches_consumed"]
@@ -193,17 +196,25 @@ def load_checkpoint(trainer, path: Path) -> None:
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict,
-                       device: torch.device | None) -> None:
+                       device: torch.device | None, compute_device: torch.device) -> None:
     """Like ``Optimizer.load_state_dict``, without moving every group's state to the
     device at once (which offloading exists to avoid): state stays on the CPU for the
-    store to take, or goes to ``device`` when nothing is offloaded."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    store to take, or goes to ``device`` when nothing is offloaded. Scalar step counters
+    go where ``load_state_dict`` puts them: with ``fused`` or ``capturable`` to the
+    ``compute_device`` as float32, else they stay on the CPU."""
+    params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
     optimizer.state.clear()
     for index, entry in saved["state"].items():
-        p = params[int(index)]
-        optimizer.state[p] = {
-            k: v.to(device) if device is not None and torch.is_tensor(v) and v.dim() > 0
-            else v for k, v in entry.items()}
+        p, group = params[int(index)]
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        state = {}
+        for k, v in entry.items():
+            if torch.is_tensor(v) and v.dim() > 0 and device is not None:
+                v = v.to(device)
+            elif k == "step" and torch.is_tensor(v) and on_device:
+                v = v.to(dtype=torch.float32, device=compute_device)
+            state[k] = v
+        optimizer.state[p] = state
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
 

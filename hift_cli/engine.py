@@ -1,8 +1,10 @@
 """The hierarchical training engine.
 
 One step trains one group of units; the others are frozen. The loop below reads top to
-bottom as: pick group -> activate it -> forward/backward (grad_accum micro-batches) ->
-clip -> optimizer step -> (end of cycle: LR step) -> log -> eval.
+bottom as: pick group -> activate it -> fetch inputs, then prefetch state (this group's if
+it is not on the device yet, the next group's) -> forward/backward (grad_accum
+micro-batches) -> wait for this group's state -> clip -> optimizer step -> write its state
+back -> (end of cycle: LR step) -> log -> checkpoint -> eval.
 
 Why it is cheap:
   * Only the active group has ``requires_grad``, so autograd records nothing below it:
@@ -56,7 +58,7 @@ from hift_cli.models import (
     pick_device,
     resolve,
 )
-from hift_cli.offload import GroupStateStore
+from hift_cli.offload import GroupStateStore, offload_enabled
 from hift_cli.progress import TrainProgress
 from hift_cli.report import plot_loss
 
@@ -166,6 +168,8 @@ class HiftTrainer:
         # samples for classification.
         items = int((labels[:, 1:] != -100).sum()) if labels.dim() > 1 else len(labels)
         tokens = int(batch["attention_mask"].sum())
+        if self.device.type == "cuda":  # from pinned memory, so the copy is truly async
+            batch = {k: v.pin_memory() for k, v in batch.items()}
         return ({k: v.to(self.device, non_blocking=True) for k, v in batch.items()},
                 items, tokens)
 
@@ -207,26 +211,21 @@ class HiftTrainer:
             {"params": no_decay, "weight_decay": 0.0},
         ]
         log.info(f"Instantiating {ocfg['_target_']}")
-        self.optimizer = instantiate({**ocfg, "_partial_": True})(param_groups)
+        # The store also builds throw-away instances to learn the state layout.
+        self.optimizer_factory = instantiate({**ocfg, "_partial_": True})
+        self.optimizer = self.optimizer_factory(param_groups)
 
     def _setup_store(self) -> None:
         """Inactive groups' optimizer state (and masters) in host memory, if enabled."""
-        offload = self.cfg.hift.offload
-        enabled = (self.device.type == "cuda") if offload is None else offload
-        if enabled and len(self.groups) == 1:
-            enabled = False  # fpft: the one group is always active, nothing to swap
-        if enabled and "Paged" in str(self.cfg.optimizer["_target_"]):
-            log.info("Paged optimizer: its state is paged by CUDA itself; hift.offload off")
-            enabled = False
+        enabled, why = offload_enabled(self.cfg.hift.offload, self.device.type,
+                                       len(self.groups), str(self.cfg.optimizer["_target_"]))
+        # fp32 masters start in host memory (the store moves them) or on the device.
         self.store = GroupStateStore(self.optimizer, self.opt_params, self.device, enabled,
-                                     masters=bool(self.masters))
-        for g, params in enumerate(self.opt_params):
-            if self.masters and enabled:
-                self.store.offload(g)  # fp32 masters start in (pinned) host memory
-            elif self.masters:
-                for m in params:
-                    m.data = m.data.to(self.device)
-        log.info(f"Optimizer state offload: {'on' if enabled else 'off'}"
+                                     masters=bool(self.masters), factory=self.optimizer_factory)
+        if self.masters and not enabled:
+            for m in (m for params in self.opt_params for m in params):
+                m.data = m.data.to(self.device)
+        log.info(f"Optimizer state offload: {'on' if enabled else f'off ({why})'}"
                  + (" (fp32 masters too)" if self.masters and enabled else ""))
 
     def _setup_scheduler(self) -> None:
@@ -285,16 +284,21 @@ class HiftTrainer:
                 group = self.groups[self.schedule.group_at(step)]
                 last = step + 1 == tcfg.max_steps
                 next_index = None if last else self.schedule.group_at(step + 1)
-                if next_index is not None:
-                    # The next group's state comes in on a side stream while this step runs.
-                    self.store.prefetch(next_index)
                 if group is not self.active:
                     self._activate(group)
+
+                # Inputs first: their copies must not queue behind a large prefetch.
+                window = [self._next_batch() for _ in range(tcfg.grad_accum)]
+                # This group's state is normally already on its way (the previous step
+                # fetched it; not at the first step of a run or after a resume); the next
+                # group's comes in on the side stream while this step computes.
+                self.store.prefetch(group.index)
+                if next_index is not None:
+                    self.store.prefetch(next_index)
 
                 # Forward and backward; the same group stays active for the whole window.
                 # Each micro-batch's mean loss is weighted by its share of the window's
                 # items (over all ranks): the gradient of the mean over the global batch.
-                window = [self._next_batch() for _ in range(tcfg.grad_accum)]
                 counts = distributed.all_reduce_(torch.tensor(
                     [sum(w[1] for w in window), sum(w[2] for w in window)], dtype=torch.float64))
                 total_items, tokens = max(float(counts[0]), 1.0), int(counts[1])
@@ -310,6 +314,7 @@ class HiftTrainer:
                 distributed.all_reduce_(loss_sum)  # the global batch's loss, on every rank
 
                 params = self.opt_params[group.index]
+                self.store.wait(group.index)  # its state and masters must have arrived
                 if self.masters:  # bf16 grads -> fp32 grads on the masters
                     for p, master in zip(group.params.values(), params):
                         master.grad, p.grad = (p.grad.float() if p.grad is not None else None,
@@ -320,7 +325,6 @@ class HiftTrainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 # A CPU-GPU sync point, needed to decide whether to update at all.
                 finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-                self.store.wait(group.index)  # its state must have arrived
                 if finite:
                     self.optimizer.step()
                     self.bad_steps = 0
@@ -386,6 +390,9 @@ class HiftTrainer:
                     record({"step": self.global_step, **ev})
                     progress.note(f"step {self.global_step}: eval {_describe(ev)}")
 
+            # The last write-back may still be landing in the buffers the optimizer's
+            # state points at: let it finish before anyone reads them.
+            self.store.synchronize()
             summary["train/skipped_steps"] = self.skipped_steps
             elapsed = time.perf_counter() - train_start
             summary["tokens_per_second"] = total_tokens / max(elapsed, 1e-9)

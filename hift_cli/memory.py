@@ -10,6 +10,7 @@ optimizer on meta tensors. ``Probe`` measures the same categories on a real run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from hift_cli.config import SHAPES, Config, ConfigError
 from hift_cli.grouping import Group, block_stack, find_units, make_groups
+from hift_cli.offload import offload_enabled, state_shapes
 
 CATEGORIES = ("weights", "gradients", "optimizer_states", "fp32_masters", "activations",
               "other")
@@ -99,17 +101,11 @@ def optimizer_state_bytes(opt_cfg: dict, params: list[torch.Tensor],
 
 
 def _stepped_state_bytes(cls, kwargs: dict, shape: tuple, dtype: torch.dtype) -> int:
-    for device in ("meta", "cpu"):
-        try:
-            p = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
-            p.grad = torch.zeros_like(p)
-            opt = cls([p], **kwargs)
-            opt.step()
-            return sum(v.nbytes for v in opt.state[p].values()
-                       if torch.is_tensor(v) and v.dim() > 0)
-        except RuntimeError:
-            continue
-    raise ConfigError(f"optimizer {cls.__name__}: cannot tell its state size")
+    try:
+        shapes = state_shapes(functools.partial(cls, **kwargs), shape, dtype)
+    except RuntimeError:
+        raise ConfigError(f"optimizer {cls.__name__}: cannot tell its state size") from None
+    return sum(s.numel() * dt.itemsize for s, dt in shapes.values())
 
 
 def _bnb_8bit_state_bytes(numel: int) -> int:
@@ -270,6 +266,11 @@ def estimate(cfg: Config) -> dict:
     fpft = column(make_groups(units, "fpft", None, None), offload=False)[0]
     hift_groups = make_groups(units, cfg.hift.strategy if cfg.hift.strategy != "fpft"
                               else "bottom2up", cfg.hift.k, cfg.hift.m)
+    # The engine's rule (e.g. no offload with k <= 2); estimates are for the GPU you
+    # train on unless trainer.device=cpu.
+    settings.offload = offload_enabled(
+        cfg.hift.offload, "cpu" if cfg.trainer.device == "cpu" else "cuda", len(hift_groups),
+        str(cfg.optimizer["_target_"]))[0]
     per_group = column(hift_groups, settings.offload)
     return _report(cfg, settings, fpft, per_group, len(units), total_numel)
 
@@ -331,7 +332,9 @@ class Probe:
 
     def _read(self, trainer, group: Group) -> None:
         store = trainer.store
+        # Host buffers, and the poison strict mode binds away groups' tensors to.
         host = {b.untyped_storage()._cdata for bufs in store.host.values() for b in bufs.values()}
+        host.add(store.poison.untyped_storage()._cdata)
         slots = {b.untyped_storage()._cdata for s in store.slots for b in s.values()}
 
         def tensors(params, masters: bool):

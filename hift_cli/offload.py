@@ -5,33 +5,121 @@ back to pinned host memory (device-to-host on a side stream, non-blocking); the 
 group's state comes in (host-to-device on the same side stream) while the current step's
 forward and backward run. Both directions share one side stream, so a slot is never
 refilled before its previous contents have left, and two reused device slots (the active
-group's and the next one's) mean no allocate/free churn once every group has state.
+group's and the next one's) mean no allocate/free churn. With k <= 2 the two slots would
+hold every group anyway, so offloading is turned off (copies that save nothing).
 
-The store is optimizer-agnostic: a group's "state" is every tensor in
-``optimizer.state[p]`` that lives on the training device, plus ``p.data`` itself for
-fp32 master parameters. Tensors are packed into one flat buffer per dtype per group and
-the optimizer's references are rebound to views of whichever copy is current.
+The store is optimizer-agnostic: a group's "state" is every non-scalar tensor in
+``optimizer.state[p]``, plus ``p.data`` itself for fp32 master parameters. Tensors are
+packed into one flat buffer per dtype per group, and the optimizer's references point at
+views of whichever copy is current: the device slot between :meth:`wait` and
+:meth:`offload`, the host buffer otherwise.
 
-On the CPU (and with ``hift.offload=false``) the engine makes the same calls and the store
-does nothing. ``hift.offload=true`` on a CPU still runs the copy-and-rebind path, with
-plain copies instead of streams: the tests use that to check offload changes no numbers.
+Host memory is allocated once per group, at its exact size, in its final layout: the
+state the optimizer will create is known in advance by stepping a fresh optimizer of the
+same class on a meta tensor of each parameter shape. On CUDA the buffers are page-locked
+with ``cudaHostRegister`` (not PyTorch's pinned caching allocator, which rounds each
+request up to a power of two and keeps freed blocks: for LLaMA-7B that is ~165 GiB pinned
+where 75 GiB is needed).
+
+Where it syncs: :meth:`wait` makes the compute stream wait for the group's copy (an event,
+no host sync); :meth:`synchronize` (before a checkpoint and at the end of ``train()``)
+waits for the side stream on the host.
+
+On the CPU (and with ``hift.offload=false``) the engine makes the same calls. With
+``hift.offload=true`` on a CPU the copy-and-rebind path runs with plain copies. Strict
+mode (``HIFT_STRICT_OFFLOAD=1``; the tests set it) simulates on the CPU what differs on a
+GPU: side-stream copies are queued and only happen when something waits for them, and a
+group's tensors are unusable (bound to a poison tensor of the wrong size and dtype) from
+its write-back until :meth:`wait`, so any use of state that has not arrived fails loudly.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
+import os
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
+
+Handle = tuple[torch.Tensor, "str | None"]  # (parameter, state key or None for p.data)
+
+
+def offload_enabled(requested: bool | None, device_type: str, num_groups: int,
+                    optimizer_target: str) -> tuple[bool, str]:
+    """Whether the store moves state, and why (one rule for the engine and the estimate).
+
+    Args:
+        requested: ``hift.offload`` (None: on with CUDA, off on a CPU).
+        device_type: the training device's type (``cuda``, ``cpu``).
+        num_groups: number of HiFT groups.
+        optimizer_target: the optimizer's ``_target_``.
+    """
+    if requested is False:
+        return False, "hift.offload=false"
+    if requested is None and device_type != "cuda":
+        return False, "no CUDA device"
+    if num_groups <= 2:
+        return False, (f"{num_groups} group(s): the two device slots would hold every group's"
+                       " state anyway")
+    if "Paged" in optimizer_target:
+        return False, "paged optimizer: CUDA pages its state itself"
+    return True, "on"
+
+
+def state_shapes(factory: Callable, shape: tuple, dtype: torch.dtype,
+                 devices: tuple[str, ...] = ("meta", "cpu")
+                 ) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """The non-scalar state tensors ``factory([param])`` creates at its first step.
+
+    Steps a fresh optimizer on a parameter of that shape, on the first device where the
+    optimizer can step (meta costs nothing; CUDA-only optimizers need the training device).
+
+    Raises:
+        RuntimeError: no device worked.
+    """
+    errors = []
+    for device in dict.fromkeys(devices):
+        try:
+            p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+            p.grad = torch.zeros_like(p)
+            opt = factory([p])
+            opt.step()
+            return {k: (v.shape, v.dtype) for k, v in opt.state[p].items()
+                    if torch.is_tensor(v) and v.dim() > 0}
+        except Exception as e:  # any optimizer, any failure: try the next device
+            errors.append(f"{device}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    raise RuntimeError("; ".join(errors))
 
 
 @dataclass
 class _Layout:
-    # Where each moved tensor lives in the group's flat per-dtype buffers:
-    # handle (param, state key or None for p.data) -> (dtype, offset, shape).
-    entries: dict[tuple[torch.Tensor, str | None], tuple[torch.dtype, int, torch.Size]]
-    numel: dict[torch.dtype, int]
+    """Where each tensor of a group lives in its flat per-dtype buffers."""
+
+    entries: dict = field(default_factory=dict)  # Handle -> (dtype, offset, shape)
+    numel: dict = field(default_factory=dict)  # dtype -> elements
+    masters_numel: dict = field(default_factory=dict)  # dtype -> elements of the masters prefix
+
+    def add(self, handle: Handle, shape: torch.Size, dtype: torch.dtype) -> None:
+        off = self.numel.get(dtype, 0)
+        self.entries[handle] = (dtype, off, torch.Size(shape))
+        self.numel[dtype] = off + shape.numel()
+        if handle[1] is None:
+            self.masters_numel[dtype] = self.numel[dtype]
+
+    def matches(self, handle: Handle, t: torch.Tensor) -> bool:
+        entry = self.entries.get(handle)
+        return entry is not None and entry[0] == t.dtype and entry[2] == t.shape
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n * dt.itemsize for dt, n in self.numel.items())
 
 
 @dataclass
@@ -39,6 +127,11 @@ class TransferStats:
     stall_seconds: float = 0.0
     h2d_bytes: int = 0
     d2h_bytes: int = 0
+
+
+def _unregister(ptr: int) -> None:
+    with contextlib.suppress(Exception):  # runs from a finalizer: must not raise
+        torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 class GroupStateStore:
@@ -50,32 +143,62 @@ class GroupStateStore:
             ``bf16-mixed``, else the model's own parameters).
         device: the training device.
         enabled: False makes every method a no-op.
+        masters: move ``p.data`` too (fp32 masters live off the device).
+        factory: builds a fresh optimizer of the same kind from a parameter list (to
+            learn its state layout in advance); None: layouts are learnt at the first update.
+        strict: simulate a GPU on the CPU (see the module docstring); None reads
+            ``HIFT_STRICT_OFFLOAD``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, group_params: list[list[torch.Tensor]],
-                 device: torch.device, enabled: bool, masters: bool = False):
+                 device: torch.device, enabled: bool, masters: bool = False,
+                 factory: Callable | None = None, strict: bool | None = None):
         self.optimizer = optimizer
         self.group_params = group_params
         self.device = device
         self.enabled = enabled
-        self.masters = masters  # move p.data too (fp32 masters live off the device)
+        self.masters = masters
         self.cuda = device.type == "cuda"
+        if strict is None:
+            strict = os.environ.get("HIFT_STRICT_OFFLOAD") == "1"
+        self.strict = bool(strict) and enabled and not self.cuda
         self.stream = torch.cuda.Stream(device) if (enabled and self.cuda) else None
+        # Race amplifiers for the GPU check: called on the side stream before each
+        # transfer, and on the compute stream right before the group's update.
+        self.side_delay: Callable[[], None] | None = None
+        self.compute_delay: Callable[[], None] | None = None
         self.layouts: dict[int, _Layout] = {}
         self.host: dict[int, dict[torch.dtype, torch.Tensor]] = {}
         self.slots: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
         self.slot_owner: list[int | None] = [None, None]
-        # Groups whose live state is on the device: slot index, or None for state the
-        # optimizer just created outside any slot and that stays for a repeated turn.
+        # Groups whose state is on the device: slot index, or None for state that lives
+        # outside the slots (created by the group's first update) or that has none yet.
         self.resident: dict[int, int | None] = {}
+        self.unbound: set[int] = set()  # fetched into a slot, not yet waited for
         self.ready: dict[int, torch.cuda.Event] = {}
+        self.allocated_host_bytes = 0  # every host buffer ever allocated (sizing check)
+        self.writebacks = collections.Counter()  # "flat" (a copy per dtype) / "per_tensor"
         self.stats = TransferStats()
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._registered: dict[int, list] = {}  # group -> finalizers that un-register
+        self._queue: collections.deque = collections.deque()  # strict: pending copies
+        self._marks: dict[int, int] = {}  # strict: group -> queue position of its copy
+        self._enqueued = self._executed = 0
+        # Strict mode binds away groups here: wrong size and dtype, so any use fails.
+        self.poison = torch.empty(0, dtype=torch.bool)
+        if enabled:
+            predicted: dict[tuple, dict | None] = {}
+            for g in range(len(group_params)):
+                self._setup_group(g, factory, predicted)
+            log.info(f"State store: {self.allocated_host_bytes / 2**30:.3f} GiB of host memory"
+                     f" for {len(group_params)} groups"
+                     + (" (page-locked)" if self.cuda else "")
+                     + (" (strict mode)" if self.strict else ""))
 
     # ------------------------------------------------------------------ layout
-    def _handles(self, g: int) -> list[tuple[torch.Tensor, str | None]]:
-        """What group g moves: masters' data, and every non-scalar optimizer state tensor
-        (scalar step counters stay where the optimizer keeps them)."""
+    def _handles(self, g: int) -> list[Handle]:
+        """What group g moves now: masters' data, and every non-scalar optimizer state
+        tensor that exists (scalar step counters stay where the optimizer keeps them)."""
         handles = []
         for p in self.group_params[g]:
             if self.masters:
@@ -85,77 +208,179 @@ class GroupStateStore:
                     handles.append((p, key))
         return handles
 
-    def _get(self, handle: tuple[torch.Tensor, str | None]) -> torch.Tensor:
+    def _get(self, handle: Handle) -> torch.Tensor:
         p, key = handle
         return p.data if key is None else self.optimizer.state[p][key]
 
-    def _adopt(self, g: int) -> None:
-        """Build group g's layout and host buffers from its live tensors.
+    def _set(self, handle: Handle, t: torch.Tensor) -> None:
+        p, key = handle
+        if key is None:
+            p.data = t
+        else:
+            self.optimizer.state[p][key] = t
 
-        Runs when the store first sees a group, and once more after the group's first
-        update has created its optimizer state; bindings are left as they are.
-        """
-        entries, numel = {}, {}
-        for handle in self._handles(g):
-            t = self._get(handle)
-            off = numel.get(t.dtype, 0)
-            entries[handle] = (t.dtype, off, t.shape)
-            numel[t.dtype] = off + t.numel()
-        self.layouts[g] = _Layout(entries, numel)
-        self.host[g] = {dt: torch.empty(n, dtype=dt, pin_memory=self.cuda)
-                        for dt, n in numel.items()}
+    def _setup_group(self, g: int, factory: Callable | None, predicted: dict) -> None:
+        """Group g's layout (masters first, then the state its first update will create)
+        and its host buffers; the masters move in."""
+        layout = _Layout()
+        for p in self.group_params[g] if self.masters else []:
+            layout.add((p, None), p.shape, p.dtype)
+        for p in self.group_params[g]:
+            key = (tuple(p.shape), p.dtype)
+            if key not in predicted:
+                predicted[key] = self._predict(factory, p)
+            for name, (shape, dtype) in (predicted[key] or {}).items():
+                layout.add((p, name), shape, dtype)
+        self._allocate(g, layout)
+        handles = self._handles(g)
+        if not self._covers(g, handles):
+            self._relayout(g, handles)
+        for handle in handles:  # masters (and state, if any) move in now
+            self._host_view(g, handle).copy_(self._get(handle))
+        self._bind_away(g)
+
+    def _predict(self, factory: Callable | None, p: torch.Tensor) -> dict | None:
+        if factory is None:
+            return None
+        try:
+            return state_shapes(factory, tuple(p.shape), p.dtype,
+                                ("meta", str(self.device), "cpu"))
+        except RuntimeError as e:
+            log.warning(f"Cannot tell the optimizer's state layout in advance ({e}); host"
+                        " buffers are sized at each group's first update instead")
+            return None
+
+    def _allocate(self, g: int, layout: _Layout) -> None:
+        self._release(g)
+        self.layouts[g] = layout
+        self.host[g] = {dt: self._host_buffer(g, n, dt) for dt, n in layout.numel.items()}
+        self.allocated_host_bytes += layout.nbytes
+
+    def _host_buffer(self, g: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """An exact-size host buffer; page-locked on CUDA without the pinned caching
+        allocator (which rounds up to a power of two and caches freed blocks)."""
+        t = torch.empty(numel, dtype=dtype)
+        if not self.cuda or numel == 0:
+            return t
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        rc = int(torch.cuda.cudart().cudaHostRegister(ptr, storage.nbytes(), 0))
+        if rc != 0:
+            log.warning(f"cudaHostRegister failed (error {rc}); using PyTorch's pinned allocator")
+            return torch.empty(numel, dtype=dtype, pin_memory=True)
+        # Un-registered when the memory goes, or by _release / close (whichever comes
+        # first); not at exit, when the CUDA context may be gone.
+        unregister = weakref.finalize(storage, _unregister, ptr)
+        unregister.atexit = False
+        self._registered.setdefault(g, []).append(unregister)
+        return t
+
+    def _release(self, g: int) -> None:
+        """Drop group g's host buffers (a layout that was not predicted)."""
+        if g not in self.host:
+            return
+        self.synchronize()
+        for unregister in self._registered.pop(g, []):
+            unregister()
+        del self.host[g]
+
+    def _covers(self, g: int, handles: list[Handle]) -> bool:
+        layout = self.layouts.get(g)
+        return layout is not None and all(layout.matches(h, self._get(h)) for h in handles)
+
+    def _relayout(self, g: int, handles: list[Handle]) -> None:
+        log.warning(f"Group {g}: the optimizer's state differs from the predicted layout;"
+                    " its host buffers are allocated again")
+        layout = _Layout()
+        for h in sorted(handles, key=lambda h: h[1] is not None):  # masters first
+            t = self._get(h)
+            layout.add(h, t.shape, t.dtype)
+        self._allocate(g, layout)
+
+    def _host_view(self, g: int, handle: Handle) -> torch.Tensor:
+        dtype, off, shape = self.layouts[g].entries[handle]
+        return self.host[g][dtype][off: off + shape.numel()].view(shape)
 
     def _bind(self, g: int, buffers: dict[torch.dtype, torch.Tensor]) -> None:
-        for (p, key), (dtype, off, shape) in self.layouts[g].entries.items():
-            view = buffers[dtype][off: off + shape.numel()].view(shape)
-            if key is None:
-                p.data = view
-            else:
-                self.optimizer.state[p][key] = view
+        for handle in self._handles(g):
+            dtype, off, shape = self.layouts[g].entries[handle]
+            self._set(handle, buffers[dtype][off: off + shape.numel()].view(shape))
+
+    def _bind_away(self, g: int) -> None:
+        """Group g's state is not on the device: host views, or poison in strict mode."""
+        if self.strict:
+            for handle in self._handles(g):
+                self._set(handle, self.poison)
+        else:
+            self._bind(g, self.host[g])
 
     # ------------------------------------------------------------------ moves
     def prefetch(self, g: int) -> None:
         """Start copying group g's state to the device (no-op if already there)."""
-        if not self.enabled or g not in self.layouts or g in self.resident:
+        if not self.enabled or g in self.resident:
+            return
+        if not self._handles(g):  # nothing yet (no masters, no state before its first update)
+            self.resident[g] = None
             return
         index = self.slot_owner.index(None)
-        slot = self.slots[index]
-        start = time.perf_counter()
-        with self._side():
-            for dtype, host in self.host[g].items():
-                if dtype not in slot or slot[dtype].numel() < host.numel():
-                    # Sized for the largest group known so far: grows only while the
-                    # first cycle is still creating optimizer state.
-                    need = max(layout.numel.get(dtype, 0) for layout in self.layouts.values())
-                    slot[dtype] = torch.empty(need, dtype=dtype, device=self.device)
-                slot[dtype][: host.numel()].copy_(host, non_blocking=True)
-                self.stats.h2d_bytes += host.numel() * host.element_size()
-            if self.cuda:
-                self.ready[g] = torch.cuda.Event()
-                self.ready[g].record(self.stream)
-        if not self.cuda:
-            self.stats.stall_seconds += time.perf_counter() - start
-        self._bind(g, slot)  # safe early: only the optimizer reads them, after wait(g)
+        slot = self._slot(index)
+        host, layout = self.host[g], self.layouts[g]
+        has_state = any(key is not None for _, key in self._handles(g))
+        count = layout.numel if has_state else layout.masters_numel
+
+        def copy():
+            for dtype, n in count.items():
+                slot[dtype][:n].copy_(host[dtype][:n], non_blocking=True)
+
+        self._on_side(copy)
+        self.stats.h2d_bytes += sum(n * dt.itemsize for dt, n in count.items())
+        if self.cuda:
+            self.ready[g] = torch.cuda.Event()
+            self.ready[g].record(self.stream)
+        self._marks[g] = self._enqueued
         self.slot_owner[index] = g
         self.resident[g] = index
+        self.unbound.add(g)
+
+    def _slot(self, index: int) -> dict[torch.dtype, torch.Tensor]:
+        """Device slot ``index``, sized for the largest group (allocated once; grows only
+        if a layout was not predicted)."""
+        slot = self.slots[index]
+        for dtype in {dt for layout in self.layouts.values() for dt in layout.numel}:
+            need = max(layout.numel.get(dtype, 0) for layout in self.layouts.values())
+            if dtype not in slot or slot[dtype].numel() < need:
+                if dtype in slot:
+                    self.synchronize()  # no copy may still read the slot being replaced
+                slot[dtype] = torch.empty(need, dtype=dtype, device=self.device)
+        return slot
 
     def wait(self, g: int) -> None:
-        """Before group g's update: make sure its state has arrived on the device."""
-        if not self.enabled or g not in self.layouts:
+        """Before group g's state is used: make sure it has arrived on the device."""
+        if not self.enabled:
             return
-        if g not in self.resident:
-            self.prefetch(g)  # nothing prefetched it (first step): fetch now, and stall
-        if self.cuda and g in self.ready:
-            compute = torch.cuda.current_stream(self.device)
-            arrive = torch.cuda.Event(enable_timing=True)
-            resume = torch.cuda.Event(enable_timing=True)
-            arrive.record(compute)
-            compute.wait_event(self.ready.pop(g))
-            resume.record(compute)
-            self._stall_events.append((arrive, resume))
+        ahead = g in self.resident
+        if not ahead:
+            self.prefetch(g)  # nothing fetched it ahead: fetch now (not counted as stall)
+        if g in self.unbound:
+            if self.cuda:
+                compute = torch.cuda.current_stream(self.device)
+                if ahead:  # time what the compute stream waits: the stall
+                    arrive = torch.cuda.Event(enable_timing=True)
+                    resume = torch.cuda.Event(enable_timing=True)
+                    arrive.record(compute)
+                    compute.wait_event(self.ready.pop(g))
+                    resume.record(compute)
+                    self._stall_events.append((arrive, resume))
+                else:
+                    compute.wait_event(self.ready.pop(g))
+            self._drain(self._marks.pop(g, 0))
+            self._bind(g, self.slots[self.resident[g]])
+            self.unbound.discard(g)
+        if self.compute_delay is not None:
+            self.compute_delay()
 
     def offload(self, g: int, keep: bool = False) -> None:
-        """After group g's update (or at setup, for masters): send its state to the host.
+        """After group g's update: send its state to the host.
 
         Args:
             keep: the next step trains g again (a random order repeating a group across
@@ -163,49 +388,140 @@ class GroupStateStore:
         """
         if not self.enabled:
             return
-        if g not in self.layouts or set(self.layouts[g].entries) != set(self._handles(g)):
-            self._adopt(g)  # new optimizer state appeared with this update (one-time)
+        handles = self._handles(g)
+        if not self._covers(g, handles):
+            self._relayout(g, handles)  # an optimizer whose state was not predicted
         if keep:
-            self.resident.setdefault(g, None)  # the live tensors stay the truth
+            self.resident.setdefault(g, None)
             return
-        layout = self.layouts[g]
-        start = time.perf_counter()
-        with self._side(wait_for_compute=True):
-            for handle, (dtype, off, shape) in layout.entries.items():
-                t = self._get(handle)
-                self.host[g][dtype][off: off + t.numel()].copy_(t.reshape(-1), non_blocking=True)
-                self.stats.d2h_bytes += t.numel() * t.element_size()
-                if self.cuda and t.is_cuda:
-                    t.record_stream(self.stream)  # keep its memory until the copy is done
-        if not self.cuda:
-            self.stats.stall_seconds += time.perf_counter() - start
-        self._bind(g, self.host[g])
         index = self.resident.pop(g, None)
+        self.unbound.discard(g)
+        host, layout = self.host[g], self.layouts[g]
+        slot = self.slots[index] if index is not None else None
+        tensors = [(self._host_view(g, h), self._get(h)) for h in handles]
+        flat = slot is not None and all(
+            t.data_ptr() == slot[layout.entries[h][0]][layout.entries[h][1]:].data_ptr()
+            for h, (_, t) in zip(handles, tensors))
+        if flat:  # every tensor is a view of the slot: one copy per dtype
+            def copy():
+                for dtype, n in layout.numel.items():
+                    host[dtype].copy_(slot[dtype][:n], non_blocking=True)
+            moved = layout.nbytes
+            self.writebacks["flat"] += 1
+        else:  # the group's first update created its state outside the slot
+            def copy():
+                for dst, src in tensors:
+                    dst.copy_(src, non_blocking=True)
+                    if self.cuda and src.is_cuda:
+                        src.record_stream(self.stream)  # keep its memory until copied
+            moved = sum(src.nbytes for _, src in tensors)
+            self.writebacks["per_tensor"] += 1
+        self._on_side(copy, wait_for_compute=True)
+        self.stats.d2h_bytes += moved
+        self._bind_away(g)
         if index is not None:
             self.slot_owner[index] = None
 
-    def _side(self, wait_for_compute: bool = False):
-        if not self.cuda:
-            return contextlib.nullcontext()
-        if wait_for_compute:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        return torch.cuda.stream(self.stream)
+    def _on_side(self, copy: Callable[[], None], wait_for_compute: bool = False) -> None:
+        """Run ``copy`` on the side stream (CUDA), queue it (strict), or run it now."""
+        if self.strict:
+            self._queue.append(copy)
+            self._enqueued += 1
+            return
+        if self.cuda:
+            if wait_for_compute:
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                if self.side_delay is not None:
+                    self.side_delay()
+                copy()
+            return
+        start = time.perf_counter()
+        copy()
+        self.stats.stall_seconds += time.perf_counter() - start
+
+    def _drain(self, upto: int) -> None:
+        """Strict mode: run queued copies up to position ``upto`` (what a wait would see)."""
+        while self._executed < upto and self._queue:
+            if self.side_delay is not None:
+                self.side_delay()
+            self._queue.popleft()()
+            self._executed += 1
 
     # ------------------------------------------------------------------ bookkeeping
-    def reset(self) -> None:
-        """Forget every layout (after optimizer state was replaced, e.g. on resume);
-        the device slots are kept for reuse."""
-        self.synchronize()
-        self.layouts.clear()
-        self.host.clear()
-        self.resident.clear()
-        self.ready.clear()
-        self.slot_owner = [None, None]
-
     def synchronize(self) -> None:
         """Wait for every transfer (before reading host copies, e.g. to save them)."""
         if self.stream is not None:
             self.stream.synchronize()
+        self._drain(self._enqueued)
+
+    @property
+    def pending(self) -> int:
+        """Strict mode: copies queued and not yet done."""
+        return len(self._queue)
+
+    @contextlib.contextmanager
+    def readable(self):
+        """Every group's state and masters readable through the optimizer (to save or
+        compare them): transfers finished; in strict mode host views bound meanwhile."""
+        self.synchronize()
+        away = [g for g in self.layouts if g not in self.resident or g in self.unbound]
+        if self.strict:
+            for g in away:
+                self._bind(g, self.host[g])
+        try:
+            yield
+        finally:
+            if self.strict:
+                for g in away:
+                    self._bind_away(g)
+
+    def reset(self) -> None:
+        """Before loading a checkpoint: every group back to its host buffers, which the
+        loader may write (masters in place); state on the device is discarded."""
+        if not self.enabled:
+            return
+        self.synchronize()
+        self.resident.clear()
+        self.unbound.clear()
+        self.ready.clear()
+        self._marks.clear()
+        self.slot_owner = [None, None]
+        for g in self.layouts:
+            self._bind(g, self.host[g])
+
+    def restore(self) -> None:
+        """After the loader replaced the optimizer's state (on the CPU): copy every group's
+        state into its host buffers, where it waits for its group's turn."""
+        if not self.enabled:
+            return
+        for g in self.layouts:
+            handles = self._handles(g)
+            if not self._covers(g, handles):
+                self._relayout(g, handles)
+            for h in handles:
+                view, t = self._host_view(g, h), self._get(h)
+                if view.data_ptr() != t.data_ptr():
+                    view.copy_(t)
+            self._bind_away(g)
+
+    def host_bytes(self) -> int:
+        """Bytes of the host buffers held now."""
+        return sum(b.nbytes for bufs in self.host.values() for b in bufs.values())
+
+    def exact_host_bytes(self) -> int:
+        """Bytes the groups' masters and optimizer state need, read off the tensors
+        themselves (independent of the layouts): what the host buffers should total."""
+        with self.readable():
+            return sum(self._get(h).nbytes for g in range(len(self.group_params))
+                       for h in self._handles(g))
+
+    def close(self) -> None:
+        """Finish transfers and un-register the page-locked buffers."""
+        self.synchronize()
+        for g in list(self._registered):
+            for unregister in self._registered.pop(g):
+                unregister()
 
     def take_stats(self) -> TransferStats:
         """Transfer statistics since the last call (reads finished CUDA timing events)."""

@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The state store simulates a GPU on the CPU: copies land only when waited for, and state
+# that is away from the device is unusable (hift_cli/offload.py). Subprocesses inherit it.
+os.environ.setdefault("HIFT_STRICT_OFFLOAD", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
