@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Tests and the demo never touch the Hugging Face Hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: help install demo test test-fast bench gpu-check clean
+.PHONY: help install demo test test-fast bench gpu-wheels gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,11 +38,33 @@ test-fast: install  ## unit tests only
 bench: install  ## fpft vs HiFT side by side on SmolLM2 + MiniLM (~50 min on 2 cores; not in CI)
 	$(OFFLINE) $(PY) bench/compare.py
 
-# On a machine whose own python already has torch (e.g. a lent GPU box without PyPI):
-#   make gpu-check GPU_PY=python3
-GPU_PY ?= $(PY)
+# The lent GPU machine (bench/gpu_check.py's docstring has the whole recipe): its python3
+# has torch, transformers, pandas, pyarrow and xxhash but not the packages below, and no
+# PyPI. Same versions as .venv; cp312 manylinux x86_64 (pure-python wheels match too).
+# antlr4-python3-runtime 4.9.3 (omegaconf's runtime) is an sdist only, so it is built here.
+GPU_WHEELS := ^(hydra-core|omegaconf|datasets|dill|multiprocess)==
+GPU_TAGS   := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels: install  ## wheels the GPU machine lacks, into .whl/ (carry it there)
+	rm -rf .whl && mkdir .whl
+	$(PIP) download -q --no-deps $(GPU_TAGS) -d .whl \
+	  $$($(PIP) list --format=freeze | grep -iE '$(GPU_WHEELS)')
+	$(PIP) wheel -q --no-deps -w .whl $$($(PIP) list --format=freeze | grep -i '^antlr4-python3-runtime==')
+	@ls .whl && du -sh .whl
+
+# GPU_PY: the python to run with (python3 on the GPU machine); GPU_OUT: where results go
+# ($$OUT there, so they come back). Missing hydra/datasets come from .whl/ into GPU_SITE.
+GPU_PY   ?= $(PY)
+GPU_OUT  ?= bench/results
+GPU_SITE ?= /tmp/hift-site
 gpu-check: $(if $(filter $(PY),$(GPU_PY)),install)  ## GPU measurements into bench/results/ (says so and exits 0 without CUDA)
-	PYTHONPATH=$(CURDIR) $(OFFLINE) $(GPU_PY) bench/gpu_check.py
+	@site=; if ! $(GPU_PY) -c "import hydra, datasets" 2>/dev/null; then \
+	  if [ ! -d .whl ]; then echo "$(GPU_PY) lacks hydra/datasets and there is no .whl/:"\
+	    "run make gpu-wheels where PyPI is reachable and carry .whl"; exit 1; fi; \
+	  $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade \
+	    --target $(GPU_SITE) .whl/*.whl || exit 1; site=$(GPU_SITE):; fi; \
+	PYTHONPATH=$$site$(CURDIR) PYTHONUNBUFFERED=1 $(OFFLINE) \
+	  $(GPU_PY) bench/gpu_check.py --out $(GPU_OUT)
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,245 +1,376 @@
-"""``make gpu-check``: what only a GPU can show, in one call (< 8 minutes on one GPU).
+"""``make gpu-check``: what only a GPU can show, in one call of at most 9 minutes.
 
-1. SmolLM2-135M's architecture at batch 8 x 256: step time with optimizer-state offload
-   on vs off and the prefetch stall fraction; peak ``torch.cuda.max_memory_allocated`` for
-   HiFT vs full fine-tuning (fpft).
-2. A random-init LLaMA-7B-shaped model (hidden 4096, 32 layers, bf16-mixed, gradient
-   checkpointing, m=1) at batch 8 x 512 tokens: HiFT's measured peak and step time, and
-   fpft's peak if it fits (else the OOM is recorded).
+Stages, highest priority first, each in its own process (``--stage NAME``); the
+orchestrator (no ``--stage``) rewrites ``<out>/gpu-<date>.json`` and ``.md`` after every
+stage, so a crash, an out-of-memory kill or a timeout of a later stage keeps what
+finished. A failed stage is recorded with the end of its stderr and the next one runs;
+the exit code is 1 if any stage failed. Nothing is needed from the Hub: models are built
+from their config with random weights (``model.random_init``), fed the tiny instruction
+set (stages 1-3) or random token ids of a fixed shape (4-6).
 
-Models are built from their config with random weights and fed random token ids of a
-fixed shape: memory and time do not depend on the values, and nothing is needed from the
-Hub. Writes ``bench/results/gpu-<date>.json`` and ``.md``. On a machine without CUDA it
-says so and exits 0 without measuring anything.
+The stages and what each measures: ``bench/gpu_stages.py``, in priority order
+``equality``, ``races``, ``resume`` (correctness on CUDA), then ``overlap``,
+``llama7b_wide``, ``llama7b_full`` (speed and memory).
 
-On the lent H200 (no PyPI there), carry wheels for what its image lacks (hydra-core,
-omegaconf, antlr4-python3-runtime, datasets, dill, multiprocess) and run
-``PYTHONPATH=/tmp/site:. python3 bench/gpu_check.py``.
+What it costs: each stage process pays ~5-10 s of imports and CUDA start. The models of
+stages 4-6 are initialised on the GPU (on the host CPU a 7B fp32 init takes a minute or
+more); peaks are reset after the warm-up cycle, so this changes setup time only. The
+orchestrator skips a stage whose estimated cost does not fit the budget left
+(``--budget``, default 540 s) and kills one that outruns its timeout.
 
-    python bench/gpu_check.py            # what `make gpu-check` runs
-    python bench/gpu_check.py --smoke    # the same code on CPU with the tiny model (tests)
+On the lent GPU machine (python3 with torch; no PyPI; lacks hydra-core, omegaconf,
+antlr4-python3-runtime, datasets, dill, multiprocess):
+
+    make gpu-wheels                            # here: those wheels into .whl/ (~1.3 MiB)
+    # the device call carries .whl, runs with timeout_s=600 and writes into $OUT:
+    make gpu-check GPU_PY=python3 GPU_OUT=$OUT
+    # the same without make:
+    python3 -c "import hydra, datasets" 2>/dev/null || python3 -m pip install -q \\
+        --no-index --no-deps --no-compile --upgrade --target /tmp/hift-site .whl/*.whl
+    PYTHONPATH=/tmp/hift-site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \\
+        python3 bench/gpu_check.py --out $OUT
+
+    python bench/gpu_check.py --smoke    # every stage on CPU, tiny model (the tests)
+    python bench/gpu_check.py --stages equality,races   # a subset, in priority order
+
+Test hook: ``GPU_CHECK_FAIL_STAGE=<name>`` makes that stage raise at its start.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
-import gc
 import json
 import os
 import platform
-import statistics
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+_STARTED = time.time()  # before torch and hift_cli: a stage's startup cost is measured
 
-RESULTS = Path(__file__).parent / "results"
-GIB = 2**30
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_stages beside this file
+from gpu_stages import (  # noqa: E402
+    SMOKE_COST_S,
+    SMOKE_TIMEOUT_S,
+    STAGES,
+    _tail,
+    _write_json,
+    run_stage,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+# --------------------------------------------------------------------- orchestrator
+def machine() -> dict:
+    """The host, without its name."""
+    info = {"system": platform.system(), "kernel": platform.release(),
+            "arch": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        kib = next(int(x.split()[1]) for x in meminfo if x.startswith("MemTotal"))
+        info["memory_gib"] = round(kib / 2**20, 1)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["gpus"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=20,
+            check=True).stdout.strip().splitlines()
+    return info
 
-    from hift_cli.config import to_config
 
-    with initialize_config_module("hift_cli.recipes", version_base="1.3"):
-        return to_config(hydra_compose("config", overrides=list(overrides)))
+def gate(name: str, results: dict, smoke: bool, left: float) -> tuple[str | None, float]:
+    """Why ``name`` cannot run now (None: it can), and its estimated cost."""
+    cost = SMOKE_COST_S if smoke else STAGES[name].cost_s
+    if name == "llama7b_full":
+        wide = results["stages"].get("llama7b_wide", {})
+        on, projection = wide.get("runs", {}).get("offload_on", {}), wide.get("projection")
+        if not on.get("exact_host_gib") or "seconds" not in (projection or {}):
+            return "llama7b_wide measured no host bytes or projection to go by", cost
+        host, exact = on["host_gib"], on["exact_host_gib"]
+        if abs(host / exact - 1) > 0.05:
+            return (f"llama7b_wide's host buffers ({host:.2f} GiB) are not within 5% of"
+                    f" the exact figure ({exact:.2f} GiB)"), cost
+        # cudaHostRegister failed and the store fell back to the pinned caching allocator,
+        # which rounds every buffer up to a power of two: 7B would want ~165 GiB pinned.
+        if on.get("pinned_allocator_gib", 0) > 0.05 * exact:
+            return (f"llama7b_wide's host buffers came from PyTorch's pinned caching"
+                    f" allocator ({on['pinned_allocator_gib']:.2f} GiB held for"
+                    f" {exact:.2f} GiB): it rounds up, all layers would not fit"), cost
+        cost = projection["seconds"] if not smoke else cost
+    if cost > left:
+        return f"estimated {cost:.0f} s, {left:.0f} s of the budget left", cost
+    return None, cost
 
 
-def measure(name: str, overrides: list[str], warm_steps: int, steps: int,
-            synthetic: tuple[int, int, int] | None = None) -> dict:
-    """Train ``warm_steps`` (state gets created), then time ``steps`` more.
+def launch(name: str, smoke: bool, work: Path, deadline: float, timeout: float,
+           log: Path) -> dict:
+    """Run one stage in its own process; its result, or what is known of its failure."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--out", str(work),
+           "--deadline", f"{deadline:.1f}"] + (["--smoke"] if smoke else [])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if STAGES[name].deterministic:
+        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # read when cuBLAS starts
+    if smoke:  # the store's GPU simulation on the CPU (hift_cli/offload.py)
+        env.setdefault("HIFT_STRICT_OFFLOAD", "1")
+    out, err = work / f"{name}.out", work / f"{name}.err"
+    start = time.perf_counter()
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=work)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = None
+    path = work / f"{name}.json"
+    entry = {}
+    with contextlib.suppress(OSError, ValueError):
+        entry = json.loads(path.read_text())
+    entry["seconds"] = round(time.perf_counter() - start, 1)
+    if rc != 0:
+        entry["returncode"] = rc
+        entry["error"] = (f"timed out after {timeout:.0f} s" if rc is None
+                          else _tail(err.read_text(errors="replace"), 15)
+                          or f"exit code {rc}, nothing on stderr")
+    with open(log, "a") as f:
+        f.write(f"===== {name}: exit {rc} in {entry['seconds']} s\n")
+        for stream in (out, err):
+            text = _tail(stream.read_text(errors="replace"), 150)
+            f.write(f"----- {stream.name}\n{text}\n" if text else "")
+    return entry
 
-    Returns step time, stall fraction and the peak memory of the measured steps; an
-    out-of-memory error is recorded instead of raised.
-    """
-    from hift_cli.engine import HiftTrainer
-    from hift_cli.memory import fixed_shape_batches
 
-    import dataclasses
+def orchestrate(smoke: bool, out: Path, budget: float, names: list[str]) -> int:
+    import hift_cli
 
-    from hift_cli.memory import estimate
-
-    cfg = compose("trainer.eval_before=false", "trainer.save_model=false", *overrides)
-    out = Path(tempfile.mkdtemp(prefix=f"gpu-check-{name}-"))
-    result: dict = {"name": name, "overrides": overrides}
-    if synthetic:  # hift memprofile's estimate for the same run, to set beside the peak
-        report = estimate(dataclasses.replace(
-            cfg, memprofile=dataclasses.replace(cfg.memprofile, seq_len=synthetic[1])))
-        column = "fpft" if cfg.hift.strategy == "fpft" else "hift"
-        result["estimated_peak_gib"] = report[column]["total"] / GIB
-    trainer = None
+    start = time.time()
+    deadline = start + budget
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"gpu-{dt.date.today().isoformat()}"
+    log = stem.with_suffix(".log")
+    log.write_text("")
+    results = {"date": dt.date.today().isoformat(), "smoke": smoke, "device": None,
+               "torch": torch.__version__, "cuda": torch.version.cuda, "machine": machine(),
+               "hift_cli": hift_cli.__file__, "budget_seconds": budget, "stages": {}}
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    failed = []
     try:
-        trainer = HiftTrainer(cfg, out)
-        trainer.setup()
-        trainer.eval_set = trainer.eval_set.select([])  # time training only
-        if synthetic:
-            trainer.batches = fixed_shape_batches(*synthetic)
-        cuda = trainer.device.type == "cuda"
-        trainer.cfg.trainer.max_steps = warm_steps
-        trainer.train()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        trainer.cfg.trainer.max_steps = warm_steps + steps
-        trainer.train()
-        rows = [json.loads(line) for line in open(out / "metrics.jsonl")][warm_steps:]
-        step_seconds = [r["step_seconds"] for r in rows]
-        stall = sum(r["offload/stall_seconds"] for r in rows)
-        result.update(
-            groups=len(trainer.groups),
-            offload=trainer.store.enabled,
-            mean_step_seconds=statistics.mean(step_seconds),
-            tokens_per_second=statistics.mean(r["tokens_per_second"] for r in rows),
-            stall_fraction=stall / sum(step_seconds),
-            h2d_gib_per_step=statistics.mean(r["offload/h2d_bytes"] for r in rows) / GIB,
-            d2h_gib_per_step=statistics.mean(r["offload/d2h_bytes"] for r in rows) / GIB,
-            peak_gib=torch.cuda.max_memory_allocated() / GIB if cuda else None,
-            store_slot_gib=trainer.store.device_bytes() / GIB,
-            final_loss=rows[-1]["train/loss"],
-        )
-    except torch.cuda.OutOfMemoryError as e:
-        result.update(oom=True, error=str(e).splitlines()[0])
+        for i, name in enumerate(names, 1):
+            left = deadline - time.time()
+            reason, cost = gate(name, results, smoke, left)
+            if reason is None and i > 1 and _import_failed(results):
+                reason = "not run: an earlier stage could not import its modules"
+            if reason is not None:
+                results["stages"][name] = {"skipped": reason}
+            else:
+                results["stages"][name] = {"running": True, "estimated_seconds": cost}
+                save(results, stem)
+                timeout = min(SMOKE_TIMEOUT_S if smoke else STAGES[name].timeout_s, left)
+                print(f"[{i}/{len(names)}] {name}: running (estimated {cost:.0f} s,"
+                      f" timeout {timeout:.0f} s)", flush=True)
+                entry = launch(name, smoke, work, deadline, timeout, log)
+                entry["estimated_seconds"] = round(cost, 1)
+                if "trace" in entry and entry["trace"].get("trace_file"):
+                    kept = Path(entry["trace"]["trace_file"])
+                    target = f"{stem.name}-{kept.name.removesuffix('.json.gz')}.json.gz"
+                    shutil.copy(kept, out / target)
+                    entry["trace"]["trace_file"] = target
+                results["stages"][name] = entry
+                results["device"] = results["device"] or entry.get("device")
+                if "returncode" in entry:
+                    failed.append(name)
+            results["seconds"] = round(time.time() - start, 1)
+            save(results, stem)
+            print(f"[{i}/{len(names)}] {name}: {summary(results['stages'][name])}", flush=True)
     finally:
-        del trainer
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    print(json.dumps(result), flush=True)
-    return result
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {stem}.json and .md in {results['seconds']:.0f} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
-def shape_dir(name: str) -> str:
-    """A local model folder with a named architecture and the tiny byte tokenizer."""
-    import shutil
-
-    from transformers import AutoConfig
-
-    from hift_cli.config import ASSETS_DIR, SHAPES
-
-    folder = Path(tempfile.mkdtemp(prefix=f"{name}-shape-"))
-    preset = dict(SHAPES[name])
-    AutoConfig.for_model(preset.pop("model_type"), **preset, eos_token_id=1, pad_token_id=0,
-                         bos_token_id=None).save_pretrained(folder)
-    for f in (ASSETS_DIR / "tiny_llama").iterdir():
-        if "token" in f.name:
-            shutil.copy(f, folder / f.name)
-    return str(folder)
+def _import_failed(results: dict) -> bool:
+    """A stage died before it recorded anything, on an import: the rest would too."""
+    return any("returncode" in s and "startup_seconds" not in s
+               and ("ImportError" in s.get("error", "") or "ModuleNotFound" in s.get("error", ""))
+               for s in results["stages"].values())
 
 
-def run_checks(smoke: bool = False) -> dict:
-    """Every measurement, side by side in one process. ``smoke``: tiny model on CPU."""
-    device = "cpu" if smoke else "cuda"
-    results: dict = {
-        "date": dt.date.today().isoformat(),
-        "device": platform.processor() or "cpu" if smoke else torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "smoke": smoke,
-    }
-    # Synthetic batches (random ids, fixed shape) for every run; the tiny instruction
-    # file only satisfies setup.
-    base = ["recipe=tiny", f"trainer.device={device}", "trainer.log_every=1000000",
-            "model.random_init=true", "data.max_samples=16", "data.max_eval_samples=2"]
-    tiny_dir = str(Path(__file__).parents[1] / "hift_cli" / "assets" / "tiny_llama")
-
-    small_dir = tiny_dir if smoke else shape_dir("smollm2-135m")
-    from hift_cli.config import SHAPES
-
-    small_shape = (4, 32, 384) if smoke else (8, 256, SHAPES["smollm2-135m"]["vocab_size"])
-    small = [*base, f"model.name_or_path={small_dir}", f"trainer.batch_size={small_shape[0]}",
-             "hift.k=3" if smoke else "hift.k=8"]
-    warm, n = (3, 3) if smoke else (8, 16)  # one cycle creates every group's state
-    results["smollm2_shape"] = {
-        "batch": small_shape[0], "seq_len": small_shape[1],
-        "offload_on": measure("offload-on", [*small, "hift.offload=true"], warm, n, small_shape),
-        "offload_off": measure("offload-off", [*small, "hift.offload=false"], warm, n,
-                               small_shape),
-        "fpft": measure("fpft", [*small, "hift.strategy=fpft"], 1, n // 2, small_shape),
-    }
-    on, off = results["smollm2_shape"]["offload_on"], results["smollm2_shape"]["offload_off"]
-    if "mean_step_seconds" in on and "mean_step_seconds" in off:
-        results["smollm2_shape"]["offload_step_time_ratio"] = (
-            on["mean_step_seconds"] / off["mean_step_seconds"])
-
-    big_dir = tiny_dir if smoke else shape_dir("llama-7b")
-    big_shape = (2, 32, 384) if smoke else (8, 512, SHAPES["llama-7b"]["vocab_size"])
-    big = [*base, f"model.name_or_path={big_dir}", "model.dtype=bfloat16",
-           "trainer.precision=bf16-mixed", "model.gradient_checkpointing=true",
-           f"trainer.batch_size={big_shape[0]}"]
-    big_warm, big_n = (6, 6) if smoke else (34, 10)  # m=1: 34 groups, one cycle to warm up
-    results["llama7b_shape"] = {
-        "batch": big_shape[0], "seq_len": big_shape[1],
-        "hift_m1": measure("7b-hift", [*big, "hift.k=null", "hift.m=1"], big_warm, big_n,
-                           big_shape),
-        "fpft": measure("7b-fpft", [*big, "hift.strategy=fpft"], 1, 2, big_shape),
-    }
-    return results
+def save(results: dict, stem: Path) -> None:
+    """The JSON (the record) first, then its rendering."""
+    _write_json(stem.with_suffix(".json"), results)
+    try:
+        text = render(results)
+    except Exception as e:  # the JSON is written; say why the tables are not
+        text = f"# gpu-check {results.get('date')}\n\n(cannot render: {e!r}; see the .json)\n"
+    stem.with_suffix(".md").write_text(text)
 
 
-def write(results: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"gpu-{results['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    s, b = results["smollm2_shape"], results["llama7b_shape"]
+# --------------------------------------------------------------------- report
+def summary(stage: dict) -> str:
+    """One line: how the stage ended and its headline figure."""
+    if "skipped" in stage:
+        return f"skipped ({stage['skipped']})"
+    if stage.get("running"):
+        return "running (or killed while running)"
+    head = (f"FAILED (exit {stage['returncode']}): {stage['error'].splitlines()[-1]}"
+            if "returncode" in stage else "ok")
+    facts = [f"{stage.get('seconds', 0):.0f} s"]
+    if "all_equal" in stage:
+        facts.append(f"bit-equal: {stage['all_equal']}")
+    if stage.get("control"):
+        facts.append(f"control deterministic: {stage['control'].get('equal')}")
+    if stage.get("step_time_ratio"):
+        facts.append(f"offload on/off step time {stage['step_time_ratio']:.3f}")
+    return f"{head} ({', '.join(facts)})"
 
-    def fmt(r: dict, key: str, spec: str = ".3f") -> str:
-        return "OOM" if r.get("oom") else format(r[key], spec) if r.get(key) is not None else "-"
 
-    lines = [
-        f"# gpu-check {results['date']} on {results['device']} (torch {results['torch']})", "",
-        "Peak: `torch.cuda.max_memory_allocated` over the measured steps; estimated: what"
-        " `hift memprofile` predicts for the same settings.", "",
-        f"## SmolLM2-135M architecture (random init), k=8, batch {s['batch']} x {s['seq_len']}",
-        "",
-        "| run | mean step s | stall fraction | H2D GiB/step | peak GiB | estimated GiB |",
-        "|---|---|---|---|---|---|",
-    ]
-    for key in ("offload_on", "offload_off", "fpft"):
-        r = s[key]
-        lines.append(f"| {key} | {fmt(r, 'mean_step_seconds')} | {fmt(r, 'stall_fraction')} |"
-                     f" {fmt(r, 'h2d_gib_per_step')} | {fmt(r, 'peak_gib', '.2f')} |"
-                     f" {fmt(r, 'estimated_peak_gib', '.2f')} |")
-    if "offload_step_time_ratio" in s:
-        lines += ["", f"Step time with offload / without: {s['offload_step_time_ratio']:.3f}"]
-    lines += [
-        "", f"## LLaMA-7B shape, random init, bf16-mixed, gradient checkpointing, batch"
-        f" {b['batch']} x {b['seq_len']}", "",
-        "| run | mean step s | stall fraction | peak GiB | estimated GiB |",
-        "|---|---|---|---|---|",
-    ]
-    for key in ("hift_m1", "fpft"):
-        r = b[key]
-        lines.append(f"| {key} | {fmt(r, 'mean_step_seconds')} | {fmt(r, 'stall_fraction')} |"
-                     f" {fmt(r, 'peak_gib', '.2f')} | {fmt(r, 'estimated_peak_gib', '.2f')} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return stem
+def _num(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _equal_cell(row: dict, kind: str) -> str:
+    k = row.get("kinds", {}).get(kind)
+    return "-" if k is None else "equal" if k["different"] == 0 else \
+        f"**{k['different']}/{k['tensors']} differ**"
+
+
+def _render_equality(stage: dict) -> list[str]:
+    lines = ["| comparison | offload | pinned | weights | masters | optimizer state |",
+             "|---|---|---|---|---|---|"]
+    rows = {"control: off vs off": stage.get("control") or {}}
+    rows.update({f"{k}: off vs on": v for k, v in stage.get("matrix", {}).items()})
+    for label, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {label} | error: {row['error'].splitlines()[-1]} | | | | |")
+        else:
+            lines.append(f"| {label} | {row.get('offload', 'off')} | {row.get('pinned', '-')} |"
+                         f" {_equal_cell(row, 'weight')} | {_equal_cell(row, 'master')} |"
+                         f" {_equal_cell(row, 'state')} |")
+    if stage.get("note"):
+        lines += ["", stage["note"]]
+    return lines
+
+
+def _render_checks(stage: dict, key: str) -> list[str]:
+    lines = ["| run | bit-equal | first difference |", "|---|---|---|"]
+    for label, row in stage.get(key, {}).items():
+        if "error" in row:
+            lines.append(f"| {label} | error: {row['error'].splitlines()[-1]} | |")
+        elif "equal" in row:
+            lines.append(f"| {label} | {row['equal']} | {row.get('first_difference') or '-'} |")
+    return lines
+
+
+def _render_perf(stage: dict) -> list[str]:
+    lines = [f"{stage.get('model', '')}, batch {stage.get('batch')} x {stage.get('seq_len')}:"
+             " means over the measured cycles, peaks since the last warm-up step.", "",
+             "| run | groups | step s | stall | H2D GiB/step | peak alloc GiB |"
+             " peak reserved GiB | estimated GiB | host GiB | exact host GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in stage.get("runs", {}).items():
+        if "mean_step_seconds" not in r:
+            why = "OOM" if r.get("oom") else r.get("skipped") or (
+                "error: " + r["error"].splitlines()[-1] if r.get("error") else "unfinished")
+            lines.append(f"| {name} | {why} | | | | | | {_num(r.get('estimated_peak_gib'), '.2f')}"
+                         " | | |")
+            continue
+        lines.append(
+            f"| {name} | {r['groups']} | {_num(r['mean_step_seconds'])} |"
+            f" {_num(r['stall_fraction'])} | {_num(r['h2d_gib_per_step'])} |"
+            f" {_num(r.get('peak_allocated_gib'), '.2f')} |"
+            f" {_num(r.get('peak_reserved_gib'), '.2f')} |"
+            f" {_num(r.get('estimated_peak_gib'), '.2f')} | {_num(r['host_gib'], '.2f')} |"
+            f" {_num(r['exact_host_gib'], '.2f')} |")
+    if stage.get("step_time_ratio"):
+        lines += ["", f"Step time with offload / without: {stage['step_time_ratio']:.3f}."]
+    trace = stage.get("trace") or {}
+    if trace.get("h2d"):
+        h2d = trace["h2d"]
+        lines += ["", f"Profiler ({trace.get('steps')} steps, `{trace.get('trace_file', '-')}`):"
+                  f" {h2d['copies']} host-to-device copies, {h2d['copy_us'] / 1e3:.1f} ms, of"
+                  f" which {_num(h2d['overlap_fraction'])} overlapped compute kernels."]
+    p = stage.get("projection") or {}
+    if "seconds" in p:
+        lines += ["", f"Projected for all layers: {p['params'] / 1e9:.2f}B parameters,"
+                  f" {p['host_gib']:.1f} GiB of host buffers, ~{p['seconds']:.0f} s."]
+    return lines
+
+
+RENDERERS = {"equality": _render_equality,
+             "races": lambda s: _render_checks(s, "runs"),
+             "resume": lambda s: _render_checks(s, "checks"),
+             "overlap": _render_perf, "llama7b_wide": _render_perf, "llama7b_full": _render_perf}
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"# gpu-check {results['date']} on {results.get('device') or '?'}"
+             + (" (smoke run on the CPU)" if results["smoke"] else ""), "",
+             f"torch {results['torch']}, CUDA {results['cuda']}; {m.get('cpus')} x"
+             f" {m.get('cpu', m.get('arch'))}, {m.get('memory_gib', '?')} GiB,"
+             f" {m['system']} {m['kernel']}, Python {m['python']}."
+             + (f" GPU: {'; '.join(m['gpus'])}." if m.get("gpus") else "")
+             + f" {results.get('seconds', 0):.0f} s of a {results['budget_seconds']:.0f} s"
+             " budget."]
+    for name, stage in results["stages"].items():
+        lines += ["", f"## {name}", "", summary(stage)]
+        if "skipped" in stage or stage.get("running"):
+            continue
+        try:
+            lines += ["", *RENDERERS[name](stage)]
+        except Exception as e:  # a partial result must not cost the report
+            lines += ["", f"(cannot render: {e!r})"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
-                        help="run the same code on CPU with the tiny model; writes nothing")
+                        help="every stage on the CPU with the tiny model and tiny shapes")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: bench/results; --smoke: a temp dir)")
+    parser.add_argument("--budget", type=float, default=540,
+                        help="seconds for all stages (default 540)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated subset to run (priority order is kept)")
+    parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if args.stage:
+        if args.out is None:
+            parser.error("--stage needs --out (the folder its result goes to)")
+        deadline = args.deadline or time.time() + args.budget
+        return run_stage(args.stage, args.smoke, args.out, deadline, _STARTED)
     if not args.smoke and not torch.cuda.is_available():
         print("gpu-check needs CUDA: no GPU on this machine, nothing was measured.")
         return 0
-    start = time.perf_counter()
-    results = run_checks(smoke=args.smoke)
-    results["seconds"] = time.perf_counter() - start
-    if args.smoke:
-        print(json.dumps(results, indent=2))
-        return 0
-    stem = write(results)
-    print(f"wrote {stem}.json and {stem}.md in {results['seconds']:.0f} s")
-    return 0
+    unknown = set(args.stages.split(",")) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGES)}")
+    names = [n for n in STAGES if n in args.stages.split(",")]
+    out = args.out or (Path(tempfile.mkdtemp(prefix="gpu-check-smoke-")) if args.smoke
+                       else RESULTS)
+    return orchestrate(args.smoke, out, args.budget, names)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parents[1]))
+    sys.path.insert(0, str(ROOT))  # a plain checkout: hift_cli from here
     sys.exit(main())

@@ -367,6 +367,22 @@ def checkpoint_dir(path: str) -> Path:
     raise ConfigError(f"checkpoint: no saved model (config.json) in {path}")
 
 
+def recipes_dir() -> Path:
+    """The folder holding ``config.yaml`` and the recipe groups.
+
+    The installed ``hift_cli.recipes`` package when there is one; in a plain checkout
+    (nothing pip-installed, e.g. ``python3 bench/gpu_check.py`` on a machine without
+    PyPI) the top-level ``recipes/`` folder beside the ``hift_cli`` package, which only
+    the install maps to ``hift_cli.recipes``.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("hift_cli.recipes")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve()
+    return Path(__file__).resolve().parents[1] / "recipes"
+
+
 def _asset(name: str) -> str:
     return str(ASSETS_DIR / name)
 

@@ -12,12 +12,12 @@ import json
 import pytest
 import torch
 
+from hift_cli import offload
 from hift_cli.checkpoint import _restore_optimizer, load_checkpoint, save_checkpoint
 from hift_cli.config import ConfigError
 from hift_cli.engine import HiftTrainer
 from hift_cli.grouping import GroupSchedule
 from hift_cli.memory import estimate
-from hift_cli import offload
 from hift_cli.offload import offload_enabled
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "bf16-mixed": "bfloat16"}
