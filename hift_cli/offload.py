@@ -184,6 +184,7 @@ class GroupStateStore:
         self._queue: collections.deque = collections.deque()  # strict: pending copies
         self._marks: dict[int, int] = {}  # strict: group -> queue position of its copy
         self._enqueued = self._executed = 0
+        self._reading = 0  # depth of readable() blocks
         # Strict mode binds away groups here: wrong size and dtype, so any use fails.
         self.poison = torch.empty(0, dtype=torch.bool)
         if enabled:
@@ -465,16 +466,23 @@ class GroupStateStore:
         """Every group's state and masters readable through the optimizer (to save or
         compare them): transfers finished; in strict mode host views bound meanwhile."""
         self.synchronize()
+        if not self.strict or self._reading:  # nested: the outer one binds and unbinds
+            self._reading += 1
+            try:
+                yield
+            finally:
+                self._reading -= 1
+            return
         away = [g for g in self.layouts if g not in self.resident or g in self.unbound]
-        if self.strict:
-            for g in away:
-                self._bind(g, self.host[g])
+        for g in away:
+            self._bind(g, self.host[g])
+        self._reading += 1
         try:
             yield
         finally:
-            if self.strict:
-                for g in away:
-                    self._bind_away(g)
+            self._reading -= 1
+            for g in away:
+                self._bind_away(g)
 
     def reset(self) -> None:
         """Before loading a checkpoint: every group back to its host buffers, which the

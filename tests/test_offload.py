@@ -101,6 +101,8 @@ def test_strict_mode_poisons_state_until_it_is_waited_for(tiny_cfg, tmp_path):
     assert store.pending == 1 and master.numel() == 0
     with store.readable():  # checkpoints read through this
         assert not store.pending and master.numel() > 0
+        assert store.exact_host_bytes() > 0  # nested: the outer block stays readable
+        assert master.numel() > 0
     assert master.numel() == 0
 
 
