@@ -626,15 +626,20 @@ def project_full(ctx: StageContext, on: dict, layers: int, full_layers: int,
             full["estimated_peak_gib"], "scale": scale}
 
 
-def stage_llama7b_wide(ctx: StageContext) -> None:
-    layers, full_layers = (2, 4) if ctx.smoke else (8, 32)
+def llama_runs(ctx: StageContext, layers: int) -> tuple[dict, list[str], tuple[int, int]]:
+    """LLaMA-7B's layers (``layers`` of them), bf16-mixed, checkpointing, m=1, batch
+    8 x 512: the record's description, the overrides and the batch shape."""
     shape = (2, 32) if ctx.smoke else (8, 512)
-    folder = shape_dir(ctx, "llama-7b-wide", llama_shape(ctx, layers))
+    folder = shape_dir(ctx, f"llama-7b-{layers}", llama_shape(ctx, layers))
     ctx.record.update(model=f"LLaMA-7B shape, {layers} layers, random init", layers=layers,
                       batch=shape[0], seq_len=shape[1], precision="bf16-mixed",
                       gradient_checkpointing=True, m=1, warm_cycles=1, cycles=1)
-    common = [f"model.name_or_path={folder}", *BIG]
-    runs = ctx.record.setdefault("runs", {})
+    return ctx.record.setdefault("runs", {}), [f"model.name_or_path={folder}", *BIG], shape
+
+
+def stage_llama7b_wide(ctx: StageContext) -> None:
+    layers, full_layers = (2, 4) if ctx.smoke else (8, 32)
+    runs, common, shape = llama_runs(ctx, layers)
     with ctx.part("offload_on", into=runs):
         perf_run(ctx, runs, "offload_on", [*common, "hift.offload=true"], shape, 1, 1)
     with ctx.part("projection"):
@@ -646,14 +651,7 @@ def stage_llama7b_wide(ctx: StageContext) -> None:
 
 
 def stage_llama7b_full(ctx: StageContext) -> None:
-    layers = 4 if ctx.smoke else 32
-    shape = (2, 32) if ctx.smoke else (8, 512)
-    folder = shape_dir(ctx, "llama-7b-full", llama_shape(ctx, layers))
-    ctx.record.update(model=f"LLaMA-7B shape, {layers} layers, random init", layers=layers,
-                      batch=shape[0], seq_len=shape[1], precision="bf16-mixed",
-                      gradient_checkpointing=True, m=1, warm_cycles=1, cycles=1)
-    common = [f"model.name_or_path={folder}", *BIG]
-    runs = ctx.record.setdefault("runs", {})
+    runs, common, shape = llama_runs(ctx, 4 if ctx.smoke else 32)
     with ctx.part("offload_on", into=runs):
         perf_run(ctx, runs, "offload_on", [*common, "hift.offload=true"], shape, 1, 1)
     need = 0 if ctx.smoke else 45  # build on the GPU, one step, maybe an OOM
