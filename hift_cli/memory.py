@@ -269,7 +269,8 @@ def estimate(cfg: Config) -> dict:
     # The engine's rule (e.g. no offload with k <= 2); estimates are for the GPU you
     # train on unless trainer.device=cpu.
     settings.offload = offload_enabled(
-        cfg.hift.offload, "cpu" if cfg.trainer.device == "cpu" else "cuda", len(hift_groups),
+        False if cfg.hift.strategy == "fpft" else cfg.hift.offload,
+        "cpu" if cfg.trainer.device == "cpu" else "cuda", len(hift_groups),
         str(cfg.optimizer["_target_"]))[0]
     per_group = column(hift_groups, settings.offload)
     return _report(cfg, settings, fpft, per_group, len(units), total_numel)

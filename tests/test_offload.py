@@ -191,6 +191,7 @@ def test_k_of_two_or_less_turns_offload_off(tiny_cfg, tmp_path):
     assert not trainer.store.enabled
     assert estimate(tiny_cfg("hift.offload=true", "hift.k=2"))["offload"] is False
     assert estimate(tiny_cfg("hift.offload=true", "hift.k=3"))["offload"] is True
+    assert estimate(tiny_cfg("hift.strategy=fpft", "hift.k=3"))["offload"] is False
 
 
 def test_inputs_are_fetched_before_the_next_groups_state(tiny_cfg, tmp_path):
