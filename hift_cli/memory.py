@@ -33,7 +33,6 @@ class Settings:
     weight_bytes: int  # per parameter on the device
     state_dtype: torch.dtype  # dtype of the tensors the optimizer updates
     mixed: bool  # bf16-mixed: fp32 masters and fp32 master grads
-    offload: bool
     checkpointing: bool
     batch_size: int
     seq_len: int
@@ -43,11 +42,9 @@ class Settings:
     def of(cls, cfg: Config) -> "Settings":
         bf16 = cfg.model.dtype == "bfloat16"
         mixed = cfg.trainer.precision == "bf16-mixed"
-        offload = cfg.hift.offload if cfg.hift.offload is not None else (
-            cfg.trainer.device != "cpu")  # auto: estimates are for the GPU you train on
         return cls(weight_bytes=2 if bf16 else 4,
                    state_dtype=torch.bfloat16 if bf16 and not mixed else torch.float32,
-                   mixed=mixed, offload=offload and cfg.hift.strategy != "fpft",
+                   mixed=mixed,
                    checkpointing=cfg.model.gradient_checkpointing,
                    batch_size=cfg.trainer.batch_size, seq_len=cfg.memprofile.seq_len
                    or cfg.data.max_length, causal=cfg.model.task == "causal_lm")
@@ -268,16 +265,16 @@ def estimate(cfg: Config) -> dict:
                               else "bottom2up", cfg.hift.k, cfg.hift.m)
     # The engine's rule (e.g. no offload with k <= 2); estimates are for the GPU you
     # train on unless trainer.device=cpu.
-    settings.offload = offload_enabled(
+    offload = offload_enabled(
         False if cfg.hift.strategy == "fpft" else cfg.hift.offload,
         "cpu" if cfg.trainer.device == "cpu" else "cuda", len(hift_groups),
         str(cfg.optimizer["_target_"]))[0]
-    per_group = column(hift_groups, settings.offload)
-    return _report(cfg, settings, fpft, per_group, len(units), total_numel)
+    per_group = column(hift_groups, offload)
+    return _report(cfg, settings, offload, fpft, per_group, len(units), total_numel)
 
 
-def _report(cfg, settings: Settings, fpft: dict, per_group: list[dict], num_units: int,
-            total_params: int) -> dict:
+def _report(cfg, settings: Settings, offload: bool, fpft: dict, per_group: list[dict],
+            num_units: int, total_params: int) -> dict:
     peak = max(per_group, key=lambda r: r["total"])
     hift = {c: max(r[c] for r in per_group) for c in CATEGORIES}
     hift["total"] = peak["total"]
@@ -289,7 +286,7 @@ def _report(cfg, settings: Settings, fpft: dict, per_group: list[dict], num_unit
         "strategy": cfg.hift.strategy,
         "precision": cfg.trainer.precision,
         "optimizer": cfg.optimizer["_target_"],
-        "offload": settings.offload,
+        "offload": offload,
         "gradient_checkpointing": settings.checkpointing,
         "batch_size": settings.batch_size,
         "seq_len": settings.seq_len,

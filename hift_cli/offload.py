@@ -320,13 +320,14 @@ class GroupStateStore:
         """Start copying group g's state to the device (no-op if already there)."""
         if not self.enabled or g in self.resident:
             return
-        if not self._handles(g):  # nothing yet (no masters, no state before its first update)
+        handles = self._handles(g)
+        if not handles:  # nothing yet (no masters, no state before its first update)
             self.resident[g] = None
             return
         index = self.slot_owner.index(None)
         slot = self._slot(index)
         host, layout = self.host[g], self.layouts[g]
-        has_state = any(key is not None for _, key in self._handles(g))
+        has_state = any(key is not None for _, key in handles)
         count = layout.numel if has_state else layout.masters_numel
 
         def copy():
@@ -399,10 +400,9 @@ class GroupStateStore:
         self.unbound.discard(g)
         host, layout = self.host[g], self.layouts[g]
         slot = self.slots[index] if index is not None else None
-        tensors = [(self._host_view(g, h), self._get(h)) for h in handles]
         flat = slot is not None and all(
-            t.data_ptr() == slot[layout.entries[h][0]][layout.entries[h][1]:].data_ptr()
-            for h, (_, t) in zip(handles, tensors))
+            self._get(h).data_ptr() == slot[dtype].data_ptr() + off * dtype.itemsize
+            for h, (dtype, off, _) in ((h, layout.entries[h]) for h in handles))
         if flat:  # every tensor is a view of the slot: one copy per dtype
             def copy():
                 for dtype, n in layout.numel.items():
@@ -410,6 +410,8 @@ class GroupStateStore:
             moved = layout.nbytes
             self.writebacks["flat"] += 1
         else:  # the group's first update created its state outside the slot
+            tensors = [(self._host_view(g, h), self._get(h)) for h in handles]
+
             def copy():
                 for dst, src in tensors:
                     dst.copy_(src, non_blocking=True)
