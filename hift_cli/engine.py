@@ -250,7 +250,45 @@ class HiftTrainer:
         return self.evaluator(self.model, self.cfg.trainer.eval_batch_size)
 
     def train(self) -> dict[str, float]:
-        """Run ``trainer.max_steps`` steps; returns the final metrics."""
+        """Run ``trainer.max_steps`` steps; returns the final metrics.
+
+        Running out of device or host memory stops the run with one line (no checkpoint
+        is written then: the last complete one stays as it was).
+        """
+        try:
+            return self._train()
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            kind = "device" if isinstance(e, torch.OutOfMemoryError) else "host"
+            del e  # its traceback holds the step's tensors
+        need, capacity = self._memory_need_and_capacity(kind)
+        raise TrainingStopped(
+            f"out of {kind} memory at step {self.global_step + 1} (group"
+            f" {self.active.name if self.active else '-'}): estimated peak {need} for this"
+            f" configuration, {capacity / 2**30:.1f} GiB on {self.device}; use fewer units per"
+            " group (a larger hift.k or smaller hift.m), model.gradient_checkpointing=true, an"
+            " 8-bit optimizer (optimizer=adamw8bit), or a smaller trainer.batch_size or"
+            " data.max_length", 1)
+
+    def _memory_need_and_capacity(self, kind: str) -> tuple[str, int]:
+        """The estimated peak of this configuration, and the bytes of what ran out."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            from hift_cli.memory import estimate
+
+            report = estimate(dataclasses.replace(self.cfg, hift=dataclasses.replace(
+                self.cfg.hift, offload=self.store.enabled)))
+            column = "fpft" if self.cfg.hift.strategy == "fpft" else "hift"
+            need = f"{report[column]['total'] / 2**30:.1f} GiB"
+        except Exception:  # the estimate is a courtesy here; the stop message is not
+            need = "unknown"
+        if kind == "device" and self.device.type == "cuda":
+            capacity = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return need, capacity
+
+    def _train(self) -> dict[str, float]:
         tcfg = self.cfg.trainer
         k = len(self.groups)
         main = self.dist.main  # only rank 0 writes files and logs
@@ -512,9 +550,10 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(resolved, output_dir / "config.yaml", resolve=True)
-    log.info("Config:\n" + OmegaConf.to_yaml(resolved, resolve=True).rstrip())
     trainer = HiftTrainer(cfg, output_dir)
     trainer.setup()
+    # Only now, so that a setup error (bad data, model) is the last thing on the screen.
+    log.info(f"Config: {output_dir / 'config.yaml'} (print it with --cfg job)")
     if resume is not None:
         load_checkpoint(trainer, resume)
         if main:
@@ -530,8 +569,16 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
         return metrics
     with open(output_dir / "summary.json", "w") as f:
         json.dump(metrics, f, indent=2)
-    plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png", len(trainer.groups))
-    write_memory_report(cfg, trainer, output_dir)
+    # Reports after a successful training: one that fails costs a warning, not the run.
+    for what, write in (
+            ("loss.png", lambda: plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png",
+                                           len(trainer.groups))),
+            ("memory_report.json", lambda: write_memory_report(cfg, trainer, output_dir))):
+        try:
+            write()
+        except Exception as e:
+            log.warning(f"warning: {what} not written ({type(e).__name__}:"
+                        f" {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
     for key in ("eval/loss", "eval/accuracy", "eval/exact_match"):
         if f"{key}_before" in metrics and key in metrics:
             log.info(f"{key.removeprefix('eval/').replace('_', ' ').capitalize()}"

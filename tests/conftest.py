@@ -20,7 +20,7 @@ def compose_config(*overrides: str, recipe: str = "tiny") -> Config:
     """Compose ``recipes/`` the way ``hift train`` does, and validate it."""
     with initialize_config_module("hift_cli.recipes", version_base="1.3"):
         cfg = compose("config", overrides=[f"recipe={recipe}", *overrides])
-    return to_config(cfg)
+    return to_config(cfg, overrides)
 
 
 @pytest.fixture

@@ -24,7 +24,11 @@ def run_dirs(kind="outputs", command="train"):
 
 def test_help_and_version(capsys):
     assert main(["--help"]) == 0
-    assert "hift train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "hift train" in out
+    # Every shipped recipe, from the packaged recipes (cannot go stale).
+    listed = next(line for line in out.splitlines() if line.startswith("recipes:"))
+    assert all(name in listed for name in RECIPES), listed
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("hift 0.")
 
@@ -108,6 +112,59 @@ def test_multirun_gives_one_dir_per_job():
         assert float(r["train/loss"]) == pytest.approx(summary["train/loss"])
 
 
+def test_m_on_the_command_line_wins_over_the_recipes_k():
+    # recipe=tiny sets hift.k=3; the user's hift.m=2 alone replaces it.
+    assert main(["train", "recipe=tiny", "hift.m=2", "trainer.max_steps=3"]) == 0
+    (run,) = run_dirs()
+    summary = json.load(open(run / "summary.json"))
+    assert summary["groups"] == 3
+    assert "m: 2" in (run / "config.yaml").read_text()
+    cfg = compose_config("hift.m=2")
+    assert (cfg.hift.k, cfg.hift.m) == (None, 2)
+    cfg = compose_config("hift.k=2", recipe="llama7b_alpaca")  # which sets m=1
+    assert (cfg.hift.k, cfg.hift.m) == (2, None)
+
+
+def test_a_sweep_over_m_on_a_recipe_with_k():
+    assert main(["train", "-m", "recipe=tiny", "hift.m=2,3", "trainer.max_steps=2",
+                 "trainer.eval_before=false"]) == 0
+    (sweep,) = run_dirs("multirun")
+    groups = [json.load(open(j / "summary.json"))["groups"]
+              for j in sorted(p for p in sweep.iterdir() if p.is_dir())]
+    assert groups == [3, 2]
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", "float32"), ("bf16-mixed", "bfloat16")])
+def test_the_precision_alone_decides_the_weights_dtype(precision, dtype):
+    for recipe in ("tiny", "llama7b_alpaca"):
+        cfg = compose_config(f"trainer.precision={precision}", recipe=recipe)
+        assert cfg.model.dtype == dtype
+
+
+def test_memprofile_of_the_7b_recipe_in_fp32(capsys):
+    assert main(["memprofile", "recipe=llama7b_alpaca", "trainer.precision=fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32" in out and "llama-7b" in out
+    # fp32 weights: 6.74e9 x 4 bytes = 25.1 GiB.
+    weights = next(line for line in out.splitlines() if "weights" in line)
+    assert "25.103" in weights
+
+
+def test_a_setup_error_is_the_last_line_on_the_screen(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n' * 3 + '{"text": 1}\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "hift_cli", "train", "recipe=tiny", f"data.path={bad}",
+         "data.eval_fraction=0"], capture_output=False, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, cwd=tmp_path).stdout
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("hift train: error: "), out
+    assert "strategy: bottom2up" not in out  # the config is not dumped on the screen
+
+
 def test_every_run_plots_its_loss(capsys):
     assert main(["train", "recipe=tiny", "trainer.max_steps=6"]) == 0
     (run,) = run_dirs()
@@ -145,9 +202,9 @@ def test_hydra_command_line_misuse_is_one_line(capsys):
     (["data.path=/no/such.jsonl"], "hift train: error: data.path: no such file: /no/such.jsonl"),
     (["hift.k=7"], "hift train: error: hift.k=7 but the model has only 6 units"
                    " (embeddings, 4 blocks, head); use hift.k <= 6"),
-    (["hift.m=2"], "hift train: error: set exactly one of hift.k"),
-    (["trainer.precision=bf16"], "hift train: error: trainer.precision=bf16 needs"
-                                 " model.dtype=bfloat16 (got float32)"),
+    (["hift.k=2", "hift.m=2"], "hift train: error: set exactly one of hift.k"),
+    (["trainer.precision=bf16", "model.dtype=float32"],
+     "hift train: error: trainer.precision=bf16 needs model.dtype=bfloat16 (got float32)"),
     (["model.name_or_path=nobody/nothing"], "hift train: error: model.name_or_path: cannot load"
                                             " 'nobody/nothing'"),
     (["trainer.device=tpu9"], "hift train: error: trainer.device: unknown device 'tpu9'"),

@@ -86,6 +86,26 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
         load_splits(DataConfig(path=str(path)))
 
 
+def test_a_malformed_json_line_is_named_in_the_error(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "outp\n'
+                    '{"instruction": "e", "output": "f"}\n')
+    with pytest.raises(ConfigError) as e:
+        load_splits(DataConfig(path=str(path)))
+    # The parse error and its row (0-based: the second line), not only datasets' wrapper.
+    assert "JSON parse error" in str(e.value) and "row 1" in str(e.value), e.value
+    assert "\n" not in str(e.value)
+
+
+def test_a_record_missing_a_field_is_named(tmp_path, byte_tok):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    splits = load_splits(DataConfig(path=str(path), eval_fraction=0))
+    with pytest.raises(ConfigError, match=r"data: 1 train records have no 'output' \(missing or"
+                       r' null\), e.g. {"instruction": "c", "output": null}'):
+        tokenize(splits.train, byte_tok, cfg(), None, "train")
+
+
 def test_batches_pad_dynamically_and_are_seeded():
     rows = [{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 5, 2, 4)]
     batch = collate(rows[:2], pad_id=0)

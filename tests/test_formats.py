@@ -170,6 +170,10 @@ def test_classification_end_to_end(tmp_path, tiny_bert, monkeypatch):
     ([{"text": "a"}], [], "data: train records need fields ['label']"),
     ([{"text": "a", "label": 1}, {"text": "b", "label": "x"}], [],
      "data: labels in 'label' mix types (int, str)"),
+    ([{"text": "a", "label": "pos"}] * 6, [],
+     "data: classification needs at least 2 labels; 'label' in the training split has only"
+     " 'pos'"),
+    ([{"text": "a", "label": 1}] * 6, [], "classification needs at least 2 labels"),
     (sentiment_rows(12), ["data.eval_path={eval}"],
      "data: eval labels ['meh'] do not occur in the training split (labels: neg, pos)"),
 ])
