@@ -245,13 +245,20 @@ class EvalConfig:
     batch_size: int = 8
     """Batch size of `hift eval` (and of exact-match generation)."""
     exact_match: bool = False
-    """math: also generate answers greedily and score the final number (slow on a CPU)."""
+    """math: also generate answers greedily and score them: the final number after ``####``
+    (GSM8K), else the generation's first line against a short answer (a number, or a
+    normalised string). Slow on a CPU."""
     max_new_tokens: int = 256
-    """Longest generated answer for math exact match."""
+    """Longest generated answer for math exact match (shown samples: at most 128)."""
+    show_samples: int = 3
+    """Show (and store in eval.json / summary.json) what the model says on the first N eval
+    records, before and after training: prompt, reference, greedy generation (or text,
+    label, prediction); 0: off."""
 
     def __post_init__(self) -> None:
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.show_samples", self.show_samples, allow_zero=True)
 
 
 @dataclass

@@ -309,6 +309,9 @@ class HiftTrainer:
                 summary.update({f"{k}_before": v for k, v in before.items()})
                 record({"step": 0, **before})
                 progress.note(f"eval before training: {_describe(before)}")
+                if main:  # what the model says on the first few eval records
+                    summary.update(self.evaluator.show_samples(self.model, "before",
+                                                               progress.note))
 
             train_start, total_tokens = time.perf_counter(), 0
             total_moved = {"offload/stall_seconds": 0.0, "offload/h2d_bytes": 0,
@@ -456,6 +459,9 @@ class HiftTrainer:
                 summary.update(after)
                 record({"step": self.global_step, **after})
                 progress.note(f"eval after training: {_describe(after)}")
+                if main:  # the same records as before training
+                    summary.update(self.evaluator.show_samples(self.model, "after",
+                                                               progress.note))
         return summary
 
     # ------------------------------------------------------------------ save
@@ -563,6 +569,7 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
         metrics = trainer.train()
     saved = trainer.save()
     metrics.update({"data/train_samples": len(trainer.train_set), "groups": len(trainer.groups)})
+    metrics.update(trainer.evaluator.info())  # e.g. the exact-match rule (a string)
     if trainer.dist.enabled:
         metrics["dist/world_size"] = trainer.dist.world
     if not main:

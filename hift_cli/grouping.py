@@ -77,6 +77,10 @@ def block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, stack
 
 
+class ForwardPassError(ConfigError):
+    """The 2-token pass failed: on a meta model the memory estimate retries on a sample."""
+
+
 def _forward_order(model: nn.Module, stack: nn.ModuleList) -> list[nn.Module]:
     """Modules that own parameters directly, in the order a forward pass first calls them.
 
@@ -105,7 +109,7 @@ def _forward_order(model: nn.Module, stack: nn.ModuleList) -> list[nn.Module]:
             # No attention mask: mask helpers call .item(), which meta tensors refuse.
             model(input_ids=ids)
     except Exception as e:
-        raise ConfigError(
+        raise ForwardPassError(
             f"cannot split {type(model).__name__} into units: a 2-token forward pass failed"
             f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
@@ -116,13 +120,24 @@ def _forward_order(model: nn.Module, stack: nn.ModuleList) -> list[nn.Module]:
     return order
 
 
-def find_units(model: nn.Module) -> list[Unit]:
+def _order_by_name(model: nn.Module, reference: nn.Module) -> list[nn.Module]:
+    """``model``'s modules in the forward order of ``reference``, the same architecture
+    with fewer blocks: its modules have the same names."""
+    names = {id(m): n for n, m in reference.named_modules()}
+    modules = dict(model.named_modules())
+    order = _forward_order(reference, block_stack(reference)[1])
+    return [modules[names[id(m)]] for m in order if names[id(m)] in modules]
+
+
+def find_units(model: nn.Module, reference: nn.Module | None = None) -> list[Unit]:
     """Split ``model`` into units, bottom (embeddings) to top (head).
 
-    Every trainable parameter lands in exactly one unit.
+    Every trainable parameter lands in exactly one unit. ``reference`` (a real copy of
+    the architecture with fewer blocks) runs the forward pass instead of ``model``, for
+    meta models whose forward pass fails on meta tensors.
     """
     stack_name, stack = block_stack(model)
-    order = _forward_order(model, stack)
+    order = _forward_order(model, stack) if reference is None else _order_by_name(model, reference)
     block_ids = {id(b): i for i, b in enumerate(stack)}
     embeddings, head = Unit("embeddings"), Unit("head")
     blocks = [Unit(f"block.{i}") for i in range(len(stack))]

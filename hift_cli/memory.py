@@ -4,13 +4,17 @@ activations and other, for full fine-tuning (fpft) and HiFT side by side.
 ``estimate`` needs no weights: the model is built on the meta device from its config,
 activations are the bytes autograd saves in a meta forward pass (each storage counted
 once, parameters excluded), and optimizer-state bytes come from stepping the configured
-optimizer on meta tensors. ``Probe`` measures the same categories on a real run.
+optimizer on meta tensors. Models whose forward pass cannot run on meta tensors are
+measured on a real 2-block CPU sample instead, scaled to the configured shape.
+``Probe`` measures the same categories on a real run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -19,12 +23,17 @@ from hydra.utils import get_class
 from torch import nn
 
 from hift_cli.config import SHAPES, Config, ConfigError
-from hift_cli.grouping import Group, block_stack, find_units, make_groups
+from hift_cli.grouping import (ForwardPassError, Group, Unit, block_stack, find_units,
+                               make_groups)
 from hift_cli.offload import offload_enabled, state_shapes
 
 CATEGORIES = ("weights", "gradients", "optimizer_states", "fp32_masters", "activations",
               "other")
 GIB = 2**30
+SAMPLE_BLOCKS = 2  # blocks of the CPU sample the fallback measures
+SAMPLE_LENGTHS = (8, 16, 24)  # its sequence lengths (a quadratic in length fits them)
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class Settings:
@@ -50,8 +59,8 @@ class Settings:
                    or cfg.data.max_length, causal=cfg.model.task == "causal_lm")
 
 
-def meta_model(cfg: Config) -> nn.Module:
-    """The configured architecture on the meta device: no memory, no weights."""
+def _architecture(cfg: Config):
+    """The configured model's config, its Auto class and the dtype to count in."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from hift_cli.models import DTYPES, load_config, resolve
@@ -67,10 +76,39 @@ def meta_model(cfg: Config) -> nn.Module:
         config = load_config(resolve(cfg.model.name_or_path), cfg.model.trust_remote_code)
     cls = (AutoModelForCausalLM if cfg.model.task == "causal_lm"
            else AutoModelForSequenceClassification)
+    # bf16-autocast saves mostly bf16 activations: build in bf16 for the estimate.
     compute = torch.bfloat16 if cfg.trainer.precision != "fp32" else DTYPES[cfg.model.dtype]
+    return config, cls, compute
+
+
+def meta_model(cfg: Config) -> nn.Module:
+    """The configured architecture on the meta device: no memory, no weights."""
+    config, cls, dtype = _architecture(cfg)
     with torch.device("meta"):
-        # bf16-autocast saves mostly bf16 activations: build in bf16 for the estimate.
-        return cls.from_config(config, dtype=compute, trust_remote_code=cfg.model.trust_remote_code)
+        return cls.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def sample_model(cfg: Config) -> nn.Module:
+    """A real, randomly initialised CPU copy of the architecture with at most
+    ``SAMPLE_BLOCKS`` blocks (all of them if its config has no ``num_hidden_layers``)."""
+    config, cls, dtype = _architecture(cfg)
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):  # leave training's RNG be
+        torch.manual_seed(0)
+        return cls.from_config(_truncated(config, SAMPLE_BLOCKS), dtype=dtype,
+                               trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _truncated(config, blocks: int):
+    """``config`` with ``blocks`` layers; per-layer lists (``layer_types``) cut to match."""
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= blocks:
+        return config
+    config = copy.deepcopy(config)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == n:
+            setattr(config, key, value[:blocks])
+    config.num_hidden_layers = blocks
+    return config
 
 
 def optimizer_state_bytes(opt_cfg: dict, params: list[torch.Tensor],
@@ -111,61 +149,195 @@ def _bnb_8bit_state_bytes(numel: int) -> int:
     return 2 * numel + 2 * 4 * math.ceil(numel / 256)  # 2 x uint8 + fp32 absmax per block
 
 
-class _MetaFlashAttention(torch.autograd.Function):
-    """Saves what flash attention saves (q, k, v as given, the output and a log-sum-exp),
-    for meta tensors only: its backward never runs."""
+class _FlashAttention(torch.autograd.Function):
+    """Saves what flash attention saves (q, k, v as given, the output and a log-sum-exp).
+    Only counted, never differentiated: on meta tensors the output is empty, on real ones
+    the original kernel computes it."""
 
     @staticmethod
-    def forward(ctx, query, key, value, attn_mask, is_causal, scale):
+    def forward(ctx, sdpa, query, key, value, kwargs):
         out = torch.empty_like(query)
+        if not query.is_meta:  # in the layout the GPU kernels return: like the query
+            out.copy_(sdpa(query, key, value, **kwargs))
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(query, key, value, out, lse)
         return out
 
 
+class _MetaGroupedMm(torch.autograd.Function):
+    """``grouped_mm`` (MoE experts) on meta tensors of any dtype: the meta kernel accepts
+    only bf16 (the CUDA kernel's rule), the CPU one runs fp32 too. Saves what the real op
+    saves: each operand where the other needs a gradient, and the offsets."""
+
+    @staticmethod
+    def forward(ctx, grouped_mm, mat_a, mat_b, offs, kwargs):
+        shape = grouped_mm(mat_a.to(torch.bfloat16), mat_b.to(torch.bfloat16), offs=offs,
+                           **kwargs).shape
+        need_a, need_b = ctx.needs_input_grad[1:3]
+        ctx.save_for_backward(*(t for t, keep in ((mat_a, need_b), (mat_b, need_a), (offs, True))
+                                if keep and t is not None))
+        return mat_a.new_empty(shape, dtype=kwargs.get("out_dtype") or mat_a.dtype)
+
+
 @contextlib.contextmanager
-def _efficient_attention_on_meta():
-    """On meta tensors SDPA falls back to the math path, which saves the full attention
+def counting_kernels(real_attention: bool = False):
+    """Run a forward pass for counting saved tensors, on meta tensors where possible.
+
+    On meta tensors SDPA falls back to the math path, which saves the full attention
     matrix; the kernels that really run (flash / memory-efficient on CUDA, flash on CPU)
-    save only q, k, v, the output and a log-sum-exp. Route meta calls to the CPU flash
-    kernel's meta implementation so the saved bytes are the real ones."""
+    save only q, k, v, the output and a log-sum-exp, so attention is routed to a function
+    that saves exactly those (also on real tensors with ``real_attention``: the CPU sample
+    of :func:`sampled_activation_bytes` must count what a GPU saves). Meta ``grouped_mm``
+    gets any dtype, and transformers' padding warning, which reads token values, is skipped.
+    """
     import torch.nn.functional as F
+    from transformers import PreTrainedModel
 
-    original = F.scaled_dot_product_attention
+    sdpa, grouped_mm = F.scaled_dot_product_attention, getattr(F, "grouped_mm", None)
+    warn = PreTrainedModel.warn_if_padding_and_no_attention_mask
 
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-             enable_gqa=False, **kwargs):
-        if not query.is_meta:
-            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, **kwargs)
-        return _MetaFlashAttention.apply(query, key, value, attn_mask, is_causal, scale)
+    def flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False, **kwargs):
+        kwargs.update(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                      scale=scale, enable_gqa=enable_gqa)
+        if query.is_meta or real_attention:
+            return _FlashAttention.apply(sdpa, query, key, value, kwargs)
+        return sdpa(query, key, value, **kwargs)
 
-    F.scaled_dot_product_attention = sdpa
+    def meta_grouped_mm(mat_a, mat_b, *, offs=None, **kwargs):
+        if mat_a.is_meta and mat_a.dtype != torch.bfloat16:
+            return _MetaGroupedMm.apply(grouped_mm, mat_a, mat_b, offs, kwargs)
+        return grouped_mm(mat_a, mat_b, offs=offs, **kwargs)
+
+    F.scaled_dot_product_attention = flash
+    if grouped_mm is not None:
+        F.grouped_mm = meta_grouped_mm
+    PreTrainedModel.warn_if_padding_and_no_attention_mask = lambda *args: None
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention = sdpa
+        if grouped_mm is not None:
+            F.grouped_mm = grouped_mm
+        PreTrainedModel.warn_if_padding_and_no_attention_mask = warn
 
 
 def activation_bytes(model: nn.Module, groups: list[Group], settings: Settings
                      ) -> list[int]:
     """Bytes autograd keeps for backward while each group is the active one."""
     blocks = list(block_stack(model)[1])
-    device = next(model.parameters()).device
-    ids = torch.zeros(settings.batch_size, settings.seq_len, dtype=torch.long, device=device)
-    labels = ids if settings.causal else torch.zeros(settings.batch_size, dtype=torch.long,
-                                                     device=device)
     result = []
     for group in groups:
-        active = {id(p) for p in group.params.values()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in active)
-        saved = SavedBytes(model, blocks)
-        with saved, _efficient_attention_on_meta():
-            model(input_ids=ids, labels=labels)
+        saved = _saved_bytes(model, blocks, group.params.values(), settings.batch_size,
+                             settings.seq_len, settings.causal)
         result.append(saved.with_checkpointing() if settings.checkpointing else saved.total)
+    return result
+
+
+def _saved_bytes(model: nn.Module, blocks: list[nn.Module], active, batch: int, seq_len: int,
+                 causal: bool) -> "SavedBytes":
+    """One training forward pass with only the ``active`` parameters requiring grad."""
+    device = next(model.parameters()).device
+    # Real (sample) models get real token ids; on meta any ids will do.
+    vocab = max(4, getattr(model.config, "vocab_size", None) or 4)
+    ids = torch.randint(3, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)
+                        ).to(device)
+    labels = ids if causal else torch.zeros(batch, dtype=torch.long, device=device)
+    active = {id(p) for p in active}
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) in active)
+    saved = SavedBytes(model, blocks)
+    try:
+        with saved, counting_kernels(real_attention=not ids.is_meta):
+            model(input_ids=ids, labels=labels)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return saved
+
+
+# ------------------------------------------------------- fallback: a sampled CPU model
+def _block_states(units: set[str], num_blocks: int):
+    """What requires grad in each block while ``units`` are active: "params" (the first
+    active block above frozen embeddings), "both", "input" (frozen, above an active unit)
+    or None (nothing: the block saves nothing). The rest of the model's saved bytes
+    depend on the flags (embeddings active, head active, a unit below the head active)."""
+    grad_in, states = "embeddings" in units, []
+    for i in range(num_blocks):
+        active = f"block.{i}" in units
+        states.append(("both" if grad_in else "params") if active
+                      else ("input" if grad_in else None))
+        grad_in = grad_in or active
+    return ("embeddings" in units, "head" in units, grad_in), states
+
+
+def _sample_stats(sample: nn.Module, units: dict[str, Unit], batch: int, seq_len: int,
+                  causal: bool, needed: set) -> dict:
+    """Saved bytes of a sample model, split into what the groups of a deeper model are
+    made of: the part outside the blocks per flags (those ``needed``), and a block's part
+    per state (the first saving block separately: it also saves tensors shared by all
+    blocks, such as rotary tables and masks), with the block inputs checkpointing keeps."""
+    blocks = list(block_stack(sample)[1])
+    n = len(blocks)
+    # The first three give every block state; the others only their outside part.
+    patterns = [set(units), {"embeddings"}, {"block.0"}, {f"block.{n - 1}", "head"}, {"head"}]
+    stats: dict = {}
+    for i, names in enumerate(patterns):
+        names &= set(units)
+        flags, states = _block_states(names, n)
+        if i >= 3 and flags not in needed:
+            continue
+        active = [p for name in names for p in units[name].params.values()]
+        saved = _saved_bytes(sample, blocks, active, batch, seq_len, causal)
+        stats[("outside", flags)] = saved.outside
+        per_block = saved.per_block()
+        first = True
+        for j, state in enumerate(states):
+            if state is not None:
+                stats[("first" if first else "own", state)] = per_block.get(j, 0)
+                stats[("input", state)] = saved.block_inputs.get(j, 0)
+                first = False
+    return stats
+
+
+def _fit(points: dict[int, dict], x: int) -> dict:
+    """Each statistic at ``x``, interpolated from its values at the points' keys: exact
+    for sizes linear in batch and quadratic in length (a length x length matrix)."""
+    out = {}
+    for key in set().union(*points.values()):
+        out[key] = sum(value.get(key, 0) * math.prod((x - xk) / (xj - xk) for xk in points
+                                                      if xk != xj)
+                       for xj, value in points.items())
+    return out
+
+
+def sampled_activation_bytes(sample: nn.Module, groups: list[Group], num_blocks: int,
+                             settings: Settings) -> list[int]:
+    """Activations per group, scaled from a real CPU sample of the architecture with
+    fewer blocks, measured at batch 2 and 3 and three short lengths (for models whose
+    meta forward fails)."""
+    batch, seq_len = settings.batch_size, settings.seq_len
+    # Batch 1 is a special case for some models (Bloom's ALiBi broadcasts it).
+    batches = (batch,) if batch <= 3 else (2, 3)
+    lengths = (seq_len,) if seq_len <= max(SAMPLE_LENGTHS) else SAMPLE_LENGTHS
+    shapes = [_block_states({u.name for u in g.units}, num_blocks) for g in groups]
+    needed = {flags for flags, _ in shapes}
+    units = {u.name: u for u in find_units(sample)}
+    stats = _fit({b: _fit({n: _sample_stats(sample, units, b, n, settings.causal, needed)
+                           for n in lengths}, seq_len) for b in batches}, batch)
+    result = []
+    for flags, states in shapes:
+        parts, inputs, first = [], 0, True
+        for state in states:
+            if state is not None:
+                key = ("first", state) if first or ("own", state) not in stats else ("own", state)
+                parts.append(stats[key])
+                inputs += stats[("input", state)] if stats[key] else 0
+                first = False
+        outside = stats[("outside", flags)]
+        total = (outside + inputs + max(parts, default=0) if settings.checkpointing
+                 else outside + sum(parts))
+        result.append(round(total))
     return result
 
 
@@ -214,31 +386,60 @@ class SavedBytes:
     def total(self) -> int:
         return sum(b for b, _ in self.seen.values())
 
-    def with_checkpointing(self) -> int:
-        """Checkpointed blocks keep only their input; one block's internals come back
-        at a time during backward."""
-        outside = sum(b for b, blk in self.seen.values() if blk is None)
+    @property
+    def outside(self) -> int:
+        return sum(b for b, blk in self.seen.values() if blk is None)
+
+    def per_block(self) -> dict[int, int]:
         per_block: dict[int, int] = {}
         for b, blk in self.seen.values():
             if blk is not None:
                 per_block[blk] = per_block.get(blk, 0) + b
+        return per_block
+
+    def with_checkpointing(self) -> int:
+        """Checkpointed blocks keep only their input; one block's internals come back
+        at a time during backward."""
+        per_block = self.per_block()
         inputs = sum(self.block_inputs.get(i, 0) for i in per_block)
-        return outside + inputs + max(per_block.values(), default=0)
+        return self.outside + inputs + max(per_block.values(), default=0)
 
 
 def estimate(cfg: Config) -> dict:
-    """Estimated device bytes per category for fpft and for HiFT (every group)."""
+    """Estimated device bytes per category for fpft and for HiFT (every group).
+
+    The meta model's forward passes split it into units and count its activations.
+    Where a meta forward pass fails (code that reads tensor values), a real CPU sample
+    of the architecture with ``SAMPLE_BLOCKS`` blocks does that instead; the report's
+    ``unit_split_method`` and ``activation_method`` say which was used.
+    """
     settings = Settings.of(cfg)
     model = meta_model(cfg)
-    units = find_units(model)
+    sample = None
+    methods = {"unit_split_method": "meta", "activation_method": "meta"}
+    try:
+        with counting_kernels():
+            units = find_units(model)
+    except ForwardPassError:
+        sample = sample_model(cfg)
+        units = find_units(model, reference=sample)
+        methods["unit_split_method"] = "cpu-sample"
     all_params = [p for u in units for p in u.params.values()]
     total_numel = sum(p.numel() for p in all_params)
     states = optimizer_state_bytes(dict(cfg.optimizer), all_params, settings.state_dtype)
     weights = total_numel * settings.weight_bytes
     master_bytes = 4 if settings.mixed else 0
 
-    def column(groups: list[Group], offload: bool) -> list[dict]:
-        acts = activation_bytes(model, groups, settings)
+    fpft_groups = make_groups(units, "fpft", None, None)
+    hift_groups = make_groups(units, cfg.hift.strategy if cfg.hift.strategy != "fpft"
+                              else "bottom2up", cfg.hift.k, cfg.hift.m)
+    try:
+        acts = activation_bytes(model, fpft_groups + hift_groups, settings)
+    except Exception as e:  # code that reads tensor values: .item(), nonzero()
+        methods["activation_method"] = "cpu-sample-scaled"
+        acts = _sampled_or_fail(cfg, sample, model, fpft_groups + hift_groups, settings, e)
+
+    def column(groups: list[Group], acts: list[int], offload: bool) -> list[dict]:
         slot = max(sum(states[id(p)] for p in g.params.values()) + g.numel * master_bytes
                    for g in groups)
         rows = []
@@ -260,17 +461,33 @@ def estimate(cfg: Config) -> dict:
             rows.append(row)
         return rows
 
-    fpft = column(make_groups(units, "fpft", None, None), offload=False)[0]
-    hift_groups = make_groups(units, cfg.hift.strategy if cfg.hift.strategy != "fpft"
-                              else "bottom2up", cfg.hift.k, cfg.hift.m)
+    fpft = column(fpft_groups, acts[:1], offload=False)[0]
     # The engine's rule (e.g. no offload with k <= 2); estimates are for the GPU you
     # train on unless trainer.device=cpu.
     offload = offload_enabled(
         False if cfg.hift.strategy == "fpft" else cfg.hift.offload,
         "cpu" if cfg.trainer.device == "cpu" else "cuda", len(hift_groups),
         str(cfg.optimizer["_target_"]))[0]
-    per_group = column(hift_groups, offload)
-    return _report(cfg, settings, offload, fpft, per_group, len(units), total_numel)
+    per_group = column(hift_groups, acts[1:], offload)
+    return {**_report(cfg, settings, offload, fpft, per_group, len(units), total_numel),
+            **methods}
+
+
+def _sampled_or_fail(cfg: Config, sample: nn.Module | None, model: nn.Module,
+                     groups: list[Group], settings: Settings, error: Exception) -> list[int]:
+    """Activations from the CPU sample, for a model whose meta forward pass failed."""
+    def reason(e: Exception) -> str:  # the first sentence: torch's can run for lines
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0]}"
+
+    log.info(f"the meta forward pass of {type(model).__name__} failed ({reason(error)});"
+             f" measuring activations on a {SAMPLE_BLOCKS}-block CPU sample")
+    try:
+        sample = sample if sample is not None else sample_model(cfg)
+        return sampled_activation_bytes(sample, groups, len(block_stack(model)[1]), settings)
+    except Exception as e:
+        raise ConfigError(f"cannot estimate the activations of {type(model).__name__}: its"
+                          f" forward pass fails on meta tensors ({reason(error)}) and on a"
+                          f" CPU sample ({reason(e)})") from None
 
 
 def _report(cfg, settings: Settings, offload: bool, fpft: dict, per_group: list[dict],
@@ -383,6 +600,16 @@ class Probe:
         self.trainer.after_update.remove(self._read)
 
 
+def _methods_line(report: dict) -> str:
+    if report.get("activation_method", "meta") == "meta":
+        acts = "activations: meta forward pass"
+    else:
+        acts = f"activations: scaled from a {SAMPLE_BLOCKS}-block CPU sample"
+    if report.get("unit_split_method", "meta") != "meta":
+        return f"units: split on a CPU sample; {acts}"
+    return acts
+
+
 def _unique_bytes(tensors) -> int:
     """Bytes of the tensors, each memory region once (tied weights, repeated views);
     views into the store's flat buffers count their own bytes, not the whole buffer."""
@@ -467,6 +694,6 @@ def render(report: dict, measured: dict | None = None):
                 cells.append(f"{measured[name][cat] / scale:.3f}")
         table.add_row(*cells, style="bold" if cat == "total" else None)
     table.caption = (f"hift rows: the largest over groups; hift total: the peak group"
-                     f" ({report['hift_peak_group']})")
+                     f" ({report['hift_peak_group']})\n{_methods_line(report)}")
     return table
 
