@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +31,8 @@ DATA_FORMATS = ("instruction", "math", "text", "classification")
 # data.path values with this prefix name a generator instead of a file or hub dataset.
 DATA_GENERATOR_PREFIX = "reasoning_gym:"
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+# trainer.loggers: jsonl (metrics.jsonl) is always on; the others are optional extras.
+LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
 
 
 # Architecture presets (LLaMA-1/2 and SmolLM2 shapes) for memory estimates without the Hub.
@@ -227,6 +229,10 @@ class TrainerConfig:
     """Stop after this many steps in a row with a non-finite loss or gradient."""
     num_threads: Optional[int] = None
     """torch intra-op threads on CPU (None: torch's default)."""
+    loggers: List[str] = field(default_factory=list)
+    """Experiment trackers that also get every metrics row and the config, e.g.
+    ``[tensorboard,mlflow]``: tensorboard | wandb | mlflow (each an extra: ``pip install
+    'hift-cli[mlflow]'``); metrics.jsonl is always written. See docs/tracking.md."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batch_size",
@@ -238,6 +244,8 @@ class TrainerConfig:
         _positive("trainer.max_grad_norm", self.max_grad_norm)
         _one_of("trainer.precision", self.precision, tuple(PRECISIONS))
         _one_of("trainer.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        for name in self.loggers:
+            _one_of("trainer.loggers", name, LOGGERS)
 
 
 @dataclass
@@ -321,6 +329,9 @@ def _check_components(cfg: Config) -> None:
     """Checks that import torch, so they run at validation, not at import."""
     from hydra.utils import get_class
 
+    from hift_cli.trackers import check_installed
+
+    check_installed(cfg.trainer.loggers)  # one line naming the extra to install
     target = cfg.optimizer.get("_target_")
     if not target:
         raise ConfigError("optimizer._target_ is required (e.g. torch.optim.AdamW)")

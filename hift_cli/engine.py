@@ -61,6 +61,7 @@ from hift_cli.models import (
 from hift_cli.offload import GroupStateStore, offload_enabled
 from hift_cli.progress import TrainProgress
 from hift_cli.report import plot_loss
+from hift_cli.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -297,12 +298,15 @@ class HiftTrainer:
         metrics_path = self.output_dir / "metrics.jsonl"
         summary: dict[str, float] = {}
         with (open(metrics_path, "a") if main else contextlib.nullcontext()) as metrics_file, \
+                Trackers(tcfg.loggers, self.output_dir, self.cfg, enabled=main,
+                         start_step=self.global_step) as trackers, \
                 TrainProgress(tcfg.max_steps, enabled=main) as progress:
 
             def record(row: dict) -> None:
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
+                trackers.log(row)  # TensorBoard / W&B / MLflow (trainer.loggers)
 
             if tcfg.eval_before and len(self.eval_set):
                 before = self.evaluate()
