@@ -1,11 +1,12 @@
 """Crash-safe checkpoints that resume bit-exactly.
 
 A checkpoint is ``<run>/checkpoints/step-<N>/`` holding the model (``save_pretrained``,
-safetensors), its tokenizer, and ``training_state.pt``: the optimizer state of every group,
-fp32 masters, scheduler, step counter, batches consumed (the data order is a function of
-the seed and that count), skipped-step counters and every RNG state. The group order needs
-nothing saved: step N's group follows from the strategy, the seed and N. Checkpoints are
-taken between steps, so a gradient-accumulation window is never cut in half.
+safetensors), its tokenizer, and ``training_state.pt``: the optimizer state of every group
+(and of the always-active units, whose names it records), fp32 masters, scheduler, step
+counter, batches consumed (the data order is a function of the seed and that count),
+skipped-step counters and every RNG state. The group order needs nothing saved: step N's
+group follows from the strategy, the seed and N. Checkpoints are taken between steps, so a
+gradient-accumulation window is never cut in half.
 
 Writes go to a hidden temporary folder, are fsynced, renamed into place, and only then
 marked with a ``COMPLETE`` file; a folder without the marker is never loaded.
@@ -130,8 +131,8 @@ def save_checkpoint(trainer, keep_last: int, rng_ranks: list | None = None) -> P
                 "skipped_steps": trainer.skipped_steps,
                 "optimizer": trainer.optimizer.state_dict(),
                 "scheduler": trainer.scheduler.state_dict(),
-                "masters": ([m.data for ps in trainer.opt_params for m in ps]
-                            if trainer.masters else []),
+                "masters": [m.data for m in _masters(trainer)],
+                "always_active": _always_active(trainer),
                 "rng": rng_state(),
                 "rng_ranks": rng_ranks or [],
             }
@@ -173,13 +174,20 @@ def load_checkpoint(trainer, path: Path) -> None:
     if unexpected or set(missing) - _tied_names(trainer.model):
         raise CheckpointError(f"checkpoint {path} does not match this model"
                               f" (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
+    # The optimizer's parameter order puts always-active units last: another choice of
+    # them would hand saved state to the wrong parameters.
+    saved_always = state.get("always_active", [])
+    if saved_always != _always_active(trainer):
+        raise CheckpointError(f"checkpoint {path} was saved with hift.always_active="
+                              f"[{','.join(saved_always)}]: resume with the same setting")
     store = trainer.store
     store.reset()  # offloaded masters: written in place into their host buffers
-    if trainer.masters:
-        for m, saved in zip((m for ps in trainer.opt_params for m in ps), state["masters"]):
-            m.data.copy_(saved)
+    for m, saved in zip(_masters(trainer), state["masters"]):
+        m.data.copy_(saved)
+    # Always-active units' state lives on the device even while the store offloads.
+    always = {id(p) for p in getattr(trainer, "always_opt", [])}
     _restore_optimizer(trainer.optimizer, state["optimizer"],
-                       None if store.enabled else trainer.device, trainer.device)
+                       None if store.enabled else trainer.device, trainer.device, always)
     store.restore()  # straight from the loaded CPU copy into the host buffers
     if hasattr(trainer.optimizer, "initialized"):
         # bitsandbytes: its first step() would move every group's state to the GPU.
@@ -195,11 +203,25 @@ def load_checkpoint(trainer, path: Path) -> None:
     _set_rng_state(ranks[rank] if len(ranks) == world else state["rng"])
 
 
+def _masters(trainer) -> list[torch.Tensor]:
+    """Every fp32 master (bf16-mixed): the groups', then the always-active units'."""
+    if not trainer.masters:
+        return []
+    return [m for ps in trainer.opt_params for m in ps] + list(getattr(trainer, "always_opt", []))
+
+
+def _always_active(trainer) -> list[str]:
+    return [u.name for u in getattr(trainer, "always", [])]
+
+
 def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict,
-                       device: torch.device | None, compute_device: torch.device) -> None:
+                       device: torch.device | None, compute_device: torch.device,
+                       resident: set[int] = frozenset()) -> None:
     """Like ``Optimizer.load_state_dict``, without moving every group's state to the
     device at once (which offloading exists to avoid): state stays on the CPU for the
-    store to take, or goes to ``device`` when nothing is offloaded. Scalar step counters
+    store to take, or goes to ``device`` when nothing is offloaded; the state of the
+    parameters in ``resident`` (ids: always-active units) goes to ``compute_device``
+    either way. Scalar step counters
     go where ``load_state_dict`` puts them: with ``fused`` or ``capturable`` to the
     ``compute_device`` as float32, else they stay on the CPU."""
     params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
@@ -208,9 +230,10 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict,
         p, group = params[int(index)]
         on_device = bool(group.get("fused") or group.get("capturable"))
         state = {}
+        to = compute_device if id(p) in resident else device
         for k, v in entry.items():
-            if torch.is_tensor(v) and v.dim() > 0 and device is not None:
-                v = v.to(device)
+            if torch.is_tensor(v) and v.dim() > 0 and to is not None:
+                v = v.to(to)
             elif k == "step" and torch.is_tensor(v) and on_device:
                 v = v.to(dtype=torch.float32, device=compute_device)
             state[k] = v

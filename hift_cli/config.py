@@ -165,11 +165,24 @@ class DataConfig:
 class HiftConfig:
     strategy: str = "bottom2up"
     """bottom2up | top2down | random (seeded reshuffle every cycle) | fpft (full fine-tuning)."""
-    k: Optional[int] = 4
-    """Number of groups. Exactly one of k and m is set; giving one on the command line
-    clears the other."""
+    k: Optional[Any] = 4
+    """Number of groups, or ``auto``: the fewest groups whose estimated peak fits
+    hift.memory_budget (balanced grouping). Exactly one of k and m is set; giving one on
+    the command line clears the other."""
     m: Optional[int] = None
     """Units per group (the other way to size groups; see k)."""
+    grouping: Optional[str] = None
+    """How k groups are cut, units kept in order and never split: balanced (the largest
+    group as small as possible in parameters) | contiguous (unit counts differ by at most
+    one). null: balanced with k=auto, else contiguous. hift.m is always m units a group."""
+    memory_budget: Optional[float] = None
+    """GiB of device memory: with k=auto, pick the fewest groups that fit; with a fixed k or
+    m, `hift memprofile` says whether it fits. null: off."""
+    always_active: List[str] = field(default_factory=list)
+    """Units trained at every step besides the active group (``embeddings``, ``head``,
+    ``block.N``), e.g. ``[head]`` for a freshly initialised classification head or
+    ``[embeddings,head]`` (LISA-style). They leave the k groups; their optimizer state
+    (and fp32 masters) stays on the device. Ignored by fpft."""
     offload: Optional[bool] = None
     """Keep inactive groups' optimizer state (and fp32 masters) in pinned host memory,
     prefetching the next group's on a side CUDA stream. null: on with CUDA, off on CPU."""
@@ -183,16 +196,34 @@ class HiftConfig:
                 "set exactly one of hift.k (number of groups) and hift.m (units per group)"
                 f" (got k={self.k}, m={self.m}); on the command line give only one of them"
             )
+        if isinstance(self.k, str) and self.k.strip().isdigit():
+            self.k = int(self.k)
+        if self.k is not None and self.k != "auto" and (
+                isinstance(self.k, bool) or not isinstance(self.k, int)):
+            raise ConfigError(f"hift.k must be a number of groups or auto (got {self.k!r})")
         for key in ("k", "m"):
             value = getattr(self, key)
-            if value is not None and value < 1:
+            if value is not None and value != "auto" and value < 1:
                 raise ConfigError(f"hift.{key} must be >= 1 (got {value})")
+        if self.grouping is not None:
+            _one_of("hift.grouping", self.grouping, ("balanced", "contiguous"))
+        if self.m is not None and self.grouping == "balanced":
+            raise ConfigError("hift.grouping=balanced cuts k groups by size: use hift.k (a"
+                              " number or auto), not hift.m (always m units a group)")
+        _positive("hift.memory_budget", self.memory_budget)
+        if self.k == "auto" and self.memory_budget is None:
+            raise ConfigError("hift.k=auto needs hift.memory_budget (GiB of device memory to"
+                              " fit, e.g. hift.memory_budget=24)")
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 100
-    """Optimizer steps; each step updates one group."""
+    max_steps: Optional[int] = 100
+    """Optimizer steps; each step updates one group. Exactly one of max_steps and epochs is
+    set; giving one on the command line clears the other."""
+    epochs: Optional[int] = None
+    """Train this many passes over the training data instead of max_steps: epochs x
+    batches per epoch / grad_accum steps, rounded up to whole cycles (logged)."""
     batch_size: int = 4
     """Samples per micro-batch (per process under torchrun)."""
     grad_accum: int = 1
@@ -213,16 +244,18 @@ class TrainerConfig:
     """auto (cuda if available) | cpu | cuda | cuda:N."""
     log_every: int = 1
     """Console log line every N steps (metrics.jsonl gets every step)."""
-    eval_every: Optional[int] = None
-    """Evaluate every N steps (None: only before and after training)."""
+    eval_every: Any = None
+    """Evaluate every N steps, or ``epoch``: at the step that consumes each epoch's last
+    batch (null: only before and after training)."""
     eval_batch_size: int = 8
     """Batch size of evaluation during training."""
     eval_before: bool = True
     """Evaluate once before the first step."""
     save_model: bool = True
     """Write model/ and a final checkpoint at the end."""
-    save_every: Optional[int] = None
-    """Write a resumable checkpoint every N steps (and at the end); null: only at the end."""
+    save_every: Any = None
+    """Write a resumable checkpoint every N steps, or ``epoch`` (as eval_every), and at
+    the end; null: only at the end."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted."""
     max_bad_steps: int = 3
@@ -235,11 +268,22 @@ class TrainerConfig:
     'hift-cli[mlflow]'``); metrics.jsonl is always written. See docs/tracking.md."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batch_size",
-                    "keep_last", "max_bad_steps"):
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ConfigError(
+                "set exactly one of trainer.max_steps and trainer.epochs (got max_steps="
+                f"{self.max_steps}, epochs={self.epochs}); on the command line give only one"
+                " of them")
+        for key in ("max_steps", "epochs", "batch_size", "grad_accum", "log_every",
+                    "eval_batch_size", "keep_last", "max_bad_steps"):
             _positive(f"trainer.{key}", getattr(self, key))
-        _positive("trainer.eval_every", self.eval_every)
-        _positive("trainer.save_every", self.save_every)
+        for key in ("eval_every", "save_every"):
+            value = getattr(self, key)
+            if value is None or value == "epoch":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"trainer.{key} must be a number of steps or epoch"
+                                  f" (got {value!r})")
+            _positive(f"trainer.{key}", value)
         _positive("trainer.warmup_cycles", self.warmup_cycles, allow_zero=True)
         _positive("trainer.max_grad_norm", self.max_grad_norm)
         _one_of("trainer.precision", self.precision, tuple(PRECISIONS))
@@ -361,7 +405,7 @@ def _looks_local(path: str) -> bool:
 
 # Keys of which a run sets exactly one: when the command line sets one of a pair, the
 # other (set by a recipe) is cleared, so what the user types wins over the recipe.
-EXCLUSIVE = (("hift.k", "hift.m"),)
+EXCLUSIVE = (("hift.k", "hift.m"), ("trainer.epochs", "trainer.max_steps"))
 
 
 def command_line_wins(cfg: DictConfig, overrides) -> None:
@@ -374,6 +418,10 @@ def command_line_wins(cfg: DictConfig, overrides) -> None:
     for a, b in EXCLUSIVE:
         if (a in given) != (b in given):
             OmegaConf.update(cfg, b if a in given else a, None)
+    # A recipe's balanced grouping (k groups by size) has no meaning for the user's hift.m.
+    if "hift.m" in given and not {"hift.k", "hift.grouping"} & given \
+            and OmegaConf.select(cfg, "hift.grouping") == "balanced":
+        OmegaConf.update(cfg, "hift.grouping", None)
 
 
 def to_config(cfg: DictConfig, overrides=()) -> Config:

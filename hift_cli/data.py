@@ -362,6 +362,13 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def batches_per_epoch(num_samples: int, batch_size: int, world: int = 1) -> int:
+    """Batches each rank gets from one epoch of :func:`train_batches` (the last incomplete
+    global batch is dropped)."""
+    size = min(batch_size * world, num_samples - num_samples % world)
+    return num_samples // size if size > 0 else 0
+
+
 def train_batches(ds: Dataset, batch_size: int, pad_id: int, seed: int,
                   group_by_length: bool = False, start: int = 0, rank: int = 0,
                   world: int = 1) -> Iterator[dict[str, torch.Tensor]]:

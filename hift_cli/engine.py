@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -47,9 +48,10 @@ from hift_cli.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from hift_cli.config import Config
+from hift_cli.config import Config, ConfigError
 from hift_cli.evaluate import build_evaluator
-from hift_cli.grouping import Group, GroupSchedule, find_units, make_groups
+from hift_cli.grouping import Group, GroupSchedule, find_units, split_always_active
+from hift_cli.memory import build_groups
 from hift_cli.models import (
     autocast,
     enable_checkpointing,
@@ -109,6 +111,7 @@ class HiftTrainer:
             distributed.broadcast_parameters(self.model)
             torch.manual_seed(cfg.trainer.seed + self.dist.rank)  # own dropout masks
         self._setup_groups()
+        self._resolve_steps()
         self._setup_optimizer()
         self._setup_store()
         self._setup_scheduler()
@@ -185,16 +188,65 @@ class HiftTrainer:
     def _setup_groups(self) -> None:
         hcfg = self.cfg.hift
         self.units = find_units(self.model)
-        self.groups: list[Group] = make_groups(self.units, hcfg.strategy, hcfg.k, hcfg.m)
+        # hift.always_active: trained at every step besides the active group, in no group.
+        # fpft already trains every unit at every step: the setting is ignored there.
+        self.always, rest = (split_always_active(self.units, hcfg.always_active)
+                             if hcfg.strategy != "fpft" else ([], self.units))
+        # hift.k=auto: the fewest balanced groups that fit hift.memory_budget (memory.py).
+        self.groups: list[Group] = build_groups(self.cfg, rest, self.device.type)
         self.schedule = GroupSchedule(hcfg.strategy, len(self.groups), self.cfg.trainer.seed)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.always_params = [p for u in self.always for p in u.params.values()]
+        for p in self.always_params:
+            p.requires_grad_(True)  # for the whole run
         self.active: Group | None = None
-        # Data parallel: only the active group's gradients cross the wire.
+        # Data parallel: only the active group's (and always-active units') gradients
+        # cross the wire.
         self.grad_sync = distributed.GradSync() if self.dist.enabled else None
         log.info(f"HiFT: {len(self.units)} units in {len(self.groups)} groups, strategy "
                  f"{hcfg.strategy}: " + ", ".join(
-                     f"{g.name} ({g.numel / 1e6:.2f}M)" for g in self.groups))
+                     f"{g.name} ({g.numel / 1e6:.2f}M)" for g in self.groups)
+                 + "".join(f"; always active: {u.name} ({u.numel / 1e6:.2f}M)"
+                           for u in self.always))
+        if hcfg.always_active and hcfg.strategy == "fpft":
+            log.info("hift.always_active is ignored: fpft trains every unit at every step")
+
+    def _resolve_steps(self) -> None:
+        """``trainer.epochs`` -> ``trainer.max_steps`` (whole cycles), and epoch lengths."""
+        tcfg, k = self.cfg.trainer, len(self.groups)
+        # Micro-batches per epoch on each rank; grad_accum of them make a step.
+        n, world = len(self.train_set), self.dist.world
+        self.epoch_batches = data_lib.batches_per_epoch(n, tcfg.batch_size, world)
+        if self.epoch_batches == 0:  # what the first batch would say
+            raise ConfigError(f"data: {n} training samples cannot be shared by {world}"
+                              " processes")
+        if tcfg.epochs is not None:
+            steps = math.ceil(tcfg.epochs * self.epoch_batches / tcfg.grad_accum)
+            # trainer.epochs stays as given; max_steps is what everything downstream reads.
+            tcfg.max_steps = math.ceil(steps / k) * k
+            log.info(f"trainer.epochs={tcfg.epochs}: {tcfg.epochs} x {self.epoch_batches}"
+                     " batches" + (f" / grad_accum {tcfg.grad_accum}" if tcfg.grad_accum > 1
+                                   else "") + f" = {steps} steps"
+                     + (f", rounded up to {tcfg.max_steps}" if tcfg.max_steps != steps else "")
+                     + f" ({tcfg.max_steps // k} cycles of {k} groups)")
+        if "epoch" in (tcfg.eval_every, tcfg.save_every):
+            ends = [math.ceil(e * self.epoch_batches / tcfg.grad_accum) for e in (1, 2, 3)]
+            log.info(f"Epoch ends ({self.epoch_batches} batches each): steps"
+                     f" {', '.join(map(str, ends))}, ...")
+
+    def _due(self, every) -> bool:
+        """Whether the step just taken is on trainer.eval_every / save_every's schedule:
+        every N steps, or ``epoch``: the step that consumed an epoch's last batch."""
+        if every == "epoch":
+            b, done = self.epoch_batches, self.batches_consumed
+            return done // b > (done - self.cfg.trainer.grad_accum) // b
+        return bool(every) and self.global_step % every == 0
+
+    @property
+    def epoch(self) -> float:
+        """Epochs completed (batches consumed / batches per epoch): for metrics rows."""
+        return round(self.batches_consumed / self.epoch_batches, 4)
 
     def _setup_optimizer(self) -> None:
         ocfg = dict(self.cfg.optimizer)
@@ -202,8 +254,11 @@ class HiftTrainer:
         # model's own parameters.
         self.opt_params = [[self.masters.get(id(p), p) for p in g.params.values()]
                            for g in self.groups]
+        # Always-active units: updated every step; their state and masters stay on the
+        # device (the store moves only the groups').
+        self.always_opt = [self.masters.get(id(p), p) for p in self.always_params]
         decay, no_decay = [], []
-        for params in self.opt_params:
+        for params in [*self.opt_params, self.always_opt]:
             for p in params:
                 # Norm weights and biases are vectors: no weight decay on them.
                 (decay if p.ndim >= 2 else no_decay).append(p)
@@ -223,8 +278,10 @@ class HiftTrainer:
         # fp32 masters start in host memory (the store moves them) or on the device.
         self.store = GroupStateStore(self.optimizer, self.opt_params, self.device, enabled,
                                      masters=bool(self.masters), factory=self.optimizer_factory)
-        if self.masters and not enabled:
-            for m in (m for params in self.opt_params for m in params):
+        if self.masters:
+            on_device = self.always_opt + ([] if enabled else
+                                           [m for params in self.opt_params for m in params])
+            for m in on_device:
                 m.data = m.data.to(self.device)
         log.info(f"Optimizer state offload: {'on' if enabled else f'off ({why})'}"
                  + (" (fp32 masters too)" if self.masters and enabled else ""))
@@ -244,7 +301,7 @@ class HiftTrainer:
         for p in group.params.values():
             p.requires_grad_(True)
         if self.grad_sync is not None:
-            self.grad_sync.attach(list(group.params.values()))
+            self.grad_sync.attach(list(group.params.values()) + self.always_params)
         self.active = group
 
     def evaluate(self) -> dict[str, float]:
@@ -311,7 +368,7 @@ class HiftTrainer:
             if tcfg.eval_before and len(self.eval_set):
                 before = self.evaluate()
                 summary.update({f"{k}_before": v for k, v in before.items()})
-                record({"step": 0, **before})
+                record({"step": 0, "epoch": 0.0, **before})
                 progress.note(f"eval before training: {_describe(before)}")
                 if main:  # what the model says on the first few eval records
                     summary.update(self.evaluator.show_samples(self.model, "before",
@@ -358,10 +415,12 @@ class HiftTrainer:
                 synced = self.grad_sync.finish() if self.grad_sync is not None else 0
                 distributed.all_reduce_(loss_sum)  # the global batch's loss, on every rank
 
-                params = self.opt_params[group.index]
+                # The group's parameters and the always-active ones, and what updates them.
+                trained = [*group.params.values(), *self.always_params]
+                params = self.opt_params[group.index] + self.always_opt
                 self.store.wait(group.index)  # its state and masters must have arrived
                 if self.masters:  # bf16 grads -> fp32 grads on the masters
-                    for p, master in zip(group.params.values(), params):
+                    for p, master in zip(trained, params):
                         master.grad, p.grad = (p.grad.float() if p.grad is not None else None,
                                                None)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -376,7 +435,7 @@ class HiftTrainer:
                     for hook in self.after_update:
                         hook(self, group)
                     if self.masters:
-                        for p, master in zip(group.params.values(), params):
+                        for p, master in zip(trained, params):
                             p.data.copy_(master.data)  # fp32 -> bf16 weights
                 else:  # skip the update: weights and optimizer state stay as they were
                     self.bad_steps += 1
@@ -392,8 +451,9 @@ class HiftTrainer:
                 seconds = time.perf_counter() - step_start
                 moved = self.store.take_stats()
                 total_tokens += tokens
-                row = {"step": self.global_step, "cycle": cycle, "group": group.index,
-                       "train/loss": train_loss, "lr": lr, "tokens_per_second": tokens / seconds,
+                row = {"step": self.global_step, "epoch": self.epoch, "cycle": cycle,
+                       "group": group.index, "train/loss": train_loss, "lr": lr,
+                       "tokens_per_second": tokens / seconds,
                        "step_seconds": seconds, "train/skipped": int(not finite),
                        "offload/stall_seconds": moved.stall_seconds,
                        "offload/h2d_bytes": moved.h2d_bytes, "offload/d2h_bytes": moved.d2h_bytes}
@@ -419,8 +479,7 @@ class HiftTrainer:
                             f" {self.global_step}; lower optimizer.lr or check the data", 1)
 
                 if self.stop_signal is not None or (
-                        tcfg.save_every and self.global_step % tcfg.save_every == 0
-                        and self.global_step < tcfg.max_steps):
+                        self._due(tcfg.save_every) and self.global_step < tcfg.max_steps):
                     path = self.checkpoint()
                     if self.stop_signal is not None:
                         raise TrainingStopped(
@@ -429,10 +488,10 @@ class HiftTrainer:
                             f" same command plus resume={self.output_dir}",
                             128 + self.stop_signal)
 
-                if tcfg.eval_every and self.global_step % tcfg.eval_every == 0 \
-                        and self.global_step < tcfg.max_steps and len(self.eval_set):
+                if self._due(tcfg.eval_every) and self.global_step < tcfg.max_steps \
+                        and len(self.eval_set):
                     ev = self.evaluate()
-                    record({"step": self.global_step, **ev})
+                    record({"step": self.global_step, "epoch": self.epoch, **ev})
                     progress.note(f"step {self.global_step}: eval {_describe(ev)}")
 
             # The last write-back may still be landing in the buffers the optimizer's
@@ -461,7 +520,7 @@ class HiftTrainer:
             if len(self.eval_set):
                 after = self.evaluate()
                 summary.update(after)
-                record({"step": self.global_step, **after})
+                record({"step": self.global_step, "epoch": self.epoch, **after})
                 progress.note(f"eval after training: {_describe(after)}")
                 if main:  # the same records as before training
                     summary.update(self.evaluator.show_samples(self.model, "after",

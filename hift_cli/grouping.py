@@ -163,11 +163,31 @@ def find_units(model: nn.Module, reference: nn.Module | None = None) -> list[Uni
     return [u for u in units if u.params]
 
 
-def make_groups(units: list[Unit], strategy: str, k: int | None, m: int | None) -> list[Group]:
+def split_always_active(units: list[Unit], names) -> tuple[list[Unit], list[Unit]]:
+    """``(always, rest)``: the units named in ``hift.always_active`` (trained at every
+    step) and the others, which the k groups are made of; both in forward order."""
+    names = list(dict.fromkeys(names))
+    known = [u.name for u in units]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"hift.always_active: no unit {unknown[0]!r} in this model (units:"
+                          f" {', '.join(known)})")
+    always = [u for u in units if u.name in names]
+    rest = [u for u in units if u.name not in names]
+    if not rest:
+        raise ConfigError("hift.always_active names every unit: that is full fine-tuning"
+                          " (hift.strategy=fpft)")
+    return always, rest
+
+
+def make_groups(units: list[Unit], strategy: str, k: int | None, m: int | None,
+                grouping: str | None = None) -> list[Group]:
     """Partition units (bottom to top) into contiguous groups.
 
     ``m`` gives groups of m units from the bottom (the last may be smaller); ``k`` gives k
-    groups whose sizes differ by at most one. ``fpft`` is a single group of everything.
+    groups: ``contiguous`` (the default) sizes them in units, differing by at most one;
+    ``balanced`` minimises the largest group's parameters (:func:`balanced_sizes`).
+    ``fpft`` is a single group of everything.
     """
     n = len(units)
     if strategy == "fpft":
@@ -178,7 +198,10 @@ def make_groups(units: list[Unit], strategy: str, k: int | None, m: int | None) 
                 f"hift.k={k} but the model has only {n} units"
                 f" (embeddings, {n - 2} blocks, head); use hift.k <= {n}"
             )
-        sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+        if grouping == "balanced":
+            sizes = balanced_sizes([u.numel for u in units], k)
+        else:
+            sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
     else:
         assert m is not None
         if m > n:
@@ -189,6 +212,46 @@ def make_groups(units: list[Unit], strategy: str, k: int | None, m: int | None) 
         groups.append(Group(i, units[start : start + size]))
         start += size
     return groups
+
+
+def balanced_sizes(sizes: list[int], k: int) -> list[int]:
+    """Units per group of the k contiguous groups (bottom to top) whose largest sum of
+    ``sizes`` is the smallest possible (the linear partition problem; exact).
+
+    Binary search on that largest sum, each candidate checked greedily. Among the optimal
+    partitions, the top groups are filled first: the bottom groups, whose activations span
+    the most layers, get what is left.
+    """
+    n = len(sizes)
+    assert 1 <= k <= n
+
+    def groups_needed(cap: int) -> int:
+        count, total = 1, 0
+        for s in sizes:
+            if total + s > cap:
+                count, total = count + 1, 0
+            total += s
+        return count
+
+    lo, hi = max(sizes), sum(sizes)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if groups_needed(mid) <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    # Fill from the top, leaving at least one unit for each group still to come.
+    counts: list[int] = []
+    total, count = 0, 0
+    for i in range(n - 1, -1, -1):
+        left_groups = k - len(counts) - 1  # groups below the current one
+        if count and (total + sizes[i] > lo or i + 1 == left_groups):
+            counts.append(count)
+            total, count = 0, 0
+        total += sizes[i]
+        count += 1
+    counts.append(count)
+    return counts[::-1]
 
 
 class GroupSchedule:

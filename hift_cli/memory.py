@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -24,7 +25,7 @@ from torch import nn
 
 from hift_cli.config import SHAPES, Config, ConfigError
 from hift_cli.grouping import (ForwardPassError, Group, Unit, block_stack, find_units,
-                               make_groups)
+                               make_groups, split_always_active)
 from hift_cli.offload import offload_enabled, state_shapes
 
 CATEGORIES = ("weights", "gradients", "optimizer_states", "fp32_masters", "activations",
@@ -405,82 +406,318 @@ class SavedBytes:
         return self.outside + inputs + max(per_block.values(), default=0)
 
 
-def estimate(cfg: Config) -> dict:
+class Estimator:
+    """The estimate's pieces for one config, built once: the meta model, its units (and the
+    always-active ones, which the groups leave), every parameter's optimizer-state bytes.
+    Rows for any grouping of the units come without a forward pass but for activations,
+    which are memoised per (batch, active units): a k scan repeats no pass."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.settings = Settings.of(cfg)
+        self.model = meta_model(cfg)
+        self.sample: nn.Module | None = None
+        self.methods = {"unit_split_method": "meta", "activation_method": "meta"}
+        try:
+            with counting_kernels():
+                self.units = find_units(self.model)
+        except ForwardPassError:
+            self.sample = sample_model(cfg)
+            self.units = find_units(self.model, reference=self.sample)
+            self.methods["unit_split_method"] = "cpu-sample"
+        names = cfg.hift.always_active if cfg.hift.strategy != "fpft" else []
+        self.always, self.rest = (split_always_active(self.units, names) if names
+                                  else ([], list(self.units)))
+        all_params = [p for u in self.units for p in u.params.values()]
+        self.total_numel = sum(p.numel() for p in all_params)
+        self.states = optimizer_state_bytes(dict(cfg.optimizer), all_params,
+                                            self.settings.state_dtype)
+        self.weights = self.total_numel * self.settings.weight_bytes
+        self.master_bytes = 4 if self.settings.mixed else 0
+        self.passes = 0  # activation passes run (meta, or sampled groups)
+        self._acts: dict[tuple, int] = {}
+        self._meta_error: Exception | None = None
+
+    def groups(self, k: int | None, m: int | None = None,
+               grouping: str | None = None) -> list[Group]:
+        """HiFT groups of the units that are not always active."""
+        return make_groups(self.rest, "bottom2up", k, m, grouping)
+
+    def offload(self, num_groups: int) -> bool:
+        """The engine's rule (e.g. no offload with k <= 2); estimates are for the GPU you
+        train on unless trainer.device=cpu."""
+        cfg = self.cfg
+        return offload_enabled(
+            False if cfg.hift.strategy == "fpft" else cfg.hift.offload,
+            "cpu" if cfg.trainer.device == "cpu" else "cuda", num_groups,
+            str(cfg.optimizer["_target_"]))[0]
+
+    def active_units(self, group: Group) -> list[Unit]:
+        """What requires grad while ``group`` trains: it and the always-active units."""
+        names = {u.name for u in (*self.always, *group.units)}
+        return [u for u in self.units if u.name in names]
+
+    def activations(self, unit_lists: list[list[Unit]], batch: int | None = None) -> list[int]:
+        """Activation bytes while each list of units is active (memoised)."""
+        settings = (self.settings if batch is None
+                    else dataclasses.replace(self.settings, batch_size=batch))
+        keys = [(settings.batch_size, tuple(u.name for u in units)) for units in unit_lists]
+        todo = {key: units for key, units in zip(keys, unit_lists) if key not in self._acts}
+        if todo:
+            groups = [Group(i, units) for i, units in enumerate(todo.values())]
+            acts = None
+            if self._meta_error is None:
+                try:
+                    acts = activation_bytes(self.model, groups, settings)
+                except Exception as e:  # code that reads tensor values: .item(), nonzero()
+                    self._meta_error = e
+                    self.methods["activation_method"] = "cpu-sample-scaled"
+                    announce = True
+            else:
+                announce = False
+            if acts is None:
+                if self.sample is None:
+                    with contextlib.suppress(Exception):  # else _sampled_or_fail says why
+                        self.sample = sample_model(self.cfg)
+                acts = _sampled_or_fail(self.cfg, self.sample, self.model, groups, settings,
+                                        self._meta_error, announce)
+            self.passes += len(groups)
+            self._acts.update(zip(todo, acts))
+        return [self._acts[key] for key in keys]
+
+    def rows(self, groups: list[Group], offload: bool, acts: list[int] | None = None,
+             always: bool = True) -> list[dict]:
+        """Each group's row; activations 0 where ``acts`` is None (a lower bound)."""
+        mb, states = self.master_bytes, self.states
+        always_units = self.always if always else []
+        always_numel = sum(u.numel for u in always_units)
+        # Always-active units' state and masters stay on the device, outside the slots.
+        always_states = sum(states[id(p)] for u in always_units for p in u.params.values())
+
+        def group_states(g: Group) -> int:
+            return sum(states[id(p)] for p in g.params.values())
+
+        slot = max(group_states(g) + g.numel * mb for g in groups)
+        rows = []
+        for i, g in enumerate(groups):
+            g_states, numel = group_states(g), g.numel + always_numel
+            row = {
+                "group": g.name,
+                "weights": self.weights,
+                # bf16-mixed: the group's bf16 grads become fp32 grads on its masters,
+                # one parameter at a time, so the fp32 ones set the peak.
+                "gradients": numel * (mb or self.settings.weight_bytes),
+                "optimizer_states": g_states + always_states if offload
+                else sum(states.values()),
+                "fp32_masters": (numel if offload else self.total_numel) * mb,
+                "activations": acts[i] if acts is not None else 0,
+                # The store's two device slots hold the active and the next group.
+                "other": 2 * slot - g_states - g.numel * mb if offload else 0,
+            }
+            row["total"] = sum(row[c] for c in CATEGORIES)
+            row["params"] = g.numel
+            rows.append(row)
+        return rows
+
+    def evaluate(self, groups: list[Group], offload: bool, budget: float | None = None,
+                 batch: int | None = None) -> list[dict] | None:
+        """Every group's row; with a ``budget`` (bytes), None as soon as one group is
+        over it, trying first the groups without activations over it (no pass), then the
+        bottom group (activations spanning the most layers), then the others."""
+        static = self.rows(groups, offload)
+        if budget is not None:
+            if max(r["total"] for r in static) > budget:
+                return None
+            for i in [0, *sorted(range(1, len(groups)), key=lambda i: -static[i]["total"])]:
+                (act,) = self.activations([self.active_units(groups[i])], batch)
+                if static[i]["total"] + act > budget:
+                    return None
+        acts = self.activations([self.active_units(g) for g in groups], batch)
+        return self.rows(groups, offload, acts)
+
+    def fpft(self) -> dict:
+        acts = self.activations([self.units])
+        return self.rows([Group(0, list(self.units))], False, acts, always=False)[0]
+
+    def choose(self, budget: float) -> tuple[list[Group], list[dict]]:
+        """The fewest balanced groups whose every row fits ``budget`` (bytes), k = 1, 2, ...
+        A grouping whose rows without activations are already over it costs no pass."""
+        n = len(self.rest)
+        for k in range(1, n + 1):
+            groups = self.groups(k, grouping="balanced")
+            rows = self.evaluate(groups, self.offload(k), budget)
+            if rows is not None:
+                return groups, rows
+        groups = self.groups(n, grouping="balanced")
+        peak = max(r["total"] for r in self.evaluate(groups, self.offload(n)))
+        s = self.settings
+        fixes = ([] if s.checkpointing else ["model.gradient_checkpointing=true"]) + (
+            [] if "8bit" in str(self.cfg.optimizer["_target_"]).lower()
+            or self.cfg.trainer.device == "cpu" else ["an 8-bit optimizer (optimizer=adamw8bit)"]
+        ) + [
+            f"a smaller trainer.batch_size (now {s.batch_size}) or data.max_length"
+            f" (now {s.seq_len})"]
+        raise ConfigError(
+            f"hift.memory_budget={self.cfg.hift.memory_budget:g} GiB: no grouping fits; the"
+            f" smallest peak, one unit per group (k={n}), is {gib(peak)} GiB; to fit, try"
+            f" {', '.join(fixes)}")
+
+    def largest_batch(self, groups: list[Group], offload: bool, budget: float) -> int:
+        """The largest trainer.batch_size at which every group fits ``budget`` (bytes).
+
+        Activations are linear in the batch: each group's line is fitted through the run's
+        batch b and 2b, and the answer is confirmed by full estimates at it and one above.
+        """
+        static = self.rows(groups, offload)
+        if max(r["total"] for r in static) > budget:
+            return 0  # over it before any activation
+        units = [self.active_units(g) for g in groups]
+        b0 = self.settings.batch_size
+        b1 = 2 * b0
+        a0, a1 = self.activations(units, b0), self.activations(units, b1)
+        best = 1 << 20
+        for row, x0, x1 in zip(static, a0, a1):
+            slope = (x1 - x0) / (b1 - b0)
+            room = budget - row["total"] - (x0 - slope * b0)
+            if slope > 0:
+                best = min(best, math.floor(room / slope))
+            elif room < 0:
+                best = 0
+        batch = max(0, best)
+
+        def fits(b: int) -> bool:
+            return b >= 1 and self.evaluate(groups, offload, budget, batch=b) is not None
+
+        while batch >= 1 and not fits(batch):
+            batch -= 1
+        for _ in range(4):  # a line is exact for these models: at most a step off
+            if not fits(batch + 1):
+                break
+            batch += 1
+        return batch
+
+
+def gib(n: float) -> str:
+    """Bytes in GiB for a message: 2 decimals, 3 significant digits below 1 GiB."""
+    return f"{n / GIB:.2f}" if abs(n) >= GIB else f"{n / GIB:.3g}"
+
+
+def resolve_grouping(cfg: Config, estimator: Estimator | None = None
+                     ) -> tuple[int, list[list[str]], dict]:
+    """``hift.k=auto``: the fewest balanced groups whose estimated peak fits
+    ``hift.memory_budget``, as ``(k, each group's unit names, report)``; logs the choice.
+
+    Raises:
+        ConfigError: no grouping fits (one line: the smallest peak, what would fit).
+    """
+    import time
+
+    start = time.perf_counter()
+    est = estimator or Estimator(cfg)
+    budget = cfg.hift.memory_budget * GIB
+    groups, rows = est.choose(budget)
+    seconds = time.perf_counter() - start
+    peak = max(r["total"] for r in rows)
+    k = len(groups)
+    report = {
+        "k": k, "grouping": "balanced", "memory_budget_gib": cfg.hift.memory_budget,
+        "peak": peak, "headroom": budget - peak, "passes": est.passes,
+        "seconds": round(seconds, 2), "always_active": [u.name for u in est.always],
+        "groups": [{"group": g.name, "units": [u.name for u in g.units], "params": g.numel,
+                    "peak": r["total"]} for g, r in zip(groups, rows)],
+    }
+    log.info(f"hift.k=auto: {k} balanced group(s) fit hift.memory_budget="
+             f"{cfg.hift.memory_budget:g} GiB: estimated peak {gib(peak)} GiB, headroom"
+             f" {gib(budget - peak)} GiB ({est.passes} activation passes,"
+             f" {seconds:.1f} s)" + (f"; always active: {', '.join(report['always_active'])}"
+                                    if est.always else ""))
+    if k == 1:
+        log.info("hift.k=auto: the budget holds full fine-tuning's peak; one group of every"
+                 " unit is full fine-tuning (hift.strategy=fpft)")
+    for g, r in zip(groups, rows):
+        log.info(f"  group {g.index}: {g.name} ({g.numel / 1e6:.2f}M params), estimated peak"
+                 f" {gib(r['total'])} GiB")
+    return k, [[u.name for u in g.units] for g in groups], report
+
+
+def build_groups(cfg: Config, units: list[Unit], device_type: str) -> list[Group]:
+    """The training run's groups of ``units`` (those not always active). ``hift.k=auto`` is
+    resolved on the meta estimate for this device, and the groups are rebuilt from
+    ``units`` by the same unit names."""
+    hcfg = cfg.hift
+    if hcfg.strategy == "fpft" or hcfg.k != "auto":
+        return make_groups(units, hcfg.strategy, hcfg.k, hcfg.m,
+                           None if hcfg.m is not None else hcfg.grouping)
+    if device_type == "cpu":  # the estimate's offload rule reads the device from the config
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, device="cpu"))
+    _, names, _ = resolve_grouping(cfg)
+    by_name = {u.name: u for u in units}
+    return [Group(i, [by_name[n] for n in group]) for i, group in enumerate(names)]
+
+
+def estimate(cfg: Config, largest_batch: bool = False) -> dict:
     """Estimated device bytes per category for fpft and for HiFT (every group).
 
     The meta model's forward passes split it into units and count its activations.
     Where a meta forward pass fails (code that reads tensor values), a real CPU sample
     of the architecture with ``SAMPLE_BLOCKS`` blocks does that instead; the report's
-    ``unit_split_method`` and ``activation_method`` say which was used.
+    ``unit_split_method`` and ``activation_method`` say which was used. ``hift.k=auto``
+    is resolved here (:func:`resolve_grouping`); with ``hift.memory_budget`` the report's
+    ``budget`` says whether the grouping fits, and with ``largest_batch`` the largest
+    trainer.batch_size that does.
     """
-    settings = Settings.of(cfg)
-    model = meta_model(cfg)
-    sample = None
-    methods = {"unit_split_method": "meta", "activation_method": "meta"}
-    try:
-        with counting_kernels():
-            units = find_units(model)
-    except ForwardPassError:
-        sample = sample_model(cfg)
-        units = find_units(model, reference=sample)
-        methods["unit_split_method"] = "cpu-sample"
-    all_params = [p for u in units for p in u.params.values()]
-    total_numel = sum(p.numel() for p in all_params)
-    states = optimizer_state_bytes(dict(cfg.optimizer), all_params, settings.state_dtype)
-    weights = total_numel * settings.weight_bytes
-    master_bytes = 4 if settings.mixed else 0
-
-    fpft_groups = make_groups(units, "fpft", None, None)
-    hift_groups = make_groups(units, cfg.hift.strategy if cfg.hift.strategy != "fpft"
-                              else "bottom2up", cfg.hift.k, cfg.hift.m)
-    try:
-        acts = activation_bytes(model, fpft_groups + hift_groups, settings)
-    except Exception as e:  # code that reads tensor values: .item(), nonzero()
-        methods["activation_method"] = "cpu-sample-scaled"
-        acts = _sampled_or_fail(cfg, sample, model, fpft_groups + hift_groups, settings, e)
-
-    def column(groups: list[Group], acts: list[int], offload: bool) -> list[dict]:
-        slot = max(sum(states[id(p)] for p in g.params.values()) + g.numel * master_bytes
-                   for g in groups)
-        rows = []
-        for g, act in zip(groups, acts):
-            g_states = sum(states[id(p)] for p in g.params.values())
-            row = {
-                "group": g.name,
-                "weights": weights,
-                # bf16-mixed: the group's bf16 grads become fp32 grads on its masters,
-                # one parameter at a time, so the fp32 ones set the peak.
-                "gradients": g.numel * (master_bytes or settings.weight_bytes),
-                "optimizer_states": g_states if offload else sum(states.values()),
-                "fp32_masters": (g.numel if offload else total_numel) * master_bytes,
-                "activations": act,
-                # The store's two device slots hold the active and the next group.
-                "other": 2 * slot - g_states - g.numel * master_bytes if offload else 0,
-            }
-            row["total"] = sum(row[c] for c in CATEGORIES)
-            rows.append(row)
-        return rows
-
-    fpft = column(fpft_groups, acts[:1], offload=False)[0]
-    # The engine's rule (e.g. no offload with k <= 2); estimates are for the GPU you
-    # train on unless trainer.device=cpu.
-    offload = offload_enabled(
-        False if cfg.hift.strategy == "fpft" else cfg.hift.offload,
-        "cpu" if cfg.trainer.device == "cpu" else "cuda", len(hift_groups),
-        str(cfg.optimizer["_target_"]))[0]
-    per_group = column(hift_groups, acts[1:], offload)
-    return {**_report(cfg, settings, offload, fpft, per_group, len(units), total_numel),
-            **methods}
+    est = Estimator(cfg)
+    hcfg = cfg.hift
+    budget = hcfg.memory_budget * GIB if hcfg.memory_budget else None
+    resolution = None
+    if hcfg.k == "auto" and budget is not None:
+        k, _, resolution = resolve_grouping(cfg, est)
+        grouping = "balanced"
+        hift_groups = est.groups(k, grouping=grouping)
+    elif hcfg.k == "auto":  # fpft with k=auto and no budget: one unit per group
+        grouping, hift_groups = "contiguous", est.groups(len(est.rest))
+    else:
+        grouping = "contiguous" if hcfg.m is not None else hcfg.grouping or "contiguous"
+        hift_groups = est.groups(hcfg.k, hcfg.m, grouping)
+    offload = est.offload(len(hift_groups))
+    per_group = est.evaluate(hift_groups, offload)
+    fpft = est.fpft()
+    report = {**_report(cfg, est.settings, offload, fpft, per_group, len(est.units),
+                        est.total_numel), **est.methods}
+    report["grouping"] = grouping
+    report["always_active"] = [u.name for u in est.always]
+    for row, g in zip(per_group, hift_groups):
+        row["units"] = [u.name for u in g.units]
+    if budget is not None:
+        column = "fpft" if hcfg.strategy == "fpft" else "hift"
+        peak = report[column]["total"]
+        report["budget"] = {"memory_budget_gib": hcfg.memory_budget, "fits": peak <= budget,
+                            "peak": peak, "headroom": budget - peak,
+                            "k": 1 if column == "fpft" else len(hift_groups),
+                            "chosen": resolution is not None}
+        if resolution is not None:
+            report["budget"].update(passes=resolution["passes"],
+                                    seconds=resolution["seconds"])
+        if largest_batch:
+            groups = [Group(0, list(est.units))] if column == "fpft" else hift_groups
+            report["budget"]["largest_batch_size"] = est.largest_batch(
+                groups, offload if column == "hift" else False, budget)
+            report["budget"]["largest_batch_method"] = (
+                "linear fit through batch b and 2b, confirmed by estimates at the answer"
+                " and one above")
+    return report
 
 
 def _sampled_or_fail(cfg: Config, sample: nn.Module | None, model: nn.Module,
-                     groups: list[Group], settings: Settings, error: Exception) -> list[int]:
+                     groups: list[Group], settings: Settings, error: Exception,
+                     announce: bool = True) -> list[int]:
     """Activations from the CPU sample, for a model whose meta forward pass failed."""
     def reason(e: Exception) -> str:  # the first sentence: torch's can run for lines
         return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0]}"
 
-    log.info(f"the meta forward pass of {type(model).__name__} failed ({reason(error)});"
-             f" measuring activations on a {SAMPLE_BLOCKS}-block CPU sample")
+    if announce:
+        log.info(f"the meta forward pass of {type(model).__name__} failed ({reason(error)});"
+                 f" measuring activations on a {SAMPLE_BLOCKS}-block CPU sample")
     try:
         sample = sample if sample is not None else sample_model(cfg)
         return sampled_activation_bytes(sample, groups, len(block_stack(model)[1]), settings)
@@ -566,8 +803,10 @@ class Probe:
         def slot_bytes(ts) -> int:
             return _unique_bytes(t for t in ts if t.untyped_storage()._cdata in slots)
 
-        active = trainer.opt_params[group.index]
-        all_params = [p for ps in trainer.opt_params for p in ps]
+        # Always-active units (hift.always_active) train with every group, on the device.
+        always = getattr(trainer, "always_opt", [])
+        active = trainer.opt_params[group.index] + always
+        all_params = [p for ps in trainer.opt_params for p in ps] + always
         mixed = bool(trainer.masters)
         # The active group's (or, without offload, every group's) state on the device;
         # the next group's, already prefetched into the other slot, counts as "other".
@@ -674,7 +913,10 @@ def render(report: dict, measured: dict | None = None):
     params = report["params"]
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     title = (f"{report['model']}: {size} params, {report['units']} units"
-             f" in {report['groups']} groups ({report['strategy']}), {report['precision']},"
+             f" in {report['groups']} {report.get('grouping', 'contiguous')} groups"
+             f" ({report['strategy']})"
+             + (f", always active: {', '.join(report['always_active'])}"
+                if report.get("always_active") else "") + f", {report['precision']},"
              f" {report['optimizer'].rsplit('.', 1)[-1]}, batch {report['batch_size']} x"
              f" {report['seq_len']}, offload {'on' if report['offload'] else 'off'},"
              f" checkpointing {'on' if report['gradient_checkpointing'] else 'off'}")
@@ -697,3 +939,42 @@ def render(report: dict, measured: dict | None = None):
                      f" ({report['hift_peak_group']})\n{_methods_line(report)}")
     return table
 
+
+def render_groups(report: dict):
+    """A rich table of the HiFT groups: units, parameters and estimated peak of each."""
+    from rich.table import Table
+
+    unit, scale = ("GiB", GIB) if report["fpft"]["total"] >= GIB else ("MiB", 2**20)
+    always = report.get("always_active") or []
+    table = Table(title=f"{report['groups']} {report.get('grouping', 'contiguous')} groups"
+                  + (f" (+ always active: {', '.join(always)})" if always else ""))
+    for name, justify in (("#", "right"), ("group", "left"), ("units", "right"),
+                          ("params", "right"), (f"activations {unit}", "right"),
+                          (f"peak {unit}", "right")):
+        table.add_column(name, justify=justify)
+    for i, row in enumerate(report["per_group"]):
+        params = row.get("params", 0)
+        table.add_row(str(i), row["group"], str(len(row.get("units", []))),
+                      f"{params / 1e6:.2f}M", f"{row['activations'] / scale:.3f}",
+                      f"{row['total'] / scale:.3f}",
+                      style="bold" if row["group"] == report["hift_peak_group"] else None)
+    return table
+
+
+def budget_lines(report: dict) -> list[str]:
+    """"Will it fit?" under hift.memory_budget, in words."""
+    b = report.get("budget")
+    if not b:
+        return []
+    what = (f"hift.k=auto chose k={b['k']} (balanced)" if b["chosen"]
+            else f"k={b['k']} ({report.get('grouping', 'contiguous')})")
+    lines = [f"memory budget {b['memory_budget_gib']:g} GiB: {what}; estimated peak"
+             f" {gib(b['peak'])} GiB, {'fits' if b['fits'] else 'does NOT fit'}, headroom"
+             f" {gib(b['headroom'])} GiB"]
+    if b["chosen"] and b["k"] == 1:
+        lines.append("k=1: the budget holds full fine-tuning's peak (one group of every unit)")
+    if "largest_batch_size" in b:
+        lines.append(f"largest trainer.batch_size that fits at this grouping:"
+                     f" {b['largest_batch_size']} (at {report['seq_len']} tokens;"
+                     f" {b['largest_batch_method']})")
+    return lines

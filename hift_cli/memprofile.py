@@ -10,18 +10,24 @@ from pathlib import Path
 from rich.console import Console
 
 from hift_cli.config import Config
-from hift_cli.memory import estimate, measure, render
+from hift_cli.memory import budget_lines, estimate, measure, render, render_groups
 
 log = logging.getLogger(__name__)
 
 
 def run_memprofile(cfg: Config, output_dir: str | Path) -> dict:
-    report = estimate(cfg)
+    # With a budget: also the largest batch that fits (a few more activation passes).
+    report = estimate(cfg, largest_batch=cfg.hift.memory_budget is not None)
     measured = measure(cfg, output_dir) if cfg.memprofile.measure else None
     if measured:
         report["measured"] = measured
     if cfg.memprofile.format == "json":
         print(json.dumps(report, indent=2))
     else:
-        Console().print(render(report, measured))
+        console = Console()
+        console.print(render(report, measured))
+        if cfg.hift.strategy != "fpft":
+            console.print(render_groups(report))
+        for line in budget_lines(report):
+            console.print(line, highlight=False)
     return report

@@ -121,8 +121,8 @@ def test_m_on_the_command_line_wins_over_the_recipes_k():
     assert "m: 2" in (run / "config.yaml").read_text()
     cfg = compose_config("hift.m=2")
     assert (cfg.hift.k, cfg.hift.m) == (None, 2)
-    cfg = compose_config("hift.k=2", recipe="llama7b_alpaca")  # which sets m=1
-    assert (cfg.hift.k, cfg.hift.m) == (2, None)
+    cfg = compose_config("hift.m=1", recipe="llama7b_alpaca")  # which sets k=auto
+    assert (cfg.hift.k, cfg.hift.m) == (None, 1)
 
 
 def test_a_sweep_over_m_on_a_recipe_with_k():
@@ -142,7 +142,9 @@ def test_the_precision_alone_decides_the_weights_dtype(precision, dtype):
 
 
 def test_memprofile_of_the_7b_recipe_in_fp32(capsys):
-    assert main(["memprofile", "recipe=llama7b_alpaca", "trainer.precision=fp32"]) == 0
+    # One unit per group: fp32 weights alone are over the recipe's 24 GiB budget.
+    assert main(["memprofile", "recipe=llama7b_alpaca", "trainer.precision=fp32",
+                 "hift.m=1"]) == 0
     out = capsys.readouterr().out
     assert "fp32" in out and "llama-7b" in out
     # fp32 weights: 6.74e9 x 4 bytes = 25.1 GiB.

@@ -22,7 +22,8 @@ def test_llama7b_fp32_rows_match_the_hift_paper_arithmetic(tiny_cfg):
     # The official HiFT README's LLaMA-7B AdamW table (GB there = GiB): FPFT params 25.1,
     # grads 25.1, states 50.2; HiFT m=1 grads 0.75, states 1.51.
     cfg = tiny_cfg("trainer.precision=fp32", "model.dtype=float32", "hift.offload=true",
-                   "trainer.batch_size=1", "memprofile.seq_len=16", recipe="llama7b_alpaca")
+                   "trainer.batch_size=1", "memprofile.seq_len=16", "hift.m=1",
+                   recipe="llama7b_alpaca")
     report = estimate(cfg)
     fpft, hift = report["fpft"], report["hift"]
     assert report["params"] == 6_738_415_616 and report["groups"] == 34
@@ -64,6 +65,14 @@ def test_estimate_matches_measurement_on_the_tiny_model(tiny_cfg, tmp_path, prec
     assert_close(report["fpft"], measured["fpft"], rel=0.02)
     assert_close(report["hift"], measured["hift"], rel=0.02)
     assert report["hift_peak_group"] == measured["hift_peak_group"] == "embeddings..block.0"
+
+
+def test_always_active_units_are_estimated_and_measured_alike(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("hift.offload=true", "trainer.device=cpu", "hift.always_active=[head]",
+                   "trainer.precision=bf16-mixed", "memprofile.seq_len=64",
+                   "trainer.batch_size=4")
+    report, measured = estimate(cfg), measure(cfg, tmp_path)
+    assert_close(report["hift"], measured["hift"], rel=0.02)
 
 
 @pytest.mark.slow

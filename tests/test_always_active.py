@@ -1,0 +1,183 @@
+"""hift.always_active: units trained at every step besides the active group.
+
+Their parameters change at every step and their optimizer state counts every step; the k
+groups (made of the other units) keep their own turns. Their state and fp32 masters stay
+on the device, out of the offload store, so strict offload mode never poisons them.
+"""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from hift_cli import checkpoint as ckpt
+from hift_cli.checkpoint import CheckpointError, _restore_optimizer
+from hift_cli.cli import main
+from hift_cli.engine import HiftTrainer
+
+COMMON = ("trainer.eval_before=false", "trainer.save_model=false", "hift.k=3",
+          "data.max_eval_samples=4", "trainer.max_steps=8")
+MIXED = ("trainer.precision=bf16-mixed", "hift.offload=true")
+
+
+def make(tiny_cfg, tmp_path, *overrides):
+    trainer = HiftTrainer(tiny_cfg(*COMMON, *overrides), tmp_path)
+    trainer.setup()
+    trainer.eval_set = trainer.eval_set.select([])
+    return trainer
+
+
+def step(trainer):
+    trainer.cfg.trainer.max_steps = trainer.global_step + 1
+    trainer.train()
+
+
+def updated(trainer):
+    """What the optimizer updates, by model parameter name: the fp32 masters in bf16-mixed
+    (bf16 weights may round a small update away), else the weights; read through the store."""
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    with trainer.store.readable():
+        return {names[id(p)]: trainer.masters.get(id(p), p).detach().clone()
+                for p in trainer.model.parameters()}
+
+
+def steps_of(trainer, params):
+    with trainer.store.readable():
+        return {int(trainer.optimizer.state[p]["step"]) if p in trainer.optimizer.state else 0
+                for p in params}
+
+
+def snapshot(trainer):
+    """Weights, masters and optimizer state (tensors), groups' and always-active units'."""
+    with trainer.store.readable():
+        out = {f"w/{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
+        for g, params in enumerate([*trainer.opt_params, trainer.always_opt]):
+            for i, p in enumerate(params):
+                if trainer.masters:
+                    out[f"m/{g}/{i}"] = p.detach().clone()
+                for key, v in trainer.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v):
+                        out[f"s/{g}/{i}/{key}"] = v.detach().clone()
+    return out
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("opts", [(), MIXED], ids=["fp32", "bf16-mixed-offload"])
+def test_always_active_units_train_at_every_step(tiny_cfg, tmp_path, opts):
+    trainer = make(tiny_cfg, tmp_path, "hift.always_active=[head]", "hift.strategy=random",
+                   *opts)
+    head = {n for u in trainer.always for n in u.params}
+    assert [u.name for u in trainer.always] == ["head"] and head
+    assert not head & {n for g in trainer.groups for n in g.params}  # in no group
+    assert sum(len(g.units) for g in trainer.groups) == len(trainer.units) - 1
+    assert trainer.store.enabled == bool(opts)
+    turns = [0] * len(trainer.groups)
+    for n in range(1, 8):
+        before = updated(trainer)
+        step(trainer)
+        after = updated(trainer)
+        group = trainer.groups[trainer.schedule.group_at(n - 1)]
+        turns[group.index] += 1
+        changed = {k for k in after if not torch.equal(before[k], after[k])}
+        assert changed == set(group.params) | head, n
+        # AdamW's per-parameter step: every step for the head, own turns for the groups.
+        assert steps_of(trainer, trainer.always_opt) == {n}
+        for g, params in enumerate(trainer.opt_params):
+            assert steps_of(trainer, params) == {turns[g]}
+    if opts:  # bf16-mixed: fp32 masters; their state stays on the device, never poisoned
+        for p in trainer.always_opt:
+            assert p.dtype == torch.float32 and p.numel() > 0
+            assert trainer.optimizer.state[p]["exp_avg"].shape == p.shape
+
+
+def test_offload_with_always_active_changes_no_numbers(tiny_cfg, tmp_path):
+    opts = ("hift.always_active=[embeddings,head]", "trainer.precision=bf16-mixed")
+    off = make(tiny_cfg, tmp_path / "off", *opts, "hift.offload=false")
+    off.train()
+    on = make(tiny_cfg, tmp_path / "on", *opts, "hift.offload=true")
+    on.train()
+    assert on.store.enabled and on.store.strict
+    assert [u.name for u in on.always] == ["embeddings", "head"]
+    assert_same(snapshot(off), snapshot(on))
+
+
+def test_resume_with_always_active_is_exact(tiny_cfg, tmp_path):
+    opts = ("hift.always_active=[head]", "hift.strategy=random", "trainer.lr_scheduler=linear",
+            *MIXED)
+    straight = make(tiny_cfg, tmp_path / "straight", *opts)
+    straight.train()
+    first = make(tiny_cfg, tmp_path / "first", *opts)
+    first.cfg.trainer.max_steps = 5
+    first.train()
+    path = ckpt.save_checkpoint(first, keep_last=1)
+    second = make(tiny_cfg, tmp_path / "second", *opts)
+    ckpt.load_checkpoint(second, path)
+    assert steps_of(second, second.always_opt) == {5}
+    second.train()
+    assert_same(snapshot(straight), snapshot(second))
+    losses = [[json.loads(r)["train/loss"] for r in open(d / "metrics.jsonl")]
+              for d in (tmp_path / "straight", tmp_path / "first", tmp_path / "second")]
+    assert losses[0] == losses[1] + losses[2]
+
+    other = make(tiny_cfg, tmp_path / "other", *MIXED, "hift.strategy=random")
+    with pytest.raises(CheckpointError, match=r"saved with hift.always_active=\[head\]: resume"):
+        ckpt.load_checkpoint(other, path)
+
+
+def test_restored_always_active_state_goes_to_the_device():
+    # Offload on: other state stays on the CPU for the store; always-active state must be
+    # where the step runs (the meta device stands in for a GPU here).
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([a, b])
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    _restore_optimizer(opt, opt.state_dict(), None, torch.device("meta"), {id(b)})
+    assert opt.state[a]["exp_avg"].device.type == "cpu"
+    assert opt.state[b]["exp_avg"].device.type == "meta"
+
+
+def test_data_parallel_syncs_the_always_active_gradients(tiny_cfg, tmp_path):
+    trainer = make(tiny_cfg, tmp_path, "hift.always_active=[embeddings]", "trainer.max_steps=3")
+    attached = []
+
+    class Sync:  # stands in for distributed.GradSync on one process
+        def attach(self, params):
+            attached.append({id(p) for p in params})
+
+        def arm(self, on):
+            pass
+
+        def finish(self):
+            return 0
+
+    trainer.grad_sync = Sync()
+    trainer.train()
+    embeddings = {id(p) for p in trainer.always_params}
+    assert len(attached) == 3  # one per group switch
+    for group, ids in zip(trainer.groups, attached):
+        assert ids == embeddings | {id(p) for p in group.params.values()}
+
+
+def test_fpft_ignores_always_active(tiny_cfg, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hift_cli.engine")
+    trainer = make(tiny_cfg, tmp_path, "hift.strategy=fpft", "hift.always_active=[head]",
+                   "trainer.max_steps=2")
+    trainer.train()
+    assert len(trainer.groups) == 1 and trainer.always == []
+    assert "hift.always_active is ignored: fpft" in caplog.text
+
+
+def test_an_unknown_unit_is_one_line_naming_the_units(tmp_path, capsys):
+    code = main(["train", "recipe=tiny", "hift.always_active=[head,block.9]",
+                 f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "error" in x]
+    assert line.endswith("hift.always_active: no unit 'block.9' in this model (units:"
+                         " embeddings, block.0, block.1, block.2, block.3, head)")
