@@ -16,11 +16,15 @@ The noise yardstick is the same HiFT configuration run with a second seed (data 
 the random strategy's orders change); the three strategies are "within noise" when their
 spread of final eval loss is no larger than that seed-to-seed difference.
 
+The ``quality-*`` suites (bench/quality.py) judge quality per epoch instead: the same
+epochs for every configuration, eval after every epoch, best epoch and final, with
+``hift.k=auto`` under a budget fpft does not fit and always-active heads.
+
 Writes ``bench/results/<name>.json``, ``<name>.md`` and ``<name>-<suite>.png`` and, unless
 ``--no-docs``, the measured block of ``docs/benchmarks.md``.
 
-    python bench/compare.py                      # what `make bench` runs (~50 min, 2 CPU cores)
-    python bench/compare.py --suite minilm       # one suite
+    python bench/compare.py                      # what `make bench` runs (every suite)
+    python bench/compare.py --suite minilm       # one suite (each <= 30 min on 2 CPU cores)
     python bench/compare.py --quick --out /tmp/b --no-docs   # tiny model, seconds (tests)
 """
 
@@ -36,6 +40,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (bench/quality.py: the per-epoch quality suites)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -101,18 +108,25 @@ def merge(*lists: list[str]) -> list[str]:
     return list(merged.values())
 
 
-def run_one(run_dir: Path, overrides: list[str]) -> dict:
-    """Train one configuration in a fresh process; returns what the comparison needs."""
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TRANSFORMERS_OFFLINE": "1"}
+
+
+def train(run_dir: Path, overrides: list[str]) -> None:
+    """Train one configuration in a fresh process (its log beside the run dir)."""
     cmd = [sys.executable, "-c", "import sys; from hift_cli.cli import main; sys.exit(main())",
            "train", *overrides, "trainer.save_model=false", "trainer.save_every=null",
            f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
     if code != 0:
         raise SystemExit(f"bench: `hift train {' '.join(overrides)}` failed (exit {code});"
                          f" see {run_dir.parent / run_dir.name}.log")
+
+
+def run_one(run_dir: Path, overrides: list[str]) -> dict:
+    """Train one configuration; returns what the comparison needs."""
+    train(run_dir, overrides)
     return collect(run_dir)
 
 
@@ -261,6 +275,9 @@ def markdown(result: dict, name: str, plots: str = "") -> str:
              f" torch {m['torch']}, Python {m['python']}; each suite's configurations ran one"
              f" after another in one invocation. Raw numbers: `{name}.json` beside the plots.", ""]
     for suite, s in result["suites"].items():
+        if s.get("kind") == "quality":
+            lines += quality.markdown(suite, s)
+            continue
         c = s["comparison"]
         lines += [f"### {suite}: {s['title']}", "",
                   f"Measured {s['date']}, {s['minutes']:.0f} min for the suite.", "",
@@ -315,7 +332,8 @@ def write_docs(block: str, docs: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", action="append", choices=sorted(SUITES),
+    parser.add_argument("--suite", action="append",
+                        choices=sorted({**SUITES, **quality.SUITES, **QUICK, **quality.QUICK}),
                         help="run only this suite (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="tiny model, seconds (tests)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -328,11 +346,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         result = json.loads((args.out / f"{args.render}.json").read_text())
         for s in result["suites"].values():
-            s["comparison"] = compare(s["runs"])
+            if s.get("kind") == "quality":
+                quality.compare(s["runs"])
+            else:
+                s["comparison"] = compare(s["runs"])
         write_results(result, args.out, args.render, not args.no_docs)
         return 0
 
-    suites = QUICK if args.quick else {k: SUITES[k] for k in (args.suite or SUITES)}
+    known = {**QUICK, **quality.QUICK} if args.quick else {**SUITES, **quality.SUITES}
+    default = QUICK if args.quick else known
+    suites = {k: known[k] for k in (args.suite or default) if k in known}
+    if not suites:
+        parser.error(f"no such suite{' with --quick' if args.quick else ''}: {args.suite}")
     name = args.name or f"{'quick' if args.quick else 'cpu'}-{dt.date.today().isoformat()}"
     args.out.mkdir(parents=True, exist_ok=True)
     runs_dir = args.out / f"{name}-runs"
@@ -343,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         result["suites"] = json.loads(previous.read_text())["suites"]
     for suite, spec in suites.items():
         suite_start = time.perf_counter()
+        if "metric" in spec:  # a quality suite
+            result["suites"][suite] = run_quality(spec, runs_dir / suite, start)
+            result["suites"][suite]["minutes"] = (time.perf_counter() - suite_start) / 60
+            write_results(result, args.out, name, not args.no_docs)
+            continue
         runs = {}
         for config, overrides in spec["configs"].items():
             run_dir = runs_dir / suite / config
@@ -364,6 +394,27 @@ def main(argv: list[str] | None = None) -> int:
         # After every suite: a long run stopped later keeps what it has measured.
         write_results(result, args.out, name, not args.no_docs)
     return 0
+
+
+def run_quality(spec: dict, runs_dir: Path, start: float) -> dict:
+    """One quality suite: the budget for k=auto, every configuration, ratios to fpft."""
+    budget = quality.budget_gib(spec["base"], ENV, ROOT)
+    runs = {}
+    for config, overrides in quality.configs(spec, budget).items():
+        run_dir = runs_dir / config
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[{time.perf_counter() - start:6.0f} s] {runs_dir.name}/{config}", flush=True)
+        train(run_dir, merge(spec["base"], overrides))
+        runs[config] = r = quality.collect(run_dir, spec["metric"], spec["higher_is_better"])
+        print(f"         {r['groups']} groups, best {r['best']['value']:.4f} at epoch"
+              f" {r['best']['epoch']}, final {r['final']['value']:.4f},"
+              f" {r['train_seconds']:.0f} s", flush=True)
+    quality.compare(runs)
+    return {"kind": "quality", "title": spec["title"], "base": spec["base"],
+            "metric": spec["metric"], "higher_is_better": spec["higher_is_better"],
+            "epochs": spec["epochs"], "budget_gib": budget, "runs": runs,
+            "date": dt.date.today().isoformat()}
 
 
 def write_results(result: dict, out: Path, name: str, docs: bool) -> None:

@@ -85,3 +85,36 @@ def test_docs_block_is_replaced_between_markers(tmp_path):
     docs.write_text(f"intro\n{compare.BEGIN}\nold\n{compare.END}\noutro\n")
     compare.write_docs("new table", docs)
     assert docs.read_text() == f"intro\n{compare.BEGIN}\nnew table\n{compare.END}\noutro\n"
+
+
+def test_quality_collect_takes_the_best_epoch_and_the_time_to_it(tmp_path):
+    rows = [{"step": 0, "eval/accuracy": 0.1},
+            *({"step": s, "step_seconds": 2.0, "train/loss": 1.0} for s in range(1, 7)),
+            {"step": 2, "epoch": 1.0, "eval/accuracy": 0.5},
+            {"step": 4, "epoch": 2.0, "eval/accuracy": 0.7},
+            {"step": 6, "epoch": 3.0, "eval/accuracy": 0.6}]
+    rows.sort(key=lambda r: (r["step"], "eval/accuracy" in r))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "summary.json").write_text(json.dumps({"groups": 3}))
+    r = compare.quality.collect(tmp_path, "eval/accuracy", higher_is_better=True)
+    assert (r["best"]["value"], r["best"]["epoch"], r["best"]["seconds"]) == (0.7, 2.0, 8.0)
+    assert r["final"]["value"] == 0.6 and r["before"] == 0.1 and r["train_seconds"] == 12.0
+    worst = compare.quality.collect(tmp_path, "eval/accuracy", higher_is_better=False)
+    assert worst["best"]["epoch"] == 1.0
+
+
+def test_quick_quality_suite_trains_equal_epochs_and_reports_the_best(tmp_path):
+    assert compare.main(["--quick", "--suite", "quality-tiny", "--out", str(tmp_path),
+                         "--name", "q", "--no-docs"]) == 0
+    s = json.loads((tmp_path / "q.json").read_text())["suites"]["quality-tiny"]
+    runs = s["runs"]
+    assert set(runs) == {"fpft", "auto", "k4+head", "k4-x4"}
+    assert runs["fpft"]["groups"] == 1 and runs["k4+head"]["groups"] == 4
+    # fpft's peak does not fit the budget, so k=auto needs more than one group.
+    assert runs["auto"]["groups"] > 1
+    for name, r in runs.items():
+        epochs = [e["epoch"] for e in r["epochs"]]
+        assert epochs == ([1.0, 2.0] if name != "k4-x4" else [float(i) for i in range(1, 9)]), \
+            (name, epochs)
+    assert runs["fpft"]["ratio_to_fpft"]["best"] == 1.0
+    assert "| k4-x4 | 4 |" in (tmp_path / "q.md").read_text()
