@@ -23,6 +23,27 @@ def compose_config(*overrides: str, recipe: str = "tiny") -> Config:
     return to_config(cfg, overrides)
 
 
+def snapshot(trainer):
+    """Weights, masters and optimizer state (tensors only), read through the store: the
+    groups' and the always-active units'."""
+    with trainer.store.readable():
+        out = {f"w/{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
+        for g, params in enumerate([*trainer.opt_params, trainer.always_opt]):
+            for i, p in enumerate(params):
+                if trainer.masters:
+                    out[f"m/{g}/{i}"] = p.detach().clone()
+                for key, v in trainer.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v):
+                        out[f"s/{g}/{i}/{key}"] = v.detach().clone()
+    return out
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 @pytest.fixture
 def tiny_cfg():
     return compose_config

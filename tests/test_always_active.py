@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 
+from conftest import assert_same, snapshot
 from hift_cli import checkpoint as ckpt
 from hift_cli.checkpoint import CheckpointError, _restore_optimizer
 from hift_cli.cli import main
@@ -46,26 +47,6 @@ def steps_of(trainer, params):
     with trainer.store.readable():
         return {int(trainer.optimizer.state[p]["step"]) if p in trainer.optimizer.state else 0
                 for p in params}
-
-
-def snapshot(trainer):
-    """Weights, masters and optimizer state (tensors), groups' and always-active units'."""
-    with trainer.store.readable():
-        out = {f"w/{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
-        for g, params in enumerate([*trainer.opt_params, trainer.always_opt]):
-            for i, p in enumerate(params):
-                if trainer.masters:
-                    out[f"m/{g}/{i}"] = p.detach().clone()
-                for key, v in trainer.optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(v):
-                        out[f"s/{g}/{i}/{key}"] = v.detach().clone()
-    return out
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.parametrize("opts", [(), MIXED], ids=["fp32", "bf16-mixed-offload"])

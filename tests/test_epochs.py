@@ -11,9 +11,9 @@ import math
 import shutil
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
+from conftest import assert_same, snapshot
 from hift_cli import checkpoint as ckpt
 from hift_cli.checkpoint import complete_checkpoints
 from hift_cli.cli import main
@@ -135,14 +135,6 @@ def test_both_or_neither_are_refused(tiny_cfg, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def _snapshot(trainer):
-    with trainer.store.readable():
-        out = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-        for i, (p, state) in enumerate(trainer.optimizer.state.items()):
-            out.update({f"{i}/{k}": v.clone() for k, v in state.items() if torch.is_tensor(v)})
-    return out
-
-
 def test_resume_mid_epoch_is_exact(tiny_cfg, tmp_path):
     # 6 batches an epoch, k=3: 2 epochs = 12 steps; stop at step 8, in the second epoch.
     opts = ("trainer.epochs=2", "hift.k=3", "hift.strategy=random", "hift.offload=true",
@@ -158,10 +150,7 @@ def test_resume_mid_epoch_is_exact(tiny_cfg, tmp_path):
     ckpt.load_checkpoint(second, path)
     assert second.epoch == round(8 / 6, 4)
     second.train()
-    a, b = _snapshot(straight), _snapshot(second)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same(snapshot(straight), snapshot(second))
 
     def losses(d):
         return [r["train/loss"] for r in rows(d) if "train/loss" in r]

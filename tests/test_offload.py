@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from conftest import assert_same, snapshot
 from hift_cli import offload
 from hift_cli.checkpoint import _restore_optimizer, load_checkpoint, save_checkpoint
 from hift_cli.config import ConfigError
@@ -40,26 +41,6 @@ def train(tiny_cfg, tmp_path, *overrides, steps=8):
     trainer = make(tiny_cfg, tmp_path, *overrides, steps=steps)
     trainer.train()
     return trainer
-
-
-def snapshot(trainer):
-    """Weights, masters and optimizer state (tensors only), read through the store."""
-    with trainer.store.readable():
-        out = {f"w/{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
-        for g, params in enumerate(trainer.opt_params):
-            for i, p in enumerate(params):
-                if trainer.masters:
-                    out[f"m/{g}/{i}"] = p.detach().clone()
-                for key, v in trainer.optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(v):
-                        out[f"s/{g}/{i}/{key}"] = v.detach().clone()
-    return out
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
