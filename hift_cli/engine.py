@@ -380,6 +380,8 @@ class HiftTrainer:
             if self.dist.enabled:
                 total_moved["dist/allreduce_bytes"] = 0
             first_step = self.global_step
+            # Parameters updated per step (the active group's and the always-active ones).
+            always_numel, updated = sum(u.numel for u in self.always), 0
             for step in range(first_step, tcfg.max_steps):
                 step_start = time.perf_counter()
                 cycle = step // k
@@ -432,6 +434,7 @@ class HiftTrainer:
                 if finite:
                     self.optimizer.step()
                     self.bad_steps = 0
+                    updated += group.numel + always_numel
                     for hook in self.after_update:
                         hook(self, group)
                     if self.masters:
@@ -498,6 +501,8 @@ class HiftTrainer:
             # state points at: let it finish before anyone reads them.
             self.store.synchronize()
             summary["train/skipped_steps"] = self.skipped_steps
+            summary["train/params_updated_per_step"] = updated / max(
+                self.global_step - first_step, 1)
             elapsed = time.perf_counter() - train_start
             summary["tokens_per_second"] = total_tokens / max(elapsed, 1e-9)
             summary["train/seconds"] = elapsed
