@@ -35,7 +35,7 @@ test: install  ## the full test suite (includes the slow SmolLM2 integration tes
 test-fast: install  ## unit tests only
 	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
 
-bench: install  ## fpft vs HiFT on SmolLM2 + MiniLM, and quality per epoch (each --suite <= 30 min; not in CI)
+bench: install  ## fpft vs HiFT, quality per epoch, and HiFT vs LoRA/BAdam/GaLore/LOMO/LISA (each --suite <= 30 min; not in CI)
 	$(OFFLINE) $(PY) bench/compare.py
 
 # The lent GPU machine (bench/gpu_check.py's docstring has the whole recipe): its python3

@@ -20,6 +20,10 @@ The ``quality-*`` suites (bench/quality.py) judge quality per epoch instead: the
 epochs for every configuration, eval after every epoch, best epoch and final, with
 ``hift.k=auto`` under a budget fpft does not fit and always-active heads.
 
+The ``peers-*`` suites (bench/peers.py) put LoRA, BAdam, GaLore, LOMO and LISA's sampling
+beside fpft and HiFT: same batches, same epochs, same evaluation, one process each, with each
+method's device memory for LLaMA-7B beside them (their own docs block).
+
 Writes ``bench/results/<name>.json``, ``<name>.md`` and ``<name>-<suite>.png`` and, unless
 ``--no-docs``, the measured block of ``docs/benchmarks.md``.
 
@@ -42,12 +46,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (bench/peers.py: LoRA, BAdam, GaLore, LOMO, LISA beside HiFT)
 import quality  # noqa: E402  (bench/quality.py: the per-epoch quality suites)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+PEERS_BEGIN, PEERS_END = "<!-- peers:begin -->", "<!-- peers:end -->"
 
 STRATEGIES = ("bottom2up", "top2down", "random")
 M1 = ["hift.k=null", "hift.m=1"]
@@ -278,6 +284,8 @@ def markdown(result: dict, name: str, plots: str = "") -> str:
         if s.get("kind") == "quality":
             lines += quality.markdown(suite, s)
             continue
+        if s.get("kind") == "peers":
+            continue  # their own block (peers_markdown)
         c = s["comparison"]
         lines += [f"### {suite}: {s['title']}", "",
                   f"Measured {s['date']}, {s['minutes']:.0f} min for the suite.", "",
@@ -322,18 +330,34 @@ def markdown(result: dict, name: str, plots: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_docs(block: str, docs: Path) -> None:
+def peers_markdown(result: dict, name: str, plots: str = "") -> str:
+    """The peers suites and the LLaMA-7B memory table."""
+    m = result["machine"]
+    lines = [f"Measured by `make bench` (`--suite peers-*`) on {m['cpu'] or 'an unnamed CPU'}"
+             f" ({m['cores']} cores), torch {m['torch']}; raw numbers: `{name}.json`.", ""]
+    for suite, s in result["suites"].items():
+        if s.get("kind") == "peers":
+            lines += peers.markdown(suite, s, plots)
+    if result.get("peers_memory_7b"):
+        lines += ["### Device memory for LLaMA-7B, per method", ""]
+        lines += peers.memory_markdown(result["peers_memory_7b"])
+        lines += [f"![LLaMA-7B memory per method]({plots}{name}-memory-7b.png)", ""]
+    return "\n".join(lines)
+
+
+def write_docs(block: str, docs: Path, begin: str = BEGIN, end: str = END) -> None:
     text = docs.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"bench: {docs} lacks the {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    docs.write_text(head + BEGIN + "\n" + block + "\n" + END + rest.split(END, 1)[1])
+    if begin not in text or end not in text:
+        raise SystemExit(f"bench: {docs} lacks the {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    docs.write_text(head + begin + "\n" + block + "\n" + end + rest.split(end, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", action="append",
-                        choices=sorted({**SUITES, **quality.SUITES, **QUICK, **quality.QUICK}),
+                        choices=sorted({**SUITES, **quality.SUITES, **peers.SUITES, **QUICK,
+                                        **quality.QUICK, **peers.QUICK}),
                         help="run only this suite (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="tiny model, seconds (tests)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -345,15 +369,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         result = json.loads((args.out / f"{args.render}.json").read_text())
-        for s in result["suites"].values():
+        for suite, s in result["suites"].items():
             if s.get("kind") == "quality":
                 quality.compare(s["runs"])
+            elif s.get("kind") == "peers":
+                s["comparison"] = peers.compare(s["runs"])
+                peers.plot(suite, s, args.out / s["plot"])
             else:
                 s["comparison"] = compare(s["runs"])
+        if result.get("peers_memory_7b"):
+            peers.plot_memory(result["peers_memory_7b"], args.out / f"{args.render}-memory-7b.png")
         write_results(result, args.out, args.render, not args.no_docs)
         return 0
 
-    known = {**QUICK, **quality.QUICK} if args.quick else {**SUITES, **quality.SUITES}
+    known = ({**QUICK, **quality.QUICK, **peers.QUICK} if args.quick
+             else {**SUITES, **quality.SUITES, **peers.SUITES})
     default = QUICK if args.quick else known
     suites = {k: known[k] for k in (args.suite or default) if k in known}
     if not suites:
@@ -365,9 +395,25 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": dt.date.today().isoformat(), "machine": machine(), "suites": {}}
     previous = args.out / f"{name}.json"
     if args.suite and previous.exists():  # a rerun of some suites keeps the others
-        result["suites"] = json.loads(previous.read_text())["suites"]
+        kept = json.loads(previous.read_text())
+        result["suites"] = kept["suites"]
+        if "peers_memory_7b" in kept:
+            result["peers_memory_7b"] = kept["peers_memory_7b"]
+    memory_done = False
     for suite, spec in suites.items():
         suite_start = time.perf_counter()
+        if suite in peers.SUITES or suite in peers.QUICK:
+            s = peers.run_suite(spec, runs_dir / suite, ENV, start)
+            s.update(date=dt.date.today().isoformat(), plot=f"{name}-{suite}.png")
+            if not args.quick and not memory_done:  # LLaMA-7B per method (~1 min, once)
+                result["peers_memory_7b"] = peers.memory_7b(ENV)
+                memory_done = True
+                peers.plot_memory(result["peers_memory_7b"], args.out / f"{name}-memory-7b.png")
+            s["minutes"] = (time.perf_counter() - suite_start) / 60
+            peers.plot(suite, s, args.out / s["plot"])
+            result["suites"][suite] = s
+            write_results(result, args.out, name, not args.no_docs)
+            continue
         if "metric" in spec:  # a quality suite
             result["suites"][suite] = run_quality(spec, runs_dir / suite, start)
             result["suites"][suite]["minutes"] = (time.perf_counter() - suite_start) / 60
@@ -419,10 +465,16 @@ def run_quality(spec: dict, runs_dir: Path, start: float) -> dict:
 
 def write_results(result: dict, out: Path, name: str, docs: bool) -> None:
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    has_peers = any(s.get("kind") == "peers" for s in result["suites"].values())
     block = markdown(result, name)
+    if has_peers:
+        block += "\n\n## HiFT against the alternatives\n\n" + peers_markdown(result, name)
     (out / f"{name}.md").write_text(block + "\n")
     if docs:
-        write_docs(markdown(result, name, os.path.relpath(out, DOCS.parent) + "/"), DOCS)
+        plots = os.path.relpath(out, DOCS.parent) + "/"
+        write_docs(markdown(result, name, plots), DOCS)
+        if has_peers:
+            write_docs(peers_markdown(result, name, plots), DOCS, PEERS_BEGIN, PEERS_END)
     print(block)
     print(f"\nWrote {out / name}.json, .md" + (f"; updated {DOCS}" if docs else ""))
 
