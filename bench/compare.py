@@ -47,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (bench/peers.py: LoRA, BAdam, GaLore, LOMO, LISA beside HiFT)
+from peers import merge  # noqa: E402  (key=value overrides, the later value of a key wins)
 import quality  # noqa: E402  (bench/quality.py: the per-epoch quality suites)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,14 +105,6 @@ QUICK = {  # the same code path on the random-init tiny LLaMA: seconds (tests)
                                            "trainer.seed=2"]},
     },
 }
-
-
-def merge(*lists: list[str]) -> list[str]:
-    """key=value overrides, a later value of a key replacing the earlier one."""
-    merged: dict[str, str] = {}
-    for item in (o for overrides in lists for o in overrides):
-        merged[item.split("=", 1)[0]] = item
-    return list(merged.values())
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
