@@ -113,7 +113,7 @@ def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig],
 @_user_errors
 def train_app(cfg: DictConfig) -> float | None:
     config = _validated(cfg)  # before any work
-    from hift_cli.engine import run_training
+    from hift_cli.run import run_training
 
     metrics = run_training(config, _output_dir())
     return metrics.get("eval/loss")  # what a sweeper would minimise

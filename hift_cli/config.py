@@ -33,6 +33,8 @@ DATA_GENERATOR_PREFIX = "reasoning_gym:"
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 # trainer.loggers: jsonl (metrics.jsonl) is always on; the others are optional extras.
 LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
+# trainer.loggers value -> the module it imports (and the extra that installs it).
+LOGGER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 # Architecture presets (LLaMA-1/2 and SmolLM2 shapes) for memory estimates without the Hub.
@@ -369,11 +371,20 @@ class Config:
             checkpoint_dir(self.checkpoint)
 
 
+def check_installed(loggers) -> None:
+    """Raise ConfigError, one line naming the extra, for a tracker not installed."""
+    import importlib.util
+
+    for name in loggers:
+        module = LOGGER_MODULES.get(name)
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"trainer.loggers: {name} is not installed:"
+                              f" pip install 'hift-cli[{name}]'")
+
+
 def _check_components(cfg: Config) -> None:
     """Checks that import torch, so they run at validation, not at import."""
     from hydra.utils import get_class
-
-    from hift_cli.trackers import check_installed
 
     check_installed(cfg.trainer.loggers)  # one line naming the extra to install
     target = cfg.optimizer.get("_target_")

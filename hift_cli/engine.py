@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +33,6 @@ import datasets
 import torch
 import transformers
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from transformers import get_scheduler, set_seed
 
 from hift_cli import data as data_lib
@@ -43,15 +41,13 @@ from hift_cli.checkpoint import (
     MARKER,
     STATE_FILE,
     CheckpointError,
-    find_resume,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
 )
 from hift_cli.config import Config, ConfigError
 from hift_cli.evaluate import build_evaluator
 from hift_cli.grouping import Group, GroupSchedule, find_units, split_always_active
-from hift_cli.memory import build_groups
+from hift_cli.memory import build_groups, estimate
 from hift_cli.models import (
     autocast,
     enable_checkpointing,
@@ -62,7 +58,6 @@ from hift_cli.models import (
 )
 from hift_cli.offload import GroupStateStore, offload_enabled
 from hift_cli.progress import TrainProgress
-from hift_cli.report import plot_loss
 from hift_cli.trackers import Trackers
 
 log = logging.getLogger(__name__)
@@ -332,8 +327,6 @@ class HiftTrainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         try:
-            from hift_cli.memory import estimate
-
             report = estimate(dataclasses.replace(self.cfg, hift=dataclasses.replace(
                 self.cfg.hift, offload=self.store.enabled)))
             column = "fpft" if self.cfg.hift.strategy == "fpft" else "hift"
@@ -582,112 +575,9 @@ class TrainingStopped(SystemExit):
         self.message = message
 
 
-@contextlib.contextmanager
-def _stop_on_signals(trainer: HiftTrainer):
-    """SIGINT / SIGTERM: finish the current step, checkpoint, stop (see the loop)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if trainer.stop_signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        trainer.stop_signal = signum
-        log.warning(f"{signal.Signals(signum).name}: finishing this step, then saving a"
-                    " checkpoint (again to stop at once)")
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def _describe(metrics: dict[str, float]) -> str:
     shown = {"loss": "loss", "perplexity": "perplexity", "accuracy": "accuracy",
              "macro_f1": "macro-F1", "exact_match": "exact match",
              "answer_format": "answers in #### format"}
     return ", ".join(f"{label} {metrics['eval/' + key]:.4f}" for key, label in shown.items()
                      if "eval/" + key in metrics)
-
-
-def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
-    """The task function behind ``hift train``: set up, train, save; returns final metrics."""
-    output_dir = Path(output_dir)
-    resume = find_resume(cfg.resume, output_dir.parent) if cfg.resume else None
-    if resume is not None:
-        output_dir = resume.parent.parent  # continue in the run that wrote the checkpoint
-        log.info(f"Resuming from {resume}")
-    main = distributed.current().main  # data parallel: rank 0 alone writes files
-    resolved = OmegaConf.structured(cfg)
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(resolved, output_dir / "config.yaml", resolve=True)
-    trainer = HiftTrainer(cfg, output_dir)
-    trainer.setup()
-    # Only now, so that a setup error (bad data, model) is the last thing on the screen.
-    log.info(f"Config: {output_dir / 'config.yaml'} (print it with --cfg job)")
-    if resume is not None:
-        load_checkpoint(trainer, resume)
-        if main:
-            _truncate_metrics(output_dir / "metrics.jsonl", trainer.global_step)
-        trainer.cfg.trainer.eval_before = False
-    with _stop_on_signals(trainer):
-        metrics = trainer.train()
-    saved = trainer.save()
-    metrics.update({"data/train_samples": len(trainer.train_set), "groups": len(trainer.groups)})
-    metrics.update(trainer.evaluator.info())  # e.g. the exact-match rule (a string)
-    if trainer.dist.enabled:
-        metrics["dist/world_size"] = trainer.dist.world
-    if not main:
-        return metrics
-    with open(output_dir / "summary.json", "w") as f:
-        json.dump(metrics, f, indent=2)
-    # Reports after a successful training: one that fails costs a warning, not the run.
-    for what, write in (
-            ("loss.png", lambda: plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png",
-                                           len(trainer.groups))),
-            ("memory_report.json", lambda: write_memory_report(cfg, trainer, output_dir))):
-        try:
-            write()
-        except Exception as e:
-            log.warning(f"warning: {what} not written ({type(e).__name__}:"
-                        f" {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
-    for key in ("eval/loss", "eval/accuracy", "eval/exact_match"):
-        if f"{key}_before" in metrics and key in metrics:
-            log.info(f"{key.removeprefix('eval/').replace('_', ' ').capitalize()}"
-                     f" {metrics[key + '_before']:.4f} -> {metrics[key]:.4f}")
-    log.info(f"Output: {output_dir}" + (f" (model: {saved})" if saved else ""))
-    return metrics
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows a killed run logged after its last checkpoint; the resumed run redoes them."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in rows))
-
-
-def write_memory_report(cfg: Config, trainer: HiftTrainer, output_dir: Path) -> None:
-    """``memory_report.json``: the estimate for this run's settings, and what was measured."""
-    import io
-    import resource
-
-    from rich.console import Console
-
-    from hift_cli.memory import estimate, render
-
-    report = estimate(dataclasses.replace(
-        cfg, hift=dataclasses.replace(cfg.hift, offload=trainer.store.enabled)))
-    if trainer.device.type == "cuda":
-        report["measured"] = {"cuda_peak_allocated": torch.cuda.max_memory_allocated()}
-    else:  # ru_maxrss is in KiB on Linux
-        report["measured"] = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    with open(output_dir / "memory_report.json", "w") as f:
-        json.dump(report, f, indent=2)
-    text = io.StringIO()
-    Console(file=text, width=120).print(render(report))
-    log.info("Memory (estimate at data.max_length):\n" + text.getvalue().rstrip())

@@ -1,16 +1,22 @@
 """``hift memprofile``: the memory breakdown of a recipe, estimated without weights, and
-optionally measured on real steps beside the estimate."""
+optionally measured on real steps beside the estimate (``measure``: a live trainer read
+by a ``Probe``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from hift_cli.config import Config
-from hift_cli.memory import budget_lines, estimate, measure, render, render_groups
+from hift_cli.engine import HiftTrainer
+from hift_cli.grouping import Group
+from hift_cli.memory import (CATEGORIES, SavedBytes, Settings, budget_lines, estimate,
+                             fixed_shape_batches, render, render_groups)
 
 log = logging.getLogger(__name__)
 
@@ -31,3 +37,133 @@ def run_memprofile(cfg: Config, output_dir: str | Path) -> dict:
         for line in budget_lines(report):
             console.print(line, highlight=False)
     return report
+
+
+class Probe:
+    """Measures the categories on a live :class:`~hift_cli.engine.HiftTrainer`.
+
+    Activations: saved-tensor bytes of each training forward pass. Everything else: read
+    right after each optimizer step, when the group's gradients, optimizer state and
+    masters are all on the device.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.rows: list[dict] = []
+        self._saved: SavedBytes | None = None
+        model = trainer.model
+        self._hooks = [
+            model.register_forward_pre_hook(self._start),
+            model.register_forward_hook(self._stop),
+        ]
+        trainer.after_update.append(self._read)
+
+    def _start(self, module, args):
+        if module.training:
+            self._saved = SavedBytes(module, [])
+            self._saved.__enter__()
+
+    def _stop(self, module, args, output):
+        if self._saved is not None:
+            self._saved.__exit__(None, None, None)
+            self._activations = self._saved.total
+            self._saved = None
+
+    def _read(self, trainer, group: Group) -> None:
+        store = trainer.store
+        # Host buffers, and the poison strict mode binds away groups' tensors to.
+        host = {b.untyped_storage()._cdata for bufs in store.host.values() for b in bufs.values()}
+        host.add(store.poison.untyped_storage()._cdata)
+        slots = {b.untyped_storage()._cdata for s in store.slots for b in s.values()}
+
+        def tensors(params, masters: bool):
+            for p in params:
+                if masters:
+                    yield p.data
+                else:
+                    yield from (v for v in trainer.optimizer.state.get(p, {}).values()
+                                if torch.is_tensor(v) and v.dim() > 0)
+
+        def device_bytes(ts) -> int:
+            return _unique_bytes(t for t in ts if t.untyped_storage()._cdata not in host)
+
+        def slot_bytes(ts) -> int:
+            return _unique_bytes(t for t in ts if t.untyped_storage()._cdata in slots)
+
+        # Always-active units (hift.always_active) train with every group, on the device.
+        always = getattr(trainer, "always_opt", [])
+        active = trainer.opt_params[group.index] + always
+        all_params = [p for ps in trainer.opt_params for p in ps] + always
+        mixed = bool(trainer.masters)
+        # The active group's (or, without offload, every group's) state on the device;
+        # the next group's, already prefetched into the other slot, counts as "other".
+        states = device_bytes(tensors(all_params, False)) - (
+            slot_bytes(tensors(all_params, False)) - slot_bytes(tensors(active, False)))
+        masters = 0
+        if mixed:
+            masters = device_bytes(tensors(all_params, True)) - (
+                slot_bytes(tensors(all_params, True)) - slot_bytes(tensors(active, True)))
+        active_in_slots = slot_bytes(tensors(active, False)) + (
+            slot_bytes(tensors(active, True)) if mixed else 0)
+        grads = _unique_bytes(p.grad for p in trainer.model.parameters() if p.grad is not None)
+        grads += _unique_bytes(m.grad for m in all_params if mixed and m.grad is not None)
+        row = {"group": group.name,
+               "weights": _unique_bytes(trainer.model.parameters()),
+               "gradients": grads,
+               "optimizer_states": states,
+               "fp32_masters": masters,
+               "activations": getattr(self, "_activations", 0),
+               "other": store.device_bytes() - active_in_slots}
+        row["total"] = sum(row[c] for c in CATEGORIES)
+        if trainer.device.type == "cuda":
+            row["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(trainer.device)
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+        self.rows.append(row)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.trainer.after_update.remove(self._read)
+
+
+def _unique_bytes(tensors) -> int:
+    """Bytes of the tensors, each memory region once (tied weights, repeated views);
+    views into the store's flat buffers count their own bytes, not the whole buffer."""
+    seen = {}
+    for t in tensors:
+        seen[(t.untyped_storage()._cdata, t.storage_offset(), t.nbytes)] = t.nbytes
+    return sum(seen.values())
+
+
+def measure(cfg: Config, output_dir) -> dict:
+    """Real steps at the estimate's batch shape: one fpft step, and one full HiFT cycle
+    after a warm-up cycle (which creates every group's optimizer state)."""
+    settings = Settings.of(cfg)
+    results = {}
+    for name, strategy in (("fpft", "fpft"), ("hift", cfg.hift.strategy)):
+        run_cfg = dataclasses.replace(
+            cfg, hift=dataclasses.replace(cfg.hift, strategy=strategy),
+            trainer=dataclasses.replace(cfg.trainer, eval_before=False, save_model=False))
+        trainer = HiftTrainer(run_cfg, f"{output_dir}/measure-{name}")
+        trainer.setup()
+        trainer.eval_set = trainer.eval_set.select([])
+        trainer.batches = fixed_shape_batches(settings.batch_size, settings.seq_len,
+                                              trainer.model.config.vocab_size)
+        k = len(trainer.groups)
+        if name == "hift":
+            trainer.cfg.trainer.max_steps = k
+            trainer.train()
+        probe = Probe(trainer)
+        trainer.cfg.trainer.max_steps = trainer.global_step + k
+        trainer.train()
+        probe.close()
+        rows = probe.rows
+        column = {c: max(r[c] for r in rows) for c in CATEGORIES}
+        peak = max(rows, key=lambda r: r["total"])
+        column["total"] = peak["total"]
+        if "cuda_peak_allocated" in peak:
+            column["cuda_peak_allocated"] = max(r["cuda_peak_allocated"] for r in rows)
+        results[name] = column
+        results[f"{name}_peak_group"] = peak["group"]
+        del trainer, probe
+    return results

@@ -3,7 +3,7 @@
 ``trainer.loggers`` picks them; ``metrics.jsonl`` (``jsonl``) is always written by the
 engine. Each library is imported only when its tracker is asked for, and each is an
 optional extra (``pip install 'hift-cli[tensorboard]'``, ``[wandb]``, ``[mlflow]``);
-:func:`check_installed` refuses a missing one at config validation, before any model
+:func:`hift_cli.config.check_installed` refuses a missing one at config validation, before any model
 loads.
 
 Where they write, by default all inside the run dir:
@@ -33,24 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hift_cli.config import ConfigError, check_installed
+
 log = logging.getLogger(__name__)
 
-# trainer.loggers value -> the module it imports (and the extra that installs it).
-MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 IDS_FILE = "trackers.json"  # the W&B / MLflow run ids, for resume
-
-
-def check_installed(names) -> None:
-    """Raise ConfigError, one line naming the extra, for a tracker not installed."""
-    import importlib.util
-
-    from hift_cli.config import ConfigError
-
-    for name in names:
-        module = MODULES.get(name)
-        if module is not None and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"trainer.loggers: {name} is not installed:"
-                              f" pip install 'hift-cli[{name}]'")
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -102,8 +89,6 @@ class Trackers:
                 self.close(failed=True)
                 if not isinstance(e, Exception):
                     raise
-                from hift_cli.config import ConfigError
-
                 # e.g. W&B online without `wandb login`, an MLflow server out of reach
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise ConfigError(f"trainer.loggers: {name} could not start a run:"

@@ -9,7 +9,7 @@ import tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from conftest import compose_config
-from hift_cli import grouping, memory
+from hift_cli import grouping, memory, memprofile
 from hift_cli.cli import main
 from hift_cli.config import ConfigError
 
@@ -132,7 +132,7 @@ def test_sampled_activations_match_the_meta_pass_and_measurement(
         [g["activations"] for g in meta["per_group"]]
     assert sampled["fpft"]["activations"] == meta["fpft"]["activations"]
     if checkpointing == "false":  # measure() counts saved tensors without recomputation
-        measured = memory.measure(cfg, tmp_path)
+        measured = memprofile.measure(cfg, tmp_path)
         for column in ("fpft", "hift"):
             assert sampled[column]["activations"] == pytest.approx(
                 measured[column]["activations"], rel=0.001)

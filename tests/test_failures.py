@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hift_cli import engine
+from hift_cli import run as task
 from hift_cli.checkpoint import complete_checkpoints
 from hift_cli.cli import main
 
@@ -55,7 +56,7 @@ def test_a_failing_report_after_training_is_a_warning(capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("Tensor.item() cannot be called on meta tensors")
 
-    monkeypatch.setattr(engine, "write_memory_report", broken)
+    monkeypatch.setattr(task, "write_memory_report", broken)
     assert main(["train", "recipe=tiny", "trainer.max_steps=3"]) == 0
     (run,) = Path("outputs/train").iterdir()
     assert (run / "summary.json").exists() and (run / "model" / "config.json").exists()

@@ -7,7 +7,8 @@ import pytest
 
 from hift_cli.cli import main
 from hift_cli.config import ConfigError
-from hift_cli.memory import estimate, measure
+from hift_cli.memory import estimate
+from hift_cli.memprofile import measure
 
 GIB = 2**30
 CATEGORIES = ("weights", "gradients", "optimizer_states", "fp32_masters", "activations",

@@ -1,0 +1,45 @@
+"""The package's import graph points one way: no module imports one that imports it back,
+and no function-local import hides such a circle (cli.py alone imports its commands
+lazily, so that `hift --help` starts fast)."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "hift_cli"
+LAZY_OK = {"cli"}
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(hift_cli module imported, whether the import is inside a function)."""
+    tree = ast.parse(path.read_text())
+    local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef,
+             ast.AsyncFunctionDef)) for n in ast.walk(f)}
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and \
+                node.module.split(".")[0] == "hift_cli":
+            parts = node.module.split(".")
+            names = [parts[1]] if len(parts) > 1 else [a.name for a in node.names]
+            out += [(n, id(node) in local) for n in names if n in modules]
+        elif isinstance(node, ast.Import):
+            out += [(a.name.split(".")[1], id(node) in local) for a in node.names
+                    if a.name.startswith("hift_cli.")]
+    return out
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = {p.stem: {m for m, _ in _imports(p)} - {p.stem} for p in PACKAGE.glob("*.py")}
+
+    def reaches(start, goal, seen=()):
+        return any(m == goal or (m not in seen and reaches(m, goal, (*seen, m)))
+                   for m in graph.get(start, ()))
+
+    circles = sorted(a for a in graph if reaches(a, a))
+    assert not circles, f"modules on an import circle: {circles}"
+
+
+def test_imports_are_at_module_level_outside_the_cli():
+    local = [(p.stem, m) for p in PACKAGE.glob("*.py") if p.stem not in LAZY_OK
+             for m, inside in _imports(p) if inside]
+    assert not local, f"function-local hift_cli imports: {local}"
