@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (bench/peers.py: LoRA, BAdam, GaLore, LOMO, LISA beside HiFT)
-from peers import merge  # noqa: E402  (key=value overrides, the later value of a key wins)
+from peers import interpolate, merge  # noqa: E402  (shared with the peers suites)
 import quality  # noqa: E402  (bench/quality.py: the per-epoch quality suites)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,16 +169,6 @@ def _batch(run_dir: Path) -> int:
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     return int(cfg.trainer.batch_size) * int(cfg.trainer.grad_accum)
-
-
-def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
-    """y at x on the polyline through ``points`` (sorted by x); None outside it."""
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    if points and x == points[-1][0]:
-        return points[-1][1]
-    return None
 
 
 def compare(runs: dict[str, dict]) -> dict:

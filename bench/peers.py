@@ -236,7 +236,9 @@ def compare(runs: dict[str, dict]) -> dict:
     base = ran["fpft"]
     equal = min(r["train_seconds"] for r in ran.values())
     for r in ran.values():
-        r["equal_wallclock"] = quality_at(r["curve"], equal)
+        # Within every curve: the last evaluation comes at the end of training.
+        r["equal_wallclock"] = interpolate([(c["seconds"], c["value"]) for c in r["curve"]],
+                                           equal)
     for r in ran.values():
         q = {key: r[key] / base[key] for key in RATIOS}
         for key in ("epoch1", "epochs", "final", "best"):
@@ -246,13 +248,14 @@ def compare(runs: dict[str, dict]) -> dict:
     return {"equal_wallclock_seconds": equal}
 
 
-def quality_at(curve: list[dict], seconds: float) -> float:
-    """The metric at ``seconds`` of training, linear between evaluations."""
-    points = [(c["seconds"], c["value"]) for c in curve]
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the polyline through ``points`` (sorted by x); None outside it."""
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= seconds <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (seconds - x0) / (x1 - x0)
-    return points[-1][1]
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if points and x == points[-1][0]:
+        return points[-1][1]
+    return None
 
 
 def markdown(suite: str, s: dict, plots: str = "") -> list[str]:
@@ -645,19 +648,6 @@ class BAdam(Peer):
             block_prefix_list=blocks, switch_block_every=switch,
             switch_mode=settings["switch_mode"], active_modules=active, verbose=0)
         self.schedule(self.optimizer)
-
-    def step(self, window):
-        import torch
-
-        loss = self.forward_backward(window)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = self.cfg.trainer.max_grad_norm
-        torch.nn.utils.clip_grad_norm_(params, norm if norm is not None else float("inf"))
-        n = sum(p.numel() for p in params)
-        self.optimizer.step()  # fp32 copies of the active block; may switch blocks
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss, n
 
 
 class GaLore(Peer):

@@ -40,8 +40,8 @@ class Group:
         # Read several times per training step; units do not change after grouping.
         return {n: p for u in self.units for n, p in u.params.items()}
 
-    @property
-    def numel(self) -> int:
+    @functools.cached_property
+    def numel(self) -> int:  # read at every training step
         return sum(u.numel for u in self.units)
 
     @property
