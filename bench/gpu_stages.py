@@ -199,8 +199,7 @@ def built(ctx: StageContext, cfg, name: str):
     trainer = HiftTrainer(cfg, ctx.runs / name)
     try:
         trainer.setup()
-        trainer.eval_set = trainer.eval_set.select([])  # time training only
-        yield trainer
+        yield trainer  # train(evaluate=False) throughout: time training only
     finally:
         with contextlib.suppress(Exception):
             trainer.store.close()
@@ -284,7 +283,7 @@ def trained_snapshot(ctx: StageContext, name: str, overrides: list[str],
         if delay is not None:
             setattr(trainer.store, *delay)
         with exact_kernels(ctx):
-            summary = trainer.train()
+            summary = trainer.train(evaluate=False)
         return snapshot(trainer), {"offload": trainer.store.enabled,
                                    "pinned": pinned(trainer.store),
                                    "loss": summary.get("train/loss")}
@@ -367,7 +366,7 @@ def stage_races(ctx: StageContext) -> None:
 
 
 def stage_resume(ctx: StageContext) -> None:
-    from hift_cli.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+    from hift_cli.checkpoint import complete_checkpoints
 
     steps = 9 if ctx.smoke else 12
     seed, _ = repeat_seed(3, steps)
@@ -379,23 +378,21 @@ def stage_resume(ctx: StageContext) -> None:
     checks = ctx.record.setdefault("checks", {})
     with ctx.part("straight", into=checks):
         with built(ctx, compose(*opts), "straight") as trainer, exact_kernels(ctx):
-            trainer.train()
+            trainer.train(evaluate=False)
             straight = snapshot(trainer)
     with ctx.part("chunked_vs_straight", into=checks):
         # Three steps per train() call, a checkpoint after each (keeps the last two).
         with built(ctx, compose(*opts), "chunked") as trainer, exact_kernels(ctx):
-            for stop in range(3, steps, 3):
-                trainer.cfg.trainer.max_steps = stop
-                trainer.train()
-                save_checkpoint(trainer, keep_last=2)
-            trainer.cfg.trainer.max_steps = steps
-            trainer.train()
+            for _ in range(3, steps, 3):
+                trainer.train(3, evaluate=False)
+                trainer.checkpoint(keep_last=2)
+            trainer.train(evaluate=False)
             checks["chunked_vs_straight"] = compare(straight, snapshot(trainer))
     with ctx.part("resumed_vs_straight", into=checks):
         path = complete_checkpoints(ctx.runs / "chunked")[0]
         with built(ctx, compose(*opts), "resumed") as trainer, exact_kernels(ctx):
-            load_checkpoint(trainer, path)
-            trainer.train()
+            trainer.resume(path)
+            trainer.train(evaluate=False)
             checks["resumed_vs_straight"] = {**compare(straight, snapshot(trainer)),
                                              "resumed_from": path.name}
     ctx.record["all_equal"] = all(c.get("equal") for k, c in checks.items() if k != "straight")
@@ -426,7 +423,7 @@ def measure(ctx: StageContext, trainer, shape: tuple[int, int], warm_cycles: int
 
     k = len(trainer.groups)
     warm, steps = warm_cycles * k, cycles * k
-    trainer.batches = fixed_shape_batches(*shape, trainer.model.config.vocab_size)
+    batches = fixed_shape_batches(*shape, trainer.model.config.vocab_size)
     reset = []
 
     def reset_peaks(tr, group) -> None:
@@ -437,9 +434,8 @@ def measure(ctx: StageContext, trainer, shape: tuple[int, int], warm_cycles: int
 
     free()  # setup's leftovers (e.g. the fp32 init) are not the run's
     trainer.after_update.append(reset_peaks)
-    trainer.cfg.trainer.max_steps = trainer.global_step + warm + steps
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(warm + steps, evaluate=False, batches=batches)
     seconds = time.perf_counter() - start
     trainer.after_update.remove(reset_peaks)
     rows = [json.loads(line) for line in
@@ -547,9 +543,8 @@ def profile(ctx: StageContext, trainer, steps: int) -> dict:
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
-    trainer.cfg.trainer.max_steps = trainer.global_step + steps
     with torch_profile(activities=activities) as prof:
-        trainer.train()
+        trainer.train(steps, evaluate=False)
     raw = ctx.runs / "trace.json"
     prof.export_chrome_trace(str(raw))
     trace = json.loads(raw.read_text())

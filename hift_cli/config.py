@@ -56,6 +56,34 @@ class ConfigError(ValueError):
     """Bad user input: reported as one line, no traceback."""
 
 
+@dataclass(frozen=True)
+class OptimizerKind:
+    """What hift needs to know about an ``optimizer._target_``: the one place that reads
+    the name (validation, the estimate, the state store and the engine ask here)."""
+
+    target: str
+
+    @property
+    def bitsandbytes(self) -> bool:
+        """bitsandbytes' optimizers: CUDA only; they move state on their first step."""
+        return self.target.startswith("bitsandbytes.")
+
+    @property
+    def eight_bit(self) -> bool:
+        """8-bit states (e.g. bitsandbytes' blockwise-quantised moments)."""
+        return "8bit" in self.target.lower()
+
+    @property
+    def paged(self) -> bool:
+        """Paged optimizers: CUDA unified memory pages their state (no offload by hift)."""
+        return "Paged" in self.target
+
+
+def optimizer_kind(optimizer_cfg) -> OptimizerKind:
+    """The kind of the optimizer in ``cfg.optimizer`` (a mapping with ``_target_``)."""
+    return OptimizerKind(str(optimizer_cfg.get("_target_") or ""))
+
+
 def _one_of(key: str, value: Any, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
@@ -390,7 +418,7 @@ def _check_components(cfg: Config) -> None:
     target = cfg.optimizer.get("_target_")
     if not target:
         raise ConfigError("optimizer._target_ is required (e.g. torch.optim.AdamW)")
-    if target.startswith("bitsandbytes."):
+    if optimizer_kind(cfg.optimizer).bitsandbytes:
         import importlib.util
 
         import torch

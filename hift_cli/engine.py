@@ -1,10 +1,12 @@
 """The hierarchical training engine.
 
-One step trains one group of units; the others are frozen. The loop below reads top to
-bottom as: pick group -> activate it -> fetch inputs, then prefetch state (this group's if
-it is not on the device yet, the next group's) -> forward/backward (grad_accum
-micro-batches) -> wait for this group's state -> clip -> optimizer step -> write its state
-back -> (end of cycle: LR step) -> log -> checkpoint -> eval.
+One step trains one group of units; the others are frozen. :meth:`HiftTrainer.train`
+runs steps and evaluations; :meth:`HiftTrainer._step` is one step, top to bottom: pick
+group -> activate it -> fetch inputs, then prefetch state (this group's if it is not on
+the device yet, the next group's) -> forward/backward (grad_accum micro-batches) -> wait
+for this group's state -> clip -> optimizer step -> write its state back -> (end of cycle:
+LR step). The resumable state is :meth:`~HiftTrainer.state_dict`; ``checkpoint.py`` only
+writes and reads it.
 
 Why it is cheap:
   * Only the active group has ``requires_grad``, so autograd records nothing below it:
@@ -18,9 +20,9 @@ Why it is cheap:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -41,8 +43,10 @@ from hift_cli.checkpoint import (
     MARKER,
     STATE_FILE,
     CheckpointError,
+    load_checkpoint,
     rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from hift_cli.config import Config, ConfigError
 from hift_cli.evaluate import build_evaluator
@@ -56,15 +60,62 @@ from hift_cli.models import (
     pick_device,
     resolve,
 )
-from hift_cli.offload import GroupStateStore, offload_enabled
-from hift_cli.progress import TrainProgress
-from hift_cli.trackers import Trackers
+from hift_cli.offload import GroupStateStore, TransferStats, load_optimizer_state, offload_enabled
+from hift_cli.progress import RunLog
 
 log = logging.getLogger(__name__)
 
 
+class Masters:
+    """bf16-mixed's fp32 master weights, the one place that knows about them: the
+    optimizer updates these while the model computes in bf16. In other precisions there
+    are none and every method passes the model's own parameters through."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool):
+        # Made before the model goes to bf16: the masters keep the fp32 storage.
+        self.by_id: dict[int, torch.nn.Parameter] = (
+            {id(p): torch.nn.Parameter(p.data, requires_grad=False)
+             for p in model.parameters()} if enabled else {})
+
+    def __bool__(self) -> bool:
+        return bool(self.by_id)
+
+    def of(self, params) -> list[torch.Tensor]:
+        """What the optimizer updates for ``params``: their masters, or themselves."""
+        return [self.by_id.get(id(p), p) for p in params]
+
+    def take_grads(self, trained: list, updated: list) -> None:
+        """bf16 gradients -> fp32 gradients on the masters (freeing the bf16 ones)."""
+        if self:
+            for p, master in zip(trained, updated):
+                master.grad, p.grad = (p.grad.float() if p.grad is not None else None, None)
+
+    def write_back(self, trained: list, updated: list) -> None:
+        """Updated fp32 masters -> the bf16 weights the model computes with."""
+        if self:
+            for p, master in zip(trained, updated):
+                p.data.copy_(master.data)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one step did (:meth:`HiftTrainer._step`)."""
+
+    group: Group
+    loss: float  # the global batch's loss
+    lr: float
+    tokens: int  # tokens of the global batch
+    seconds: float
+    finite: bool  # False: non-finite loss or gradient, update skipped
+    updated: int  # parameters updated
+    moved: TransferStats  # the state store's transfers
+    synced: int  # gradient bytes all-reduced (data parallel)
+
+
 class HiftTrainer:
-    """Set up with :meth:`setup`, run with :meth:`train`, write with :meth:`save`."""
+    """Set up with :meth:`setup`, run with :meth:`train`, write with :meth:`save`;
+    :meth:`state_dict` / :meth:`load_state_dict` (or :meth:`checkpoint` / :meth:`resume`)
+    carry a run across processes."""
 
     def __init__(self, cfg: Config, output_dir: str | Path):
         self.cfg = cfg
@@ -123,10 +174,8 @@ class HiftTrainer:
         if self.labels.names:  # saved with the model, so its predictions have names
             self.model.config.id2label = dict(enumerate(self.labels.names))
             self.model.config.label2id = {n: i for i, n in enumerate(self.labels.names)}
-        self.masters: dict[int, torch.nn.Parameter] = {}
+        self.masters = Masters(self.model, mixed)
         if mixed:
-            self.masters = {id(p): torch.nn.Parameter(p.data, requires_grad=False)
-                            for p in self.model.parameters()}
             self.model.to(torch.bfloat16)  # new bf16 storage; masters keep the fp32 one
         self.model.to(self.device)
         if cfg.gradient_checkpointing:
@@ -176,10 +225,6 @@ class HiftTrainer:
     def eval_set(self):
         return self.evaluator.ds
 
-    @eval_set.setter
-    def eval_set(self, ds) -> None:
-        self.evaluator.ds = ds
-
     def _setup_groups(self) -> None:
         hcfg = self.cfg.hift
         self.units = find_units(self.model)
@@ -193,6 +238,7 @@ class HiftTrainer:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.always_params = [p for u in self.always for p in u.params.values()]
+        self.always_numel = sum(u.numel for u in self.always)  # trained at every step
         for p in self.always_params:
             p.requires_grad_(True)  # for the whole run
         self.active: Group | None = None
@@ -247,11 +293,10 @@ class HiftTrainer:
         ocfg = dict(self.cfg.optimizer)
         # What the optimizer updates, per group: fp32 masters in bf16-mixed, else the
         # model's own parameters.
-        self.opt_params = [[self.masters.get(id(p), p) for p in g.params.values()]
-                           for g in self.groups]
+        self.opt_params = [self.masters.of(g.params.values()) for g in self.groups]
         # Always-active units: updated every step; their state and masters stay on the
         # device (the store moves only the groups').
-        self.always_opt = [self.masters.get(id(p), p) for p in self.always_params]
+        self.always_opt = self.masters.of(self.always_params)
         decay, no_decay = [], []
         for params in [*self.opt_params, self.always_opt]:
             for p in params:
@@ -268,8 +313,7 @@ class HiftTrainer:
 
     def _setup_store(self) -> None:
         """Inactive groups' optimizer state (and masters) in host memory, if enabled."""
-        enabled, why = offload_enabled(self.cfg.hift.offload, self.device.type,
-                                       len(self.groups), str(self.cfg.optimizer["_target_"]))
+        enabled, why = offload_enabled(self.cfg, self.device.type, len(self.groups))
         # fp32 masters start in host memory (the store moves them) or on the device.
         self.store = GroupStateStore(self.optimizer, self.opt_params, self.device, enabled,
                                      masters=bool(self.masters), factory=self.optimizer_factory)
@@ -289,6 +333,189 @@ class HiftTrainer:
             num_warmup_steps=tcfg.warmup_cycles, num_training_steps=self.num_cycles)
 
     # ------------------------------------------------------------------ train
+    def train(self, num_steps: int | None = None, *, eval_before: bool | None = None,
+              evaluate: bool = True, batches=None) -> dict[str, float]:
+        """Train from the current step; returns the final metrics.
+
+        Args:
+            num_steps: steps to take (default: up to ``trainer.max_steps``). A later call
+                goes on where this one stopped; the LR schedule is the one set up for
+                ``trainer.max_steps``.
+            eval_before: evaluate before the first step (default ``trainer.eval_before``).
+            evaluate: False skips every evaluation, before, during and after (measuring).
+            batches: micro-batches (dicts of CPU tensors) to train on from now on instead
+                of the data set's, e.g. fixed shapes for a memory measurement.
+
+        Stops with one line (:class:`TrainingStopped`) on SIGINT/SIGTERM (after a
+        checkpoint), on ``trainer.max_bad_steps`` non-finite steps in a row, and when
+        device or host memory runs out (no checkpoint then: the last one stays as it was).
+        """
+        tcfg = self.cfg.trainer
+        stop = tcfg.max_steps if num_steps is None else self.global_step + num_steps
+        if batches is not None:
+            self.batches = iter(batches)
+        evaluate = evaluate and len(self.eval_set) > 0
+        eval_before = evaluate and (tcfg.eval_before if eval_before is None else eval_before)
+        first, summary, totals = self.global_step, {}, collections.Counter()
+        with self._stop_when_out_of_memory(), RunLog(
+                self.output_dir, self.cfg, start_step=first, total_steps=stop,
+                enabled=self.dist.main) as out:
+            if eval_before:
+                before, samples = self._evaluate(out, "before")
+                summary.update({**{f"{k}_before": v for k, v in before.items()}, **samples})
+            train_start = time.perf_counter()
+            for step in range(first, stop):
+                done = self._step(step, stop)
+                row = self._row(done, cycle=step // len(self.groups))
+                totals.update({k: v for k, v in row.items() if k in SUMMED},
+                              tokens=done.tokens, updated=done.updated)
+                out.step(row, log_line=self.global_step % tcfg.log_every == 0
+                         or self.global_step == stop)
+                summary["train/loss"] = done.loss
+                if not done.finite:
+                    self._note_bad_step(out)
+                if self.stop_signal is not None or (
+                        self._due(tcfg.save_every) and self.global_step < stop):
+                    path = self.checkpoint()
+                    if self.stop_signal is not None:
+                        raise TrainingStopped(
+                            f"interrupted by {signal.Signals(self.stop_signal).name} at step"
+                            f" {self.global_step}; checkpoint saved to {path}. Resume with the"
+                            f" same command plus resume={self.output_dir}",
+                            128 + self.stop_signal)
+                if evaluate and self._due(tcfg.eval_every) and self.global_step < stop:
+                    self._evaluate(out, f"step {self.global_step}")
+            # The last write-back may still be landing in the buffers the optimizer's
+            # state points at: let it finish before anyone reads them.
+            self.store.synchronize()
+            summary.update(self._totals(totals, time.perf_counter() - train_start,
+                                        self.global_step - first, out))
+            if evaluate:
+                after, samples = self._evaluate(out, "after")
+                summary.update({**after, **samples})
+        return summary
+
+    def _step(self, step: int, stop: int) -> StepResult:
+        """Step ``step`` (0-based) of a run that stops at ``stop``, on its group."""
+        start, tcfg = time.perf_counter(), self.cfg.trainer
+        group = self.groups[self.schedule.group_at(step)]
+        next_index = self.schedule.group_at(step + 1) if step + 1 < stop else None
+        if group is not self.active:
+            self._activate(group)
+        # Inputs first: their copies must not queue behind a large prefetch.
+        window = [self._next_batch() for _ in range(tcfg.grad_accum)]
+        # This group's state is normally already on its way (the previous step fetched
+        # it; not at the first step of a run or after a resume); the next group's comes
+        # in on the side stream while this step computes.
+        self.store.prefetch(group.index)
+        if next_index is not None:
+            self.store.prefetch(next_index)
+        loss, tokens, synced = self._forward_backward(window)
+
+        # The group's parameters and the always-active ones, and what updates them.
+        trained = [*group.params.values(), *self.always_params]
+        params = self.opt_params[group.index] + self.always_opt
+        self.store.wait(group.index)  # its state and masters must have arrived
+        self.masters.take_grads(trained, params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in params if p.grad is not None],
+            tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        # A CPU-GPU sync point, needed to decide whether to update at all.
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.bad_steps = 0
+            for hook in self.after_update:
+                hook(self, group)
+            self.masters.write_back(trained, params)
+        else:  # skip the update: weights and optimizer state stay as they were
+            self.bad_steps += 1
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)  # free the group's grads now
+        self.store.offload(group.index, keep=next_index == group.index)
+        if self.schedule.ends_cycle(step):
+            self.scheduler.step()  # delayed LR update: once per full cycle
+        self.global_step = step + 1
+        # .item() is a CPU-GPU sync point; one per step is noise next to a step.
+        loss = loss.item()
+        return StepResult(group, loss, lr, tokens, time.perf_counter() - start, finite,
+                          group.numel + self.always_numel if finite else 0,
+                          self.store.take_stats(), synced)
+
+    def _forward_backward(self, window: list) -> tuple[torch.Tensor, int, int]:
+        """Forward and backward over one step's micro-batches, with the same group active
+        for all of them. Each micro-batch's mean loss is weighted by its share of the
+        window's items (over all ranks): the gradient of the mean over the global batch.
+        Returns the global batch's loss (on every rank), its tokens, and the gradient
+        bytes all-reduced."""
+        counts = distributed.all_reduce_(torch.tensor(
+            [sum(w[1] for w in window), sum(w[2] for w in window)], dtype=torch.float64))
+        total_items, tokens = max(float(counts[0]), 1.0), int(counts[1])
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (batch, items, _) in enumerate(window):
+            if self.grad_sync is not None:  # sum across ranks on the last one only
+                self.grad_sync.arm(i == len(window) - 1)
+            with autocast(self.cfg.trainer.precision, self.device):
+                loss = self.model(**batch).loss * (items / total_items)
+            loss.backward()
+            loss_sum += loss.detach()
+        synced = self.grad_sync.finish() if self.grad_sync is not None else 0
+        distributed.all_reduce_(loss_sum)
+        return loss_sum, tokens, synced
+
+    def _row(self, done: StepResult, cycle: int) -> dict:
+        """The step's metrics row (metrics.jsonl, trackers, progress)."""
+        row = {"step": self.global_step, "epoch": self.epoch, "cycle": cycle,
+               "group": done.group.index, "train/loss": done.loss, "lr": done.lr,
+               "tokens_per_second": done.tokens / done.seconds,
+               "step_seconds": done.seconds, "train/skipped": int(not done.finite),
+               "offload/stall_seconds": done.moved.stall_seconds,
+               "offload/h2d_bytes": done.moved.h2d_bytes,
+               "offload/d2h_bytes": done.moved.d2h_bytes}
+        if self.dist.enabled:
+            row["dist/allreduce_bytes"] = done.synced
+            # A signal seen by any rank stops every rank after this same step.
+            flag = distributed.all_reduce_(torch.tensor(
+                [self.stop_signal or 0], dtype=torch.int64), distributed.dist.ReduceOp.MAX)
+            self.stop_signal = self.stop_signal or int(flag[0]) or None
+        return row
+
+    def _note_bad_step(self, out: RunLog) -> None:
+        max_bad = self.cfg.trainer.max_bad_steps
+        out.note(f"step {self.global_step}: non-finite loss or gradient;"
+                 f" update skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= max_bad:
+            raise TrainingStopped(
+                f"stopping: {self.bad_steps} steps in a row with a non-finite loss"
+                f" or gradient (trainer.max_bad_steps={max_bad}) at step"
+                f" {self.global_step}; lower optimizer.lr or check the data", 1)
+
+    def _totals(self, totals: collections.Counter, elapsed: float, steps: int,
+                out: RunLog) -> dict[str, float]:
+        """The run's summary of its steps (and the transfer notes at its end)."""
+        moved = {k: totals[k] for k in SUMMED if k != "dist/allreduce_bytes"
+                 or self.dist.enabled}
+        moved["offload/stall_seconds"] = float(moved["offload/stall_seconds"])
+        summary = {"train/skipped_steps": self.skipped_steps,
+                   "train/params_updated_per_step": totals["updated"] / max(steps, 1),
+                   "tokens_per_second": totals["tokens"] / max(elapsed, 1e-9),
+                   "train/seconds": elapsed, **moved,
+                   "offload/stall_fraction": moved["offload/stall_seconds"] / max(elapsed, 1e-9)}
+        if self.store.enabled:
+            out.note(
+                f"offload: waited {moved['offload/stall_seconds']:.2f} s for state"
+                f" ({100 * summary['offload/stall_fraction']:.1f}% of training), moved"
+                f" {moved['offload/h2d_bytes'] / 2**30:.2f} GiB to and"
+                f" {moved['offload/d2h_bytes'] / 2**30:.2f} GiB from the device")
+        if self.dist.enabled:
+            mib = moved["dist/allreduce_bytes"] / 2**20
+            full = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            out.note(f"data parallel: all-reduced {mib:.1f} MiB of gradients,"
+                     f" {mib / max(steps, 1):.2f} MiB per step (all parameters' gradients:"
+                     f" {full / 2**20:.2f} MiB)")
+        return summary
+
     def _activate(self, group: Group) -> None:
         if self.active is not None:
             for p in self.active.params.values():
@@ -302,17 +529,32 @@ class HiftTrainer:
     def evaluate(self) -> dict[str, float]:
         return self.evaluator(self.model, self.cfg.trainer.eval_batch_size)
 
-    def train(self) -> dict[str, float]:
-        """Run ``trainer.max_steps`` steps; returns the final metrics.
+    def _evaluate(self, out: RunLog, when: str) -> tuple[dict[str, float], dict]:
+        """Evaluate, record the row and say it (``when``: before, after, step N); before
+        and after training also show (rank 0) and return what the model says on the
+        first few eval records."""
+        metrics = self.evaluate()
+        out.record({"step": self.global_step, "epoch": 0.0 if when == "before" else self.epoch,
+                    **metrics})
+        if when not in ("before", "after"):
+            out.note(f"{when}: eval {_describe(metrics)}")
+            return metrics, {}
+        out.note(f"eval {when} training: {_describe(metrics)}")
+        samples = self.evaluator.show_samples(self.model, when, out.note) if self.dist.main \
+            else {}
+        return metrics, samples
 
-        Running out of device or host memory stops the run with one line (no checkpoint
-        is written then: the last complete one stays as it was).
-        """
+    @contextlib.contextmanager
+    def _stop_when_out_of_memory(self):
+        """Running out of device or host memory: one line with the estimated peak and
+        what to change, instead of a traceback."""
         try:
-            return self._train()
+            yield
         except (torch.OutOfMemoryError, MemoryError) as e:
             kind = "device" if isinstance(e, torch.OutOfMemoryError) else "host"
-            del e  # its traceback holds the step's tensors
+            e.__traceback__ = None  # it holds the step's frames, and so their tensors
+        else:
+            return
         need, capacity = self._memory_need_and_capacity(kind)
         raise TrainingStopped(
             f"out of {kind} memory at step {self.global_step + 1} (group"
@@ -339,191 +581,75 @@ class HiftTrainer:
             capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return need, capacity
 
-    def _train(self) -> dict[str, float]:
-        tcfg = self.cfg.trainer
-        k = len(self.groups)
-        main = self.dist.main  # only rank 0 writes files and logs
-        if main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.output_dir / "metrics.jsonl"
-        summary: dict[str, float] = {}
-        with (open(metrics_path, "a") if main else contextlib.nullcontext()) as metrics_file, \
-                Trackers(tcfg.loggers, self.output_dir, self.cfg, enabled=main,
-                         start_step=self.global_step) as trackers, \
-                TrainProgress(tcfg.max_steps, enabled=main) as progress:
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the weights: counters, every group's optimizer
+        state and fp32 masters, the scheduler and every RNG. (The group order needs
+        nothing: step N's group follows from the strategy, the seed and N.) Tensors are
+        the live ones (offloaded state: the store's host buffers): save them before
+        training on. Collective under torchrun: each rank's RNG state goes into it."""
+        rngs = distributed.gather_objects(rng_state()) if self.dist.enabled else []
+        with self.store.readable():  # offloaded state: its host copies have landed
+            optimizer = self.optimizer.state_dict()
+            # Its per-parameter dicts are the optimizer's own, which the store rebinds
+            # when a group moves: hold on to the tensors they point at now.
+            optimizer["state"] = {i: dict(s) for i, s in optimizer["state"].items()}
+            return {
+                "global_step": self.global_step,
+                "batches_consumed": self.batches_consumed,
+                "bad_steps": self.bad_steps,
+                "skipped_steps": self.skipped_steps,
+                "optimizer": optimizer,
+                "scheduler": self.scheduler.state_dict(),
+                "masters": [m.data for m in self._all_masters()],
+                "always_active": [u.name for u in self.always],
+                "rng": rng_state(),
+                "rng_ranks": rngs,
+            }
 
-            def record(row: dict) -> None:
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                trackers.log(row)  # TensorBoard / W&B / MLflow (trainer.loggers)
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (and the weights, under ``"model"``, if given) into
+        a set-up trainer.
 
-            if tcfg.eval_before and len(self.eval_set):
-                before = self.evaluate()
-                summary.update({f"{k}_before": v for k, v in before.items()})
-                record({"step": 0, "epoch": 0.0, **before})
-                progress.note(f"eval before training: {_describe(before)}")
-                if main:  # what the model says on the first few eval records
-                    summary.update(self.evaluator.show_samples(self.model, "before",
-                                                               progress.note))
+        Raises:
+            CheckpointError: the weights are another model's, or the optimizer state was
+                saved with other always-active units.
+        """
+        if "model" in state:
+            missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+            # Tied weights are saved once; anything else missing is a different model.
+            if unexpected or set(missing) - _tied_names(self.model):
+                raise CheckpointError(f"does not match this model (missing {sorted(missing)[:3]},"
+                                      f" unexpected {unexpected[:3]})")
+        # The optimizer's parameter order puts always-active units last: another choice
+        # of them would hand saved state to the wrong parameters.
+        saved_always = state.get("always_active", [])
+        if saved_always != [u.name for u in self.always]:
+            raise CheckpointError(f"was saved with hift.always_active=[{','.join(saved_always)}]:"
+                                  " resume with the same setting")
+        self.store.reset()  # offloaded masters: written in place into their host buffers
+        for m, saved in zip(self._all_masters(), state["masters"]):
+            m.data.copy_(saved)
+        # Always-active units' state lives on the device even while the store offloads.
+        load_optimizer_state(self.optimizer, state["optimizer"],
+                             None if self.store.enabled else self.device, self.device,
+                             {id(p) for p in self.always_opt})
+        self.store.restore()  # straight from the loaded CPU copy into the host buffers
+        if hasattr(self.optimizer, "initialized"):
+            # bitsandbytes: its first step() would move every group's state to the GPU.
+            self.optimizer.initialized = True
+        self.scheduler.load_state_dict(state["scheduler"])
+        for key in ("global_step", "batches_consumed", "bad_steps", "skipped_steps"):
+            setattr(self, key, state[key])
+        self.restart_batches()
+        ranks = state.get("rng_ranks") or []
+        set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world else state["rng"])
 
-            train_start, total_tokens = time.perf_counter(), 0
-            total_moved = {"offload/stall_seconds": 0.0, "offload/h2d_bytes": 0,
-                           "offload/d2h_bytes": 0}
-            if self.dist.enabled:
-                total_moved["dist/allreduce_bytes"] = 0
-            first_step = self.global_step
-            # Parameters updated per step (the active group's and the always-active ones).
-            always_numel, updated = sum(u.numel for u in self.always), 0
-            for step in range(first_step, tcfg.max_steps):
-                step_start = time.perf_counter()
-                cycle = step // k
-                group = self.groups[self.schedule.group_at(step)]
-                last = step + 1 == tcfg.max_steps
-                next_index = None if last else self.schedule.group_at(step + 1)
-                if group is not self.active:
-                    self._activate(group)
-
-                # Inputs first: their copies must not queue behind a large prefetch.
-                window = [self._next_batch() for _ in range(tcfg.grad_accum)]
-                # This group's state is normally already on its way (the previous step
-                # fetched it; not at the first step of a run or after a resume); the next
-                # group's comes in on the side stream while this step computes.
-                self.store.prefetch(group.index)
-                if next_index is not None:
-                    self.store.prefetch(next_index)
-
-                # Forward and backward; the same group stays active for the whole window.
-                # Each micro-batch's mean loss is weighted by its share of the window's
-                # items (over all ranks): the gradient of the mean over the global batch.
-                counts = distributed.all_reduce_(torch.tensor(
-                    [sum(w[1] for w in window), sum(w[2] for w in window)], dtype=torch.float64))
-                total_items, tokens = max(float(counts[0]), 1.0), int(counts[1])
-                loss_sum = torch.zeros((), device=self.device)
-                for i, (batch, items, _) in enumerate(window):
-                    if self.grad_sync is not None:  # sum across ranks on the last one only
-                        self.grad_sync.arm(i == len(window) - 1)
-                    with autocast(tcfg.precision, self.device):
-                        loss = self.model(**batch).loss * (items / total_items)
-                    loss.backward()
-                    loss_sum += loss.detach()
-                synced = self.grad_sync.finish() if self.grad_sync is not None else 0
-                distributed.all_reduce_(loss_sum)  # the global batch's loss, on every rank
-
-                # The group's parameters and the always-active ones, and what updates them.
-                trained = [*group.params.values(), *self.always_params]
-                params = self.opt_params[group.index] + self.always_opt
-                self.store.wait(group.index)  # its state and masters must have arrived
-                if self.masters:  # bf16 grads -> fp32 grads on the masters
-                    for p, master in zip(trained, params):
-                        master.grad, p.grad = (p.grad.float() if p.grad is not None else None,
-                                               None)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in params if p.grad is not None],
-                    tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf"))
-                lr = self.optimizer.param_groups[0]["lr"]
-                # A CPU-GPU sync point, needed to decide whether to update at all.
-                finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-                if finite:
-                    self.optimizer.step()
-                    self.bad_steps = 0
-                    updated += group.numel + always_numel
-                    for hook in self.after_update:
-                        hook(self, group)
-                    if self.masters:
-                        for p, master in zip(trained, params):
-                            p.data.copy_(master.data)  # fp32 -> bf16 weights
-                else:  # skip the update: weights and optimizer state stay as they were
-                    self.bad_steps += 1
-                    self.skipped_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)  # free the group's grads now
-                self.store.offload(group.index, keep=next_index == group.index)
-                if self.schedule.ends_cycle(step):
-                    self.scheduler.step()  # delayed LR update: once per full cycle
-                self.global_step = step + 1
-
-                # .item() is a CPU-GPU sync point; one per step is noise next to a step.
-                train_loss = loss_sum.item()
-                seconds = time.perf_counter() - step_start
-                moved = self.store.take_stats()
-                total_tokens += tokens
-                row = {"step": self.global_step, "epoch": self.epoch, "cycle": cycle,
-                       "group": group.index, "train/loss": train_loss, "lr": lr,
-                       "tokens_per_second": tokens / seconds,
-                       "step_seconds": seconds, "train/skipped": int(not finite),
-                       "offload/stall_seconds": moved.stall_seconds,
-                       "offload/h2d_bytes": moved.h2d_bytes, "offload/d2h_bytes": moved.d2h_bytes}
-                if self.dist.enabled:
-                    row["dist/allreduce_bytes"] = synced
-                    # A signal seen by any rank stops every rank after this same step.
-                    flag = distributed.all_reduce_(torch.tensor(
-                        [self.stop_signal or 0], dtype=torch.int64), distributed.dist.ReduceOp.MAX)
-                    self.stop_signal = self.stop_signal or int(flag[0]) or None
-                for key in total_moved:
-                    total_moved[key] += row[key]
-                record(row)
-                progress.update(row, log_line=self.global_step % tcfg.log_every == 0
-                                or self.global_step == tcfg.max_steps)
-                summary["train/loss"] = train_loss
-                if not finite:
-                    progress.note(f"step {self.global_step}: non-finite loss or gradient;"
-                                  f" update skipped ({self.bad_steps} in a row)")
-                    if self.bad_steps >= tcfg.max_bad_steps:
-                        raise TrainingStopped(
-                            f"stopping: {self.bad_steps} steps in a row with a non-finite loss"
-                            f" or gradient (trainer.max_bad_steps={tcfg.max_bad_steps}) at step"
-                            f" {self.global_step}; lower optimizer.lr or check the data", 1)
-
-                if self.stop_signal is not None or (
-                        self._due(tcfg.save_every) and self.global_step < tcfg.max_steps):
-                    path = self.checkpoint()
-                    if self.stop_signal is not None:
-                        raise TrainingStopped(
-                            f"interrupted by {signal.Signals(self.stop_signal).name} at step"
-                            f" {self.global_step}; checkpoint saved to {path}. Resume with the"
-                            f" same command plus resume={self.output_dir}",
-                            128 + self.stop_signal)
-
-                if self._due(tcfg.eval_every) and self.global_step < tcfg.max_steps \
-                        and len(self.eval_set):
-                    ev = self.evaluate()
-                    record({"step": self.global_step, "epoch": self.epoch, **ev})
-                    progress.note(f"step {self.global_step}: eval {_describe(ev)}")
-
-            # The last write-back may still be landing in the buffers the optimizer's
-            # state points at: let it finish before anyone reads them.
-            self.store.synchronize()
-            summary["train/skipped_steps"] = self.skipped_steps
-            summary["train/params_updated_per_step"] = updated / max(
-                self.global_step - first_step, 1)
-            elapsed = time.perf_counter() - train_start
-            summary["tokens_per_second"] = total_tokens / max(elapsed, 1e-9)
-            summary["train/seconds"] = elapsed
-            summary.update(total_moved)
-            summary["offload/stall_fraction"] = total_moved["offload/stall_seconds"] / max(
-                elapsed, 1e-9)
-            if self.store.enabled:
-                progress.note(
-                    f"offload: waited {total_moved['offload/stall_seconds']:.2f} s for state"
-                    f" ({100 * summary['offload/stall_fraction']:.1f}% of training), moved"
-                    f" {total_moved['offload/h2d_bytes'] / 2**30:.2f} GiB to and"
-                    f" {total_moved['offload/d2h_bytes'] / 2**30:.2f} GiB from the device")
-            if self.dist.enabled:
-                mib = total_moved["dist/allreduce_bytes"] / 2**20
-                full = sum(p.numel() * p.element_size() for p in self.model.parameters())
-                progress.note(
-                    f"data parallel: all-reduced {mib:.1f} MiB of gradients,"
-                    f" {mib / max(self.global_step - first_step, 1):.2f} MiB per step (all"
-                    f" parameters' gradients: {full / 2**20:.2f} MiB)")
-            if len(self.eval_set):
-                after = self.evaluate()
-                summary.update(after)
-                record({"step": self.global_step, "epoch": self.epoch, **after})
-                progress.note(f"eval after training: {_describe(after)}")
-                if main:  # the same records as before training
-                    summary.update(self.evaluator.show_samples(self.model, "after",
-                                                               progress.note))
-        return summary
+    def _all_masters(self) -> list[torch.Tensor]:
+        """Every fp32 master (bf16-mixed): the groups', then the always-active units'."""
+        if not self.masters:
+            return []
+        return [m for ps in self.opt_params for m in ps] + self.always_opt
 
     # ------------------------------------------------------------------ save
     def write_model(self, path: Path) -> None:
@@ -535,14 +661,28 @@ class HiftTrainer:
             self.model.config.use_cache = False
         self.tokenizer.save_pretrained(path)
 
-    def checkpoint(self) -> Path:
-        """A resumable checkpoint, written by rank 0 while the others wait."""
-        # Each rank's RNG (dropout masks) goes into rank 0's file.
-        rngs = distributed.gather_objects(rng_state()) if self.dist.enabled else None
-        path = save_checkpoint(self, self.cfg.trainer.keep_last, rngs) if self.dist.main \
-            else None
+    def checkpoint(self, keep_last: int | None = None) -> Path:
+        """A resumable checkpoint of this step (the newest ``keep_last``, default
+        ``trainer.keep_last``, are kept), written by rank 0 while the others wait."""
+        state = self.state_dict()
+        path = None
+        if self.dist.main:
+            for p in self.model.parameters():
+                if not torch.isfinite(p).all():
+                    raise CheckpointError("refusing to save a checkpoint: the weights are not"
+                                          " finite")
+            path = save_checkpoint(self.output_dir, self.global_step, state, self.write_model,
+                                   keep_last or self.cfg.trainer.keep_last)
         distributed.barrier()
         return distributed.broadcast_object(path)
+
+    def resume(self, path: Path) -> None:
+        """Continue from the checkpoint at ``path``: weights, state, counters, RNG."""
+        state = load_checkpoint(path, self.device)
+        try:
+            self.load_state_dict(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint {path} {e}") from None
 
     def save(self) -> Path | None:
         """A last resumable checkpoint, and its model as ``<output_dir>/model``."""
@@ -581,3 +721,18 @@ def _describe(metrics: dict[str, float]) -> str:
              "answer_format": "answers in #### format"}
     return ", ".join(f"{label} {metrics['eval/' + key]:.4f}" for key, label in shown.items()
                      if "eval/" + key in metrics)
+
+
+# Per-step transfer counters the summary adds up.
+SUMMED = ("offload/stall_seconds", "offload/h2d_bytes", "offload/d2h_bytes",
+          "dist/allreduce_bytes")
+
+
+def _tied_names(model) -> set[str]:
+    """Parameter names that share storage with an earlier name (tied weights)."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied

@@ -23,7 +23,7 @@ import torch
 from hydra.utils import get_class
 from torch import nn
 
-from hift_cli.config import SHAPES, Config, ConfigError
+from hift_cli.config import SHAPES, Config, ConfigError, optimizer_kind
 from hift_cli.grouping import (ForwardPassError, Group, Unit, block_stack, find_units,
                                make_groups, split_always_active)
 from hift_cli.models import DTYPES, load_config, resolve
@@ -121,13 +121,13 @@ def optimizer_state_bytes(opt_cfg: dict, params: list[torch.Tensor],
     (CUDA only) use their documented layout.
     """
     kwargs = {k: v for k, v in opt_cfg.items() if k != "_target_"}
-    target = opt_cfg["_target_"]
+    target, kind = opt_cfg["_target_"], optimizer_kind(opt_cfg)
     per_shape: dict[tuple, int] = {}
     out = {}
     for p in params:
         key = tuple(p.shape)
         if key not in per_shape:
-            if target.startswith("bitsandbytes.") and "8bit" in target.lower():
+            if kind.bitsandbytes and kind.eight_bit:
                 per_shape[key] = _bnb_8bit_state_bytes(p.numel())
             else:
                 per_shape[key] = _stepped_state_bytes(get_class(target), kwargs, key, dtype)
@@ -445,11 +445,8 @@ class Estimator:
     def offload(self, num_groups: int) -> bool:
         """The engine's rule (e.g. no offload with k <= 2); estimates are for the GPU you
         train on unless trainer.device=cpu."""
-        cfg = self.cfg
-        return offload_enabled(
-            False if cfg.hift.strategy == "fpft" else cfg.hift.offload,
-            "cpu" if cfg.trainer.device == "cpu" else "cuda", num_groups,
-            str(cfg.optimizer["_target_"]))[0]
+        device = "cpu" if self.cfg.trainer.device == "cpu" else "cuda"
+        return offload_enabled(self.cfg, device, num_groups)[0]
 
     def active_units(self, group: Group) -> list[Unit]:
         """What requires grad while ``group`` trains: it and the always-active units."""
@@ -551,7 +548,7 @@ class Estimator:
         peak = max(r["total"] for r in self.evaluate(groups, self.offload(n)))
         s = self.settings
         fixes = ([] if s.checkpointing else ["model.gradient_checkpointing=true"]) + (
-            [] if "8bit" in str(self.cfg.optimizer["_target_"]).lower()
+            [] if optimizer_kind(self.cfg.optimizer).eight_bit
             or self.cfg.trainer.device == "cpu" else ["an 8-bit optimizer (optimizer=adamw8bit)"]
         ) + [
             f"a smaller trainer.batch_size (now {s.batch_size}) or data.max_length"

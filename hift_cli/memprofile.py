@@ -143,19 +143,16 @@ def measure(cfg: Config, output_dir) -> dict:
     for name, strategy in (("fpft", "fpft"), ("hift", cfg.hift.strategy)):
         run_cfg = dataclasses.replace(
             cfg, hift=dataclasses.replace(cfg.hift, strategy=strategy),
-            trainer=dataclasses.replace(cfg.trainer, eval_before=False, save_model=False))
+            trainer=dataclasses.replace(cfg.trainer, save_model=False))
         trainer = HiftTrainer(run_cfg, f"{output_dir}/measure-{name}")
         trainer.setup()
-        trainer.eval_set = trainer.eval_set.select([])
-        trainer.batches = fixed_shape_batches(settings.batch_size, settings.seq_len,
-                                              trainer.model.config.vocab_size)
+        batches = fixed_shape_batches(settings.batch_size, settings.seq_len,
+                                      trainer.model.config.vocab_size)
         k = len(trainer.groups)
         if name == "hift":
-            trainer.cfg.trainer.max_steps = k
-            trainer.train()
+            trainer.train(k, evaluate=False, batches=batches)
         probe = Probe(trainer)
-        trainer.cfg.trainer.max_steps = trainer.global_step + k
-        trainer.train()
+        trainer.train(k, evaluate=False, batches=batches)
         probe.close()
         rows = probe.rows
         column = {c: max(r[c] for r in rows) for c in CATEGORIES}

@@ -46,21 +46,25 @@ from typing import Callable
 
 import torch
 
+from hift_cli.config import Config, optimizer_kind
+
 log = logging.getLogger(__name__)
 
 Handle = tuple[torch.Tensor, "str | None"]  # (parameter, state key or None for p.data)
 
 
-def offload_enabled(requested: bool | None, device_type: str, num_groups: int,
-                    optimizer_target: str) -> tuple[bool, str]:
-    """Whether the store moves state, and why (one rule for the engine and the estimate).
+def offload_enabled(cfg: Config, device_type: str, num_groups: int) -> tuple[bool, str]:
+    """Whether the store moves state, and why: the one rule for the engine and the
+    estimate.
 
     Args:
-        requested: ``hift.offload`` (None: on with CUDA, off on a CPU).
+        cfg: the run's config (``hift.offload``: None means on with CUDA, off on a CPU).
         device_type: the training device's type (``cuda``, ``cpu``).
         num_groups: number of HiFT groups.
-        optimizer_target: the optimizer's ``_target_``.
     """
+    requested = cfg.hift.offload
+    if cfg.hift.strategy == "fpft":
+        return False, "fpft: every parameter trains at every step"
     if requested is False:
         return False, "hift.offload=false"
     if requested is None and device_type != "cuda":
@@ -68,7 +72,7 @@ def offload_enabled(requested: bool | None, device_type: str, num_groups: int,
     if num_groups <= 2:
         return False, (f"{num_groups} group(s): the two device slots would hold every group's"
                        " state anyway")
-    if "Paged" in optimizer_target:
+    if optimizer_kind(cfg.optimizer).paged:
         return False, "paged optimizer: CUDA pages its state itself"
     return True, "on"
 
@@ -546,3 +550,31 @@ class GroupStateStore:
     def device_bytes(self) -> int:
         """Bytes held by the device slots: the store's whole device footprint."""
         return sum(b.numel() * b.element_size() for slot in self.slots for b in slot.values())
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict,
+                         device: torch.device | None, compute_device: torch.device,
+                         resident: set[int] = frozenset()) -> None:
+    """Like ``Optimizer.load_state_dict``, without moving every group's state to the
+    device at once (which offloading exists to avoid): state stays on the CPU for the
+    store to take, or goes to ``device`` when nothing is offloaded; the state of the
+    parameters in ``resident`` (ids: always-active units) goes to ``compute_device``
+    either way. Scalar step counters go where ``load_state_dict`` puts them: with
+    ``fused`` or ``capturable`` to the ``compute_device`` as float32, else they stay on
+    the CPU."""
+    params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
+    optimizer.state.clear()
+    for index, entry in saved["state"].items():
+        p, group = params[int(index)]
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        state = {}
+        to = compute_device if id(p) in resident else device
+        for k, v in entry.items():
+            if torch.is_tensor(v) and v.dim() > 0 and to is not None:
+                v = v.to(to)
+            elif k == "step" and torch.is_tensor(v) and on_device:
+                v = v.to(dtype=torch.float32, device=compute_device)
+            state[k] = v
+        optimizer.state[p] = state
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})

@@ -1,12 +1,18 @@
-"""Training progress: a rich progress bar on a terminal, plain log lines otherwise."""
+"""Where a run's output goes: ``metrics.jsonl``, the trackers, and the progress display (a
+rich progress bar on a terminal, plain log lines otherwise)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from hift_cli.trackers import Trackers
 
 log = logging.getLogger("hift_cli.engine")
 
@@ -62,3 +68,47 @@ class TrainProgress:
 def _stdout_handlers() -> list[logging.StreamHandler]:
     return [h for h in logging.getLogger().handlers
             if type(h) is logging.StreamHandler and h.stream in (sys.__stdout__, sys.stdout)]
+
+
+class RunLog:
+    """A training run's metrics writer: each row goes to ``<output_dir>/metrics.jsonl``
+    (appended: a resumed run goes on in the same file) and to the trackers in
+    ``trainer.loggers``; step rows also move the progress display. ``enabled=False``
+    (ranks other than 0) writes and shows nothing."""
+
+    def __init__(self, output_dir: Path, cfg, start_step: int, total_steps: int,
+                 enabled: bool = True):
+        self.output_dir, self.cfg, self.enabled = Path(output_dir), cfg, enabled
+        self.start_step, self.total_steps = start_step, total_steps
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "RunLog":
+        with self._stack as stack:
+            self.file = None
+            if self.enabled:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                self.file = stack.enter_context(open(self.output_dir / "metrics.jsonl", "a"))
+            self.trackers = stack.enter_context(Trackers(
+                self.cfg.trainer.loggers, self.output_dir, self.cfg, enabled=self.enabled,
+                start_step=self.start_step))
+            self.progress = stack.enter_context(TrainProgress(self.total_steps,
+                                                              enabled=self.enabled))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+    def record(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        self.trackers.log(row)  # TensorBoard / W&B / MLflow (trainer.loggers)
+
+    def step(self, row: dict, log_line: bool) -> None:
+        """A step's row; ``log_line``: also as a log line when there is no progress bar."""
+        self.record(row)
+        self.progress.update(row, log_line=log_line)
+
+    def note(self, text: str) -> None:
+        self.progress.note(text)

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from hift_cli import distributed
-from hift_cli.checkpoint import find_resume, load_checkpoint
+from hift_cli.checkpoint import find_resume
 from hift_cli.config import Config
 from hift_cli.engine import HiftTrainer
 from hift_cli.memory import estimate, render
@@ -47,12 +47,12 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     # Only now, so that a setup error (bad data, model) is the last thing on the screen.
     log.info(f"Config: {output_dir / 'config.yaml'} (print it with --cfg job)")
     if resume is not None:
-        load_checkpoint(trainer, resume)
+        trainer.resume(resume)
         if main:
             _truncate_metrics(output_dir / "metrics.jsonl", trainer.global_step)
-        trainer.cfg.trainer.eval_before = False
     with _stop_on_signals(trainer):
-        metrics = trainer.train()
+        # A resumed run was evaluated before its first step already.
+        metrics = trainer.train(eval_before=False if resume is not None else None)
     saved = trainer.save()
     metrics.update({"data/train_samples": len(trainer.train_set), "groups": len(trainer.groups)})
     metrics.update(trainer.evaluator.info())  # e.g. the exact-match rule (a string)

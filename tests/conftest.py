@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 
 from hift_cli.config import Config, to_config  # noqa: E402
+from hift_cli.engine import HiftTrainer  # noqa: E402
 
 
 def compose_config(*overrides: str, recipe: str = "tiny") -> Config:
@@ -21,6 +22,27 @@ def compose_config(*overrides: str, recipe: str = "tiny") -> Config:
     with initialize_config_module("hift_cli.recipes", version_base="1.3"):
         cfg = compose("config", overrides=[f"recipe={recipe}", *overrides])
     return to_config(cfg, overrides)
+
+
+def build_trainer(output_dir, *overrides: str, recipe: str = "tiny") -> HiftTrainer:
+    """A set-up trainer (the tiny LLaMA by default) that does not evaluate before training
+    and saves no model at its end."""
+    trainer = HiftTrainer(compose_config("trainer.eval_before=false", "trainer.save_model=false",
+                                         *overrides, recipe=recipe), output_dir)
+    trainer.setup()
+    return trainer
+
+
+def stop_and_resume(make, steps: int, **train_kwargs):
+    """``make(name)`` -> a set-up trainer in its own run dir. Trains ``first`` for
+    ``steps`` steps and checkpoints it; returns a fresh ``second`` resumed from that
+    checkpoint (not trained yet) and the checkpoint's path."""
+    first = make("first")
+    first.train(steps, **train_kwargs)
+    path = first.checkpoint(keep_last=1)
+    second = make("second")
+    second.resume(path)
+    return second, path
 
 
 def snapshot(trainer):

@@ -11,27 +11,21 @@ import logging
 import pytest
 import torch
 
-from conftest import assert_same, snapshot
-from hift_cli import checkpoint as ckpt
-from hift_cli.checkpoint import CheckpointError, _restore_optimizer
+from conftest import assert_same, build_trainer, snapshot, stop_and_resume
+from hift_cli.checkpoint import CheckpointError
 from hift_cli.cli import main
-from hift_cli.engine import HiftTrainer
+from hift_cli.offload import load_optimizer_state
 
-COMMON = ("trainer.eval_before=false", "trainer.save_model=false", "hift.k=3",
-          "data.max_eval_samples=4", "trainer.max_steps=8")
+COMMON = ("hift.k=3", "data.max_eval_samples=4", "trainer.max_steps=8")
 MIXED = ("trainer.precision=bf16-mixed", "hift.offload=true")
 
 
 def make(tiny_cfg, tmp_path, *overrides):
-    trainer = HiftTrainer(tiny_cfg(*COMMON, *overrides), tmp_path)
-    trainer.setup()
-    trainer.eval_set = trainer.eval_set.select([])
-    return trainer
+    return build_trainer(tmp_path, *COMMON, *overrides)
 
 
 def step(trainer):
-    trainer.cfg.trainer.max_steps = trainer.global_step + 1
-    trainer.train()
+    trainer.train(1, evaluate=False)
 
 
 def updated(trainer):
@@ -39,8 +33,9 @@ def updated(trainer):
     (bf16 weights may round a small update away), else the weights; read through the store."""
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     with trainer.store.readable():
-        return {names[id(p)]: trainer.masters.get(id(p), p).detach().clone()
-                for p in trainer.model.parameters()}
+        return {names[id(p)]: master.detach().clone()
+                for p, master in zip(trainer.model.parameters(),
+                                     trainer.masters.of(trainer.model.parameters()))}
 
 
 def steps_of(trainer, params):
@@ -80,9 +75,9 @@ def test_always_active_units_train_at_every_step(tiny_cfg, tmp_path, opts):
 def test_offload_with_always_active_changes_no_numbers(tiny_cfg, tmp_path):
     opts = ("hift.always_active=[embeddings,head]", "trainer.precision=bf16-mixed")
     off = make(tiny_cfg, tmp_path / "off", *opts, "hift.offload=false")
-    off.train()
+    off.train(evaluate=False)
     on = make(tiny_cfg, tmp_path / "on", *opts, "hift.offload=true")
-    on.train()
+    on.train(evaluate=False)
     assert on.store.enabled and on.store.strict
     assert [u.name for u in on.always] == ["embeddings", "head"]
     assert_same(snapshot(off), snapshot(on))
@@ -92,15 +87,11 @@ def test_resume_with_always_active_is_exact(tiny_cfg, tmp_path):
     opts = ("hift.always_active=[head]", "hift.strategy=random", "trainer.lr_scheduler=linear",
             *MIXED)
     straight = make(tiny_cfg, tmp_path / "straight", *opts)
-    straight.train()
-    first = make(tiny_cfg, tmp_path / "first", *opts)
-    first.cfg.trainer.max_steps = 5
-    first.train()
-    path = ckpt.save_checkpoint(first, keep_last=1)
-    second = make(tiny_cfg, tmp_path / "second", *opts)
-    ckpt.load_checkpoint(second, path)
+    straight.train(evaluate=False)
+    second, path = stop_and_resume(lambda name: make(tiny_cfg, tmp_path / name, *opts), 5,
+                                   evaluate=False)
     assert steps_of(second, second.always_opt) == {5}
-    second.train()
+    second.train(evaluate=False)
     assert_same(snapshot(straight), snapshot(second))
     losses = [[json.loads(r)["train/loss"] for r in open(d / "metrics.jsonl")]
               for d in (tmp_path / "straight", tmp_path / "first", tmp_path / "second")]
@@ -108,7 +99,7 @@ def test_resume_with_always_active_is_exact(tiny_cfg, tmp_path):
 
     other = make(tiny_cfg, tmp_path / "other", *MIXED, "hift.strategy=random")
     with pytest.raises(CheckpointError, match=r"saved with hift.always_active=\[head\]: resume"):
-        ckpt.load_checkpoint(other, path)
+        other.resume(path)
 
 
 def test_restored_always_active_state_goes_to_the_device():
@@ -118,7 +109,7 @@ def test_restored_always_active_state_goes_to_the_device():
     opt = torch.optim.AdamW([a, b])
     a.grad, b.grad = torch.ones(3), torch.ones(3)
     opt.step()
-    _restore_optimizer(opt, opt.state_dict(), None, torch.device("meta"), {id(b)})
+    load_optimizer_state(opt, opt.state_dict(), None, torch.device("meta"), {id(b)})
     assert opt.state[a]["exp_avg"].device.type == "cpu"
     assert opt.state[b]["exp_avg"].device.type == "meta"
 
@@ -138,7 +129,7 @@ def test_data_parallel_syncs_the_always_active_gradients(tiny_cfg, tmp_path):
             return 0
 
     trainer.grad_sync = Sync()
-    trainer.train()
+    trainer.train(evaluate=False)
     embeddings = {id(p) for p in trainer.always_params}
     assert len(attached) == 3  # one per group switch
     for group, ids in zip(trainer.groups, attached):
@@ -149,7 +140,7 @@ def test_fpft_ignores_always_active(tiny_cfg, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="hift_cli.engine")
     trainer = make(tiny_cfg, tmp_path, "hift.strategy=fpft", "hift.always_active=[head]",
                    "trainer.max_steps=2")
-    trainer.train()
+    trainer.train(evaluate=False)
     assert len(trainer.groups) == 1 and trainer.always == []
     assert "hift.always_active is ignored: fpft" in caplog.text
 

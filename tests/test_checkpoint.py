@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import build_trainer, stop_and_resume
 from hift_cli import checkpoint as ckpt
 from hift_cli.checkpoint import CheckpointError, complete_checkpoints
-from hift_cli.engine import HiftTrainer, TrainingStopped
+from hift_cli.engine import TrainingStopped
 
 TINY = ["recipe=tiny", "trainer.num_threads=2", "data.max_eval_samples=4",
         "trainer.eval_before=false", "trainer.log_every=1000"]
@@ -114,11 +115,8 @@ def test_sigint_finishes_the_step_and_writes_a_checkpoint(tmp_path):
 
 
 def make_trainer(tiny_cfg, tmp_path, *overrides):
-    trainer = HiftTrainer(tiny_cfg("trainer.eval_before=false", "trainer.save_model=false",
-                                   "hift.k=3", *overrides), tmp_path)
-    trainer.setup()
-    trainer.eval_set = trainer.eval_set.select([])
-    return trainer
+    """A set-up trainer; the tests below train it with evaluate=False."""
+    return build_trainer(tmp_path, "hift.k=3", *overrides)
 
 
 def poison(trainer, calls: set[int]):
@@ -138,8 +136,7 @@ def test_a_nan_step_is_skipped_and_counted(tiny_cfg, tmp_path):
     trainer = make_trainer(tiny_cfg, tmp_path, "trainer.max_steps=6")
     poison(trainer, {2})  # step 3 (group 2)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.cfg.trainer.max_steps = 3
-    summary = trainer.train()
+    summary = trainer.train(3, evaluate=False)
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [r["train/skipped"] for r in rows] == [0, 0, 1]
     assert summary["train/skipped_steps"] == 1
@@ -149,8 +146,7 @@ def test_a_nan_step_is_skipped_and_counted(tiny_cfg, tmp_path):
         if n in group2:
             assert torch.equal(p, before[n])  # its update was skipped
     assert not any(trainer.optimizer.state.get(p) for p in trainer.opt_params[2])
-    trainer.cfg.trainer.max_steps = 6
-    trainer.train()  # and training goes on
+    trainer.train(evaluate=False)  # and training goes on, to trainer.max_steps=6
     assert trainer.bad_steps == 0 and trainer.skipped_steps == 1
 
 
@@ -158,24 +154,23 @@ def test_too_many_bad_steps_stop_with_a_message(tiny_cfg, tmp_path):
     trainer = make_trainer(tiny_cfg, tmp_path, "trainer.max_steps=20", "trainer.max_bad_steps=3")
     poison(trainer, set(range(100)))
     with pytest.raises(TrainingStopped) as stop:
-        trainer.train()
+        trainer.train(evaluate=False)
     assert stop.value.code == 1
     assert stop.value.message.startswith("stopping: 3 steps in a row with a non-finite loss")
 
 
 def test_unwritable_output_keeps_the_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     trainer = make_trainer(tiny_cfg, tmp_path, "trainer.max_steps=2")
-    trainer.train()
-    first = ckpt.save_checkpoint(trainer, keep_last=2)
+    trainer.train(evaluate=False)
+    first = trainer.checkpoint(keep_last=2)
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(ckpt.torch, "save", read_only)
-    trainer.cfg.trainer.max_steps = 3
-    trainer.train()
+    trainer.train(1, evaluate=False)
     with pytest.raises(CheckpointError) as err:
-        ckpt.save_checkpoint(trainer, keep_last=2)
+        trainer.checkpoint(keep_last=2)
     assert str(err.value) == (f"cannot write checkpoint {tmp_path}/checkpoints/step-00000003:"
                               f" Read-only file system; the previous checkpoint {first} is intact")
     assert complete_checkpoints(tmp_path) == [first]
@@ -186,11 +181,11 @@ def test_resume_restores_state_into_a_fresh_trainer(tiny_cfg, tmp_path):
     """In-process: optimizer state, scheduler, counters and data order come back."""
     a = make_trainer(tiny_cfg, tmp_path / "a", "trainer.max_steps=5",
                      "trainer.lr_scheduler=linear", "hift.offload=true")
-    a.train()
-    path = ckpt.save_checkpoint(a, keep_last=1)
+    a.train(evaluate=False)
+    path = a.checkpoint(keep_last=1)
     b = make_trainer(tiny_cfg, tmp_path / "b", "trainer.max_steps=5",
                      "trainer.lr_scheduler=linear", "hift.offload=true")
-    ckpt.load_checkpoint(b, path)
+    b.resume(path)
     assert (b.global_step, b.batches_consumed) == (5, 5)
     assert b.scheduler.get_last_lr() == a.scheduler.get_last_lr()
     with a.store.readable(), b.store.readable():  # offloaded state, read through the store
@@ -212,11 +207,11 @@ def test_a_resume_path_without_checkpoints_is_one_clear_error(tmp_path, capsys, 
 
 def test_resume_latest_picks_the_newest_complete_checkpoint(tiny_cfg, tmp_path):
     older = make_trainer(tiny_cfg, tmp_path / "runs" / "a", "trainer.max_steps=2")
-    older.train()
-    ckpt.save_checkpoint(older, keep_last=2)
+    older.train(evaluate=False)
+    older.checkpoint(keep_last=2)
     newer = make_trainer(tiny_cfg, tmp_path / "runs" / "b", "trainer.max_steps=3")
-    newer.train()
-    newest = ckpt.save_checkpoint(newer, keep_last=2)
+    newer.train(evaluate=False)
+    newest = newer.checkpoint(keep_last=2)
     (tmp_path / "runs" / "c").mkdir()  # a run that crashed before its first checkpoint
     assert ckpt.find_resume("latest", tmp_path / "runs") == newest
     with pytest.raises(CheckpointError, match="resume=latest: no complete checkpoint under"):
@@ -228,14 +223,10 @@ def test_bf16_mixed_offloaded_resume_is_exact(tiny_cfg, tmp_path):
     opts = ("trainer.precision=bf16-mixed", "model.dtype=bfloat16", "hift.offload=true",
             "trainer.max_steps=8", "hift.strategy=random")
     straight = make_trainer(tiny_cfg, tmp_path / "straight", *opts)
-    straight.train()
-    first = make_trainer(tiny_cfg, tmp_path / "first", *opts)
-    first.cfg.trainer.max_steps = 4
-    first.train()
-    path = ckpt.save_checkpoint(first, keep_last=1)
-    second = make_trainer(tiny_cfg, tmp_path / "second", *opts)
-    ckpt.load_checkpoint(second, path)
-    second.train()
+    straight.train(evaluate=False)
+    second, _ = stop_and_resume(lambda name: make_trainer(tiny_cfg, tmp_path / name, *opts), 4,
+                                evaluate=False)
+    second.train(evaluate=False)
     for a, b in zip(straight.model.parameters(), second.model.parameters()):
         assert torch.equal(a, b)
     with straight.store.readable(), second.store.readable():

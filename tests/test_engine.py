@@ -5,19 +5,15 @@ import json
 import pytest
 import torch
 
-from hift_cli.engine import HiftTrainer
+from conftest import build_trainer
 
 
 def make_trainer(tiny_cfg, tmp_path, *overrides):
-    cfg = tiny_cfg("trainer.eval_before=false", "trainer.save_model=false", *overrides)
-    trainer = HiftTrainer(cfg, tmp_path)
-    trainer.setup()
-    return trainer
+    return build_trainer(tmp_path, *overrides)
 
 
 def run_steps(trainer, n):
-    trainer.cfg.trainer.max_steps = trainer.global_step + n
-    return trainer.train()
+    return trainer.train(n)
 
 
 def snapshot(model):

@@ -13,22 +13,18 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import assert_same, snapshot
-from hift_cli import checkpoint as ckpt
+from conftest import assert_same, build_trainer, snapshot, stop_and_resume
 from hift_cli.checkpoint import complete_checkpoints
 from hift_cli.cli import main
 from hift_cli.config import ConfigError, command_line_wins
 from hift_cli.data import batches_per_epoch, train_batches
-from hift_cli.engine import HiftTrainer
 
 COMMON = ("trainer.eval_before=false", "trainer.save_model=false", "data.max_samples=50",
           "data.max_eval_samples=4", "trainer.batch_size=8", "trainer.max_steps=null")
 
 
 def make(tiny_cfg, tmp_path, *overrides):
-    trainer = HiftTrainer(tiny_cfg(*COMMON, *overrides), tmp_path)
-    trainer.setup()
-    return trainer
+    return build_trainer(tmp_path, *COMMON[2:], *overrides)
 
 
 def rows(run_dir):
@@ -141,13 +137,9 @@ def test_resume_mid_epoch_is_exact(tiny_cfg, tmp_path):
             "trainer.lr_scheduler=linear", "trainer.eval_every=epoch")
     straight = make(tiny_cfg, tmp_path / "straight", *opts)
     straight.train()
-    first = make(tiny_cfg, tmp_path / "first", *opts)
-    assert first.cfg.trainer.max_steps == 12
-    first.cfg.trainer.max_steps = 8  # as if stopped after step 8
-    first.train()
-    path = ckpt.save_checkpoint(first, keep_last=1)
-    second = make(tiny_cfg, tmp_path / "second", *opts)
-    ckpt.load_checkpoint(second, path)
+    assert straight.cfg.trainer.max_steps == 12
+    # As if stopped after step 8.
+    second, _ = stop_and_resume(lambda name: make(tiny_cfg, tmp_path / name, *opts), 8)
     assert second.epoch == round(8 / 6, 4)
     second.train()
     assert_same(snapshot(straight), snapshot(second))

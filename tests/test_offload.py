@@ -6,20 +6,19 @@ is away from the device, so an ordering mistake that a GPU would turn into a cra
 race fails here too.
 """
 
+import dataclasses
 import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import assert_same, snapshot
+from conftest import assert_same, build_trainer, snapshot, stop_and_resume
 from hift_cli import offload
-from hift_cli.checkpoint import _restore_optimizer, load_checkpoint, save_checkpoint
 from hift_cli.config import ConfigError
-from hift_cli.engine import HiftTrainer
 from hift_cli.grouping import GroupSchedule
 from hift_cli.memory import estimate
-from hift_cli.offload import offload_enabled
+from hift_cli.offload import load_optimizer_state, offload_enabled
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "bf16-mixed": "bfloat16"}
 # A seed whose random order repeats a group across the first cycle boundary (k=3).
@@ -30,11 +29,8 @@ STRATEGIES = {"bottom2up": ("hift.strategy=bottom2up",),
 
 
 def make(tiny_cfg, tmp_path, *overrides, steps=8):
-    cfg = tiny_cfg("trainer.eval_before=false", "trainer.save_model=false", "hift.k=3",
-                   f"trainer.max_steps={steps}", "data.max_eval_samples=4", *overrides)
-    trainer = HiftTrainer(cfg, tmp_path)
-    trainer.setup()
-    return trainer
+    return build_trainer(tmp_path, "hift.k=3", f"trainer.max_steps={steps}",
+                         "data.max_eval_samples=4", *overrides)
 
 
 def train(tiny_cfg, tmp_path, *overrides, steps=8):
@@ -102,8 +98,7 @@ def test_slots_are_reused_and_away_state_lives_in_host_buffers(tiny_cfg, tmp_pat
     store = trainer.store
     assert not store.strict and all(store.slots)
     slot_ptrs = [{dt: b.data_ptr() for dt, b in slot.items()} for slot in store.slots]
-    trainer.cfg.trainer.max_steps = 12
-    trainer.train()
+    trainer.train(6)  # on to step 12
     assert [{dt: b.data_ptr() for dt, b in slot.items()} for slot in store.slots] == slot_ptrs
     for g, params in enumerate(trainer.opt_params):
         for p in params:
@@ -138,9 +133,9 @@ def test_host_memory_is_allocated_once_at_its_exact_size(tiny_cfg, tmp_path, opt
             if precision == "bf16-mixed" else 0
     assert exact > masters > 0 or (exact > 0 and precision == "fp32")
     assert store.allocated_host_bytes == store.host_bytes() == exact
-    path = save_checkpoint(trainer, keep_last=1)
+    path = trainer.checkpoint(keep_last=1)
     resumed = make(tiny_cfg, tmp_path / "b", *common, steps=9)
-    load_checkpoint(resumed, path)
+    resumed.resume(path)
     resumed.train()
     assert resumed.store.allocated_host_bytes == resumed.store.exact_host_bytes() == exact
 
@@ -163,11 +158,13 @@ def test_a_layout_that_was_not_predicted_is_learnt_at_the_first_update(tiny_cfg,
 
 
 def test_k_of_two_or_less_turns_offload_off(tiny_cfg, tmp_path):
-    assert offload_enabled(True, "cuda", 2, "torch.optim.AdamW") == (
+    assert offload_enabled(tiny_cfg("hift.offload=true"), "cuda", 2) == (
         False, "2 group(s): the two device slots would hold every group's state anyway")
-    assert offload_enabled(None, "cuda", 3, "torch.optim.AdamW") == (True, "on")
-    assert offload_enabled(None, "cpu", 3, "torch.optim.AdamW")[0] is False
-    assert offload_enabled(True, "cuda", 8, "bitsandbytes.optim.PagedAdamW8bit")[0] is False
+    assert offload_enabled(tiny_cfg(), "cuda", 3) == (True, "on")
+    assert offload_enabled(tiny_cfg(), "cpu", 3)[0] is False
+    paged = dataclasses.replace(tiny_cfg("hift.offload=true"),  # unvalidated: no CUDA here
+                                optimizer={"_target_": "bitsandbytes.optim.PagedAdamW8bit"})
+    assert offload_enabled(paged, "cuda", 8)[0] is False
     trainer = make(tiny_cfg, tmp_path, "hift.offload=true", "hift.k=2")
     assert not trainer.store.enabled
     assert estimate(tiny_cfg("hift.offload=true", "hift.k=2"))["offload"] is False
@@ -218,7 +215,7 @@ def test_restored_step_counters_go_where_load_state_dict_puts_them(flag):
     opt.step()
     saved = {k: v for k, v in opt.state_dict().items()}
     saved["state"] = {i: {k: v.cpu() for k, v in s.items()} for i, s in saved["state"].items()}
-    _restore_optimizer(opt, saved, None, torch.device("meta"))
+    load_optimizer_state(opt, saved, None, torch.device("meta"))
     step = opt.state[p]["step"]
     assert step.device.type == ("meta" if flag else "cpu") and step.dtype == torch.float32
     assert opt.state[p]["exp_avg"].device.type == "cpu"  # the store takes it from there
@@ -228,12 +225,8 @@ def test_fused_adamw_with_offload_resumes_exactly(tiny_cfg, tmp_path):
     common = ("hift.offload=true", "+optimizer.fused=true", "trainer.precision=bf16-mixed",
               "model.dtype=bfloat16", "hift.strategy=random")
     straight = train(tiny_cfg, tmp_path / "straight", *common, steps=8)
-    first = make(tiny_cfg, tmp_path / "first", *common, steps=8)
-    first.cfg.trainer.max_steps = 4
-    first.train()
-    path = save_checkpoint(first, keep_last=1)
-    second = make(tiny_cfg, tmp_path / "second", *common, steps=8)
-    load_checkpoint(second, path)
+    second, _ = stop_and_resume(lambda name: make(tiny_cfg, tmp_path / name, *common, steps=8),
+                                4)
     second.train()
     assert_same(snapshot(straight), snapshot(second))
 
@@ -258,9 +251,9 @@ def test_resume_marks_a_bitsandbytes_style_optimizer_initialized(tiny_cfg, tmp_p
     target = f"optimizer._target_={__name__}.InitializedAdamW"
     first = train(tiny_cfg, tmp_path / "a", "hift.offload=true", target, steps=3)
     assert not first.optimizer.moved_everything  # a fresh run has no state at step 1
-    path = save_checkpoint(first, keep_last=1)
+    path = first.checkpoint(keep_last=1)
     second = make(tiny_cfg, tmp_path / "b", "hift.offload=true", target, steps=6)
-    load_checkpoint(second, path)
+    second.resume(path)
     second.train()
     assert second.optimizer.initialized and not second.optimizer.moved_everything
 
@@ -291,8 +284,7 @@ def test_cuda_offload_matches_and_reuses_buffers(tiny_cfg, tmp_path, precision):
     off = train(tiny_cfg, tmp_path / "off", *common, "hift.offload=false", steps=18)
     on = train(tiny_cfg, tmp_path / "on", *common, "hift.offload=true", steps=9)
     slots = [{dt: b.data_ptr() for dt, b in s.items()} for s in on.store.slots]
-    on.cfg.trainer.max_steps = 18
-    on.train()
+    on.train(9)  # on to step 18
     assert [{dt: b.data_ptr() for dt, b in s.items()} for s in on.store.slots] == slots
     assert_same(snapshot(off), snapshot(on))
     assert all(b.is_pinned() for bufs in on.store.host.values() for b in bufs.values())
