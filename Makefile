@@ -29,11 +29,11 @@ $(STAMP): pyproject.toml Makefile
 demo: install  ## offline demo: HiFT fine-tunes SmolLM2-135M on GSM-style math (3-5 min, CPU)
 	$(OFFLINE) $(VENV)/bin/hift train
 
-test: install  ## the full test suite (includes the slow SmolLM2 integration tests)
+test: install  ## the full test suite (every tier: unit, integration, slow)
 	$(OFFLINE) $(PY) -m pytest -q
 
-test-fast: install  ## unit tests only
-	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+test-fast: install  ## the fast tier: no real models, subprocess runs or torchrun (< 2 min)
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow and not integration"
 
 bench: install  ## fpft vs HiFT, quality per epoch, and HiFT vs LoRA/BAdam/GaLore/LOMO/LISA (each --suite <= 30 min; not in CI)
 	$(OFFLINE) $(PY) bench/compare.py

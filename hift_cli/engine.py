@@ -607,26 +607,26 @@ class HiftTrainer:
                 "rng_ranks": rngs,
             }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str = "the state") -> None:
         """Restore :meth:`state_dict` (and the weights, under ``"model"``, if given) into
         a set-up trainer.
 
         Raises:
             CheckpointError: the weights are another model's, or the optimizer state was
-                saved with other always-active units.
+                saved with other always-active units (``source`` names it).
         """
         if "model" in state:
             missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
             # Tied weights are saved once; anything else missing is a different model.
             if unexpected or set(missing) - _tied_names(self.model):
-                raise CheckpointError(f"does not match this model (missing {sorted(missing)[:3]},"
-                                      f" unexpected {unexpected[:3]})")
+                raise CheckpointError(f"{source} does not match this model (missing"
+                                      f" {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
         # The optimizer's parameter order puts always-active units last: another choice
         # of them would hand saved state to the wrong parameters.
         saved_always = state.get("always_active", [])
         if saved_always != [u.name for u in self.always]:
-            raise CheckpointError(f"was saved with hift.always_active=[{','.join(saved_always)}]:"
-                                  " resume with the same setting")
+            raise CheckpointError(f"{source} was saved with hift.always_active="
+                                  f"[{','.join(saved_always)}]: resume with the same setting")
         self.store.reset()  # offloaded masters: written in place into their host buffers
         for m, saved in zip(self._all_masters(), state["masters"]):
             m.data.copy_(saved)
@@ -678,11 +678,7 @@ class HiftTrainer:
 
     def resume(self, path: Path) -> None:
         """Continue from the checkpoint at ``path``: weights, state, counters, RNG."""
-        state = load_checkpoint(path, self.device)
-        try:
-            self.load_state_dict(state)
-        except CheckpointError as e:
-            raise CheckpointError(f"checkpoint {path} {e}") from None
+        self.load_state_dict(load_checkpoint(path, self.device), source=f"checkpoint {path}")
 
     def save(self) -> Path | None:
         """A last resumable checkpoint, and its model as ``<output_dir>/model``."""
