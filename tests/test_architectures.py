@@ -41,6 +41,9 @@ ARCHS = {  # model_type: config arguments (each config class's own names)
 CLASSIFIERS = {"bert", "roberta", "electra", "distilbert", "deberta-v2"}
 # DeBERTa-v2's classification loss calls nonzero(), which meta tensors cannot run.
 SAMPLED = {"deberta-v2"}
+# The fast tier's share of the per-architecture matrix: a dense decoder, a mixture of
+# experts, GPT-2's fused attention and an encoder (make test runs every one).
+FAST_ARCHS = ("llama", "qwen2_moe", "gpt2", "bert")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -82,7 +85,8 @@ def overrides(models: Path, name: str) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("name", [n if n in FAST_ARCHS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ARCHS])
 def test_memprofile_prints_its_table(models, name, capsys):
     assert main(["memprofile", *overrides(models, name)]) == 0
     out = capsys.readouterr().out
@@ -91,6 +95,7 @@ def test_memprofile_prints_its_table(models, name, capsys):
             else "activations: meta forward pass") in out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ARCHS)
 def test_short_training_writes_the_memory_report(models, name, tmp_path):
     args = ["trainer.max_steps=3", "trainer.batch_size=4", "trainer.eval_before=false",

@@ -57,6 +57,7 @@ def test_later_overrides_replace_earlier_ones():
     assert compare.merge(["a=1", "b=2"], ["b=3", "c=4"]) == ["a=1", "b=3", "c=4"]
 
 
+@pytest.mark.integration
 def test_quick_bench_runs_each_config_in_its_own_process(tmp_path):
     assert compare.main(["--quick", "--out", str(tmp_path), "--name", "t", "--no-docs"]) == 0
     result = json.loads((tmp_path / "t.json").read_text())
@@ -103,6 +104,7 @@ def test_quality_collect_takes_the_best_epoch_and_the_time_to_it(tmp_path):
     assert worst["best"]["epoch"] == 1.0
 
 
+@pytest.mark.integration
 def test_quick_quality_suite_trains_equal_epochs_and_reports_the_best(tmp_path):
     assert compare.main(["--quick", "--suite", "quality-tiny", "--out", str(tmp_path),
                          "--name", "q", "--no-docs"]) == 0

@@ -34,6 +34,7 @@ def expected_k(budget_bytes: float, *overrides: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", [CPU, "trainer.device=auto"])  # auto: the CUDA rule
 def test_auto_picks_the_fewest_groups_that_fit(device):
     peaks = sorted({peak(device, f"hift.k={k}", "hift.grouping=balanced")
@@ -135,6 +136,7 @@ def run_dirs() -> list[Path]:
     return sorted(p for p in Path("outputs/train").iterdir() if p.is_dir())
 
 
+@pytest.mark.integration
 def test_train_uses_the_chosen_k(capsys):
     peaks = {k: peak(CPU, f"hift.k={k}", "hift.grouping=balanced") for k in (1, 2)}
     assert peaks[2] < peaks[1]

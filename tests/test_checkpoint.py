@@ -52,6 +52,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("strategy,seed", [("bottom2up", 1), ("top2down", 2), ("random", 3)])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy, seed):
     args = [f"hift.strategy={strategy}", "trainer.max_steps=30", "trainer.save_every=1",
@@ -79,6 +80,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy, seed):
     assert losses(killed) == losses(straight)  # every step logged once, same values
 
 
+@pytest.mark.integration
 def test_incomplete_checkpoint_is_skipped(tmp_path, caplog):
     run = tmp_path / "run"
     assert hift(run, "trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_last=5"
@@ -92,6 +94,7 @@ def test_incomplete_checkpoint_is_skipped(tmp_path, caplog):
         ckpt.find_resume(str(run / "checkpoints" / "step-00000006"), tmp_path)
 
 
+@pytest.mark.integration
 def test_keep_last_rotates(tmp_path):
     run = tmp_path / "run"
     assert hift(run, "trainer.max_steps=8", "trainer.save_every=1", "trainer.keep_last=2"
@@ -100,6 +103,7 @@ def test_keep_last_rotates(tmp_path):
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.integration
 def test_sigint_finishes_the_step_and_writes_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     proc = hift(run, "trainer.max_steps=100000", wait=False)

@@ -66,6 +66,7 @@ def test_a_recipe_missing_its_data_path_says_so(capsys):
                                        " data.path=... to the command line\n")
 
 
+@pytest.mark.integration
 def test_train_writes_config_metrics_and_a_loadable_model(capsys):
     code = main(["train", "recipe=tiny", "hift.strategy=top2down", "hift.k=3",
                  "trainer.max_steps=12"])
@@ -92,6 +93,7 @@ def test_train_writes_config_metrics_and_a_loadable_model(capsys):
     assert result["eval/loss"] == pytest.approx(rows[-1]["eval/loss"], rel=1e-5)
 
 
+@pytest.mark.integration
 def test_multirun_gives_one_dir_per_job():
     assert main(["train", "-m", "recipe=tiny", "hift.k=2,4", "trainer.max_steps=4"]) == 0
     (sweep,) = run_dirs("multirun")
@@ -112,6 +114,7 @@ def test_multirun_gives_one_dir_per_job():
         assert float(r["train/loss"]) == pytest.approx(summary["train/loss"])
 
 
+@pytest.mark.integration
 def test_m_on_the_command_line_wins_over_the_recipes_k():
     # recipe=tiny sets hift.k=3; the user's hift.m=2 alone replaces it.
     assert main(["train", "recipe=tiny", "hift.m=2", "trainer.max_steps=3"]) == 0
@@ -125,6 +128,7 @@ def test_m_on_the_command_line_wins_over_the_recipes_k():
     assert (cfg.hift.k, cfg.hift.m) == (None, 1)
 
 
+@pytest.mark.integration
 def test_a_sweep_over_m_on_a_recipe_with_k():
     assert main(["train", "-m", "recipe=tiny", "hift.m=2,3", "trainer.max_steps=2",
                  "trainer.eval_before=false"]) == 0
@@ -141,6 +145,7 @@ def test_the_precision_alone_decides_the_weights_dtype(precision, dtype):
         assert cfg.model.dtype == dtype
 
 
+@pytest.mark.slow
 def test_memprofile_of_the_7b_recipe_in_fp32(capsys):
     # One unit per group: fp32 weights alone are over the recipe's 24 GiB budget.
     assert main(["memprofile", "recipe=llama7b_alpaca", "trainer.precision=fp32",
@@ -152,6 +157,7 @@ def test_memprofile_of_the_7b_recipe_in_fp32(capsys):
     assert "25.103" in weights
 
 
+@pytest.mark.integration
 def test_a_setup_error_is_the_last_line_on_the_screen(tmp_path):
     import subprocess
     import sys
@@ -167,6 +173,7 @@ def test_a_setup_error_is_the_last_line_on_the_screen(tmp_path):
     assert "strategy: bottom2up" not in out  # the config is not dumped on the screen
 
 
+@pytest.mark.integration
 def test_every_run_plots_its_loss(capsys):
     assert main(["train", "recipe=tiny", "trainer.max_steps=6"]) == 0
     (run,) = run_dirs()

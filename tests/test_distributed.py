@@ -20,6 +20,9 @@ from hift_cli.cli import main
 from hift_cli.engine import HiftTrainer
 from conftest import compose_config
 
+# Every test here but the last two shares the torchrun runs of the `runs` fixture.
+pytestmark = pytest.mark.integration
+
 STEPS = 6
 # SGD, not Adam: Adam's update barely changes if every gradient is scaled, so it would
 # hide a wrong average; SGD moves the weights in proportion to the gradient itself.

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from conftest import build_trainer
+from conftest import assert_same, build_trainer
+from conftest import snapshot as conftest_snapshot
 
 
 def make_trainer(tiny_cfg, tmp_path, *overrides):
@@ -189,3 +190,35 @@ def test_grad_accum_is_the_gradient_of_the_whole_window(tmp_path):
     b = load_file(tmp_path / "whole" / "model" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_train_in_chunks_equals_one_call(tiny_cfg, tmp_path):
+    """train(num_steps) goes on where the last call stopped: the same numbers as one call."""
+    opts = ("hift.k=3", "hift.strategy=random", "trainer.max_steps=7",
+            "trainer.lr_scheduler=linear", "hift.offload=true")
+    whole = make_trainer(tiny_cfg, tmp_path / "whole", *opts)
+    whole.train(evaluate=False)
+    chunked = make_trainer(tiny_cfg, tmp_path / "chunked", *opts)
+    for n in (2, 1, 3):
+        chunked.train(n, evaluate=False)
+    chunked.train(evaluate=False)  # the rest: one step, to trainer.max_steps
+    assert chunked.global_step == whole.global_step == 7
+    assert_same(conftest_snapshot(whole), conftest_snapshot(chunked))
+    assert [r["train/loss"] for r in rows(tmp_path / "whole")] == \
+        [r["train/loss"] for r in rows(tmp_path / "chunked")]
+
+
+def test_train_takes_injected_batches_and_can_skip_evaluation(tiny_cfg, tmp_path):
+    trainer = make_trainer(tiny_cfg, tmp_path, "hift.k=3", "trainer.eval_every=1",
+                           "trainer.eval_before=true")
+    fixed = {"input_ids": torch.full((2, 5), 7), "attention_mask": torch.ones(2, 5, dtype=int),
+             "labels": torch.full((2, 5), 7)}
+    seen = []
+    trainer.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
+    summary = trainer.train(2, evaluate=False, batches=iter([fixed] * 2))
+    assert len(seen) == 2 and all(torch.equal(s, fixed["input_ids"]) for s in seen)
+    assert all("eval/loss" not in r for r in rows(tmp_path)) and "eval/loss" not in summary
+    summary = trainer.train(1, batches=iter([fixed]))  # evaluations back on: before and after
+    evals = [r for r in rows(tmp_path) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2, 3] and "eval/loss_before" in summary

@@ -151,6 +151,7 @@ def test_resume_mid_epoch_is_exact(tiny_cfg, tmp_path):
                                              + losses(tmp_path / "second"))
 
 
+@pytest.mark.integration
 def test_resume_through_the_command_line_re_resolves_epochs(tmp_path):
     # save_every=5 with 6-batch epochs: checkpoints at 5 and 10 (mid-epoch), final at 12.
     args = ["train", "recipe=tiny", *COMMON[2:], "trainer.epochs=2", "hift.k=3",

@@ -158,6 +158,7 @@ def test_hift_eval_stores_classification_samples(tmp_path, tiny_bert):  # noqa: 
     assert all(s["prediction"] in ("pos", "neg") for s in samples)
 
 
+@pytest.mark.integration
 def test_hift_train_stores_samples_before_and_after(capsys):
     assert main(["train", "recipe=tiny", "trainer.max_steps=3", "eval.show_samples=2",
                  "trainer.save_model=false"]) == 0

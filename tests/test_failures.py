@@ -12,6 +12,7 @@ from hift_cli.checkpoint import complete_checkpoints
 from hift_cli.cli import main
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("error,kind", [(torch.OutOfMemoryError, "device"),
                                         (MemoryError, "host")])
 def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(capsys, monkeypatch,
@@ -52,6 +53,7 @@ def losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+@pytest.mark.integration
 def test_a_failing_report_after_training_is_a_warning(capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("Tensor.item() cannot be called on meta tensors")

@@ -147,6 +147,7 @@ def sentiment_rows(n):
             for i in range(n)]
 
 
+@pytest.mark.integration
 def test_classification_end_to_end(tmp_path, tiny_bert, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "reviews.jsonl", sentiment_rows(120))

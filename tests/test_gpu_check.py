@@ -67,6 +67,7 @@ def test_without_cuda_it_says_so_and_measures_nothing(capsys, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.integration
 def test_plain_checkout_smoke_run_keeps_every_stage_but_the_failed_one(tmp_path):
     copy = plain_checkout(tmp_path / "checkout")
     site, out = tmp_path / "site", tmp_path / "out"

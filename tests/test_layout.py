@@ -43,3 +43,21 @@ def test_imports_are_at_module_level_outside_the_cli():
     local = [(p.stem, m) for p in PACKAGE.glob("*.py") if p.stem not in LAZY_OK
              for m, inside in _imports(p) if inside]
     assert not local, f"function-local hift_cli imports: {local}"
+
+
+def test_checkpoint_io_knows_nothing_of_the_trainer():
+    """checkpoint.py writes and reads a state dict; what is in it is the trainer's
+    business (HiftTrainer.state_dict / load_state_dict)."""
+    tree = ast.parse((PACKAGE / "checkpoint.py").read_text())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+              for a in n.args.args + n.args.kwonlyargs}
+    assert not {"trainer", "engine", "HiftTrainer"} & names
+    assert "engine" not in {m for m, _ in _imports(PACKAGE / "checkpoint.py")}
+
+
+def test_train_reads_in_about_a_screen():
+    tree = ast.parse((PACKAGE / "engine.py").read_text())
+    (train,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                and n.name == "train"]
+    assert train.end_lineno - train.lineno + 1 <= 70

@@ -19,6 +19,7 @@ def sig3(x: float) -> float:
     return float(f"{x:.3g}")
 
 
+@pytest.mark.slow
 def test_llama7b_fp32_rows_match_the_hift_paper_arithmetic(tiny_cfg):
     # The official HiFT README's LLaMA-7B AdamW table (GB there = GiB): FPFT params 25.1,
     # grads 25.1, states 50.2; HiFT m=1 grads 0.75, states 1.51.
@@ -36,6 +37,7 @@ def test_llama7b_fp32_rows_match_the_hift_paper_arithmetic(tiny_cfg):
     assert hift["gradients"] == 202_383_360 * 4
 
 
+@pytest.mark.slow
 def test_bf16_mixed_llama7b_recipe_fits_24gib(tiny_cfg):
     report = estimate(tiny_cfg(recipe="llama7b_alpaca"))  # batch 8 x 512, offload, ckpt
     assert (report["batch_size"], report["seq_len"]) == (8, 512)

@@ -41,7 +41,8 @@ def train(tiny_cfg, tmp_path, *overrides, steps=8):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adafactor"])
+@pytest.mark.parametrize("optimizer", ["adamw", *(pytest.param(o, marks=pytest.mark.slow)
+                                                 for o in ("sgd", "adafactor"))])
 def test_offload_gives_the_same_weights_masters_and_state(tiny_cfg, tmp_path, optimizer,
                                                            precision, strategy):
     common = (f"optimizer={optimizer}", f"trainer.precision={precision}",
@@ -117,8 +118,10 @@ def test_resident_groups_are_written_back_with_one_copy_per_dtype(tiny_cfg, tmp_
     assert trainer.store.writebacks == {"per_tensor": 3, "flat": 6}
 
 
-@pytest.mark.parametrize("optimizer,precision", [("adamw", "bf16-mixed"), ("adamw", "fp32"),
-                                                 ("adafactor", "bf16-mixed"), ("sgd", "fp32")])
+@pytest.mark.parametrize("optimizer,precision", [
+    ("adamw", "bf16-mixed"), ("adamw", "fp32"),
+    *(pytest.param(*c, marks=pytest.mark.slow) for c in (("adafactor", "bf16-mixed"),
+                                                         ("sgd", "fp32")))])
 def test_host_memory_is_allocated_once_at_its_exact_size(tiny_cfg, tmp_path, optimizer,
                                                          precision):
     common = ("hift.offload=true", f"optimizer={optimizer}", f"trainer.precision={precision}",

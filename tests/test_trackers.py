@@ -58,6 +58,7 @@ def mlflow_runs(uri: str):
     return client, client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
 
 
+@pytest.mark.integration
 def test_tensorboard_gets_every_step_and_the_eval_rows():
     run = train("trainer.max_steps=6", "hift.k=3", "trainer.eval_every=3",
                 "trainer.loggers=[tensorboard]")
@@ -72,6 +73,7 @@ def test_tensorboard_gets_every_step_and_the_eval_rows():
     assert {"cycle", "group", "tokens_per_second"} <= set(scalars)
 
 
+@pytest.mark.integration
 def test_mlflow_file_store_in_the_run_dir_holds_metrics_and_config():
     run = train("trainer.max_steps=4", "hift.k=2", "trainer.loggers=[mlflow]")
     client, (found,) = mlflow_runs((run / "mlruns").resolve().as_uri())
@@ -112,6 +114,7 @@ def wandb_records(path: Path):
             yield record
 
 
+@pytest.mark.integration
 def test_wandb_offline_writes_its_run_folder_in_the_run_dir():
     import wandb
 
@@ -163,6 +166,7 @@ def test_an_unknown_logger_is_refused_with_the_valid_names(capsys):
         " (got 'tensorbord')\n")
 
 
+@pytest.mark.integration
 def test_jsonl_is_always_on_and_naming_it_is_a_no_op(tmp_path):
     assert compose_config().trainer.loggers == []
     assert compose_config("trainer.loggers=[jsonl]").trainer.loggers == ["jsonl"]
@@ -171,6 +175,7 @@ def test_jsonl_is_always_on_and_naming_it_is_a_no_op(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_a_sweep_gives_one_tracker_run_per_job(tmp_path, monkeypatch):
     store = (tmp_path / "shared-mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # all jobs in one store
@@ -189,19 +194,20 @@ def test_a_sweep_gives_one_tracker_run_per_job(tmp_path, monkeypatch):
         assert [s for s, _ in tensorboard_scalars(job)["train/loss"]] == [1, 2]
 
 
+@pytest.mark.integration
 def test_a_failed_run_closes_its_trackers_and_the_next_run_starts_new_ones(monkeypatch):
     import wandb
 
-    from hift_cli import engine
+    from hift_cli import progress
 
-    real_update = engine.TrainProgress.update
+    real_update = progress.TrainProgress.update
 
     def update(self, row, **kw):
         real_update(self, row, **kw)
         if row["step"] == 2:
             raise RuntimeError("boom")
 
-    monkeypatch.setattr(engine.TrainProgress, "update", update)
+    monkeypatch.setattr(progress.TrainProgress, "update", update)
     with pytest.raises(RuntimeError, match="boom"):
         main(["train", *TINY, "trainer.max_steps=4", "trainer.loggers=[mlflow,wandb]"])
     assert wandb.run is None
@@ -210,7 +216,7 @@ def test_a_failed_run_closes_its_trackers_and_the_next_run_starts_new_ones(monke
     assert run.info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
 
-    monkeypatch.setattr(engine.TrainProgress, "update", real_update)
+    monkeypatch.setattr(progress.TrainProgress, "update", real_update)
     # Its own run dir: Hydra names run dirs by the second, and the first run may end in it.
     second = train("trainer.max_steps=2", "trainer.loggers=[mlflow,wandb]",
                    "hydra.run.dir=outputs/train/second")
@@ -249,6 +255,7 @@ def test_closing_marks_interrupted_runs_killed(tmp_path):
     assert set(run.data.metrics) == {"train/loss"}
 
 
+@pytest.mark.integration
 def test_a_resumed_run_continues_its_tracker_runs():
     run = train("trainer.max_steps=6", "hift.k=3", "trainer.save_every=2",
                 "trainer.keep_last=5", "trainer.loggers=[tensorboard,mlflow,wandb]")
