@@ -367,6 +367,7 @@ class HiftTrainer:
             for step in range(first, stop):
                 done = self._step(step, stop)
                 row = self._row(done, cycle=step // len(self.groups))
+                self._agree_on_stop()
                 totals.update({k: v for k, v in row.items() if k in SUMMED},
                               tokens=done.tokens, updated=done.updated)
                 out.step(row, log_line=self.global_step % tcfg.log_every == 0
@@ -475,11 +476,14 @@ class HiftTrainer:
                "offload/d2h_bytes": done.moved.d2h_bytes}
         if self.dist.enabled:
             row["dist/allreduce_bytes"] = done.synced
-            # A signal seen by any rank stops every rank after this same step.
+        return row
+
+    def _agree_on_stop(self) -> None:
+        """Data parallel: a signal seen by any rank stops every rank after this same step."""
+        if self.dist.enabled:
             flag = distributed.all_reduce_(torch.tensor(
                 [self.stop_signal or 0], dtype=torch.int64), distributed.dist.ReduceOp.MAX)
             self.stop_signal = self.stop_signal or int(flag[0]) or None
-        return row
 
     def _note_bad_step(self, out: RunLog) -> None:
         max_bad = self.cfg.trainer.max_bad_steps
