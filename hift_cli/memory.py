@@ -7,6 +7,10 @@ once, parameters excluded), and optimizer-state bytes come from stepping the con
 optimizer on meta tensors. Models whose forward pass cannot run on meta tensors are
 measured on a real 2-block CPU sample instead, scaled to the configured shape.
 ``hift_cli.memprofile.measure`` measures the same categories on real steps.
+
+With ``memprofile.world_size`` N > 1 every row is per GPU for ``trainer.shard_weights``
+(FSDP2 over N processes): :func:`fsdp_shard` gives what one GPU keeps, and the rows add
+the full weights of the two units gathered at once and one unit's unsharded gradient.
 """
 
 from __future__ import annotations
@@ -147,6 +151,21 @@ def _bnb_8bit_state_bytes(numel: int) -> int:
     if numel < 4096:  # bitsandbytes keeps small tensors' states in 32 bits
         return 2 * 4 * numel
     return 2 * numel + 2 * 4 * math.ceil(numel / 256)  # 2 x uint8 + fp32 absmax per block
+
+
+def fsdp_shard(params, states: dict[int, int], world_size: int) -> tuple[int, int]:
+    """(elements, optimizer-state bytes) of ``params`` that one of ``world_size`` ranks
+    keeps under FSDP2's ``fully_shard``: it shards each parameter on dim 0, rank r holding
+    the r-th ``torch.chunk``, padded to ceil(d0 / N) rows x the other dims; the optimizer
+    state of a parameter (bytes in ``states``, by ``id``) in proportion to the elements
+    kept. world_size=1: all of them."""
+    numel = state_bytes = 0
+    for p in params:
+        full = p.numel()
+        local = math.ceil(p.shape[0] / world_size) * math.prod(p.shape[1:]) if p.dim() else full
+        numel += local
+        state_bytes += states[id(p)] * local // full if full else 0
+    return numel, state_bytes
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -431,8 +450,11 @@ class Estimator:
         self.total_numel = sum(p.numel() for p in all_params)
         self.states = optimizer_state_bytes(dict(cfg.optimizer), all_params,
                                             self.settings.state_dtype)
-        self.weights = self.total_numel * self.settings.weight_bytes
         self.master_bytes = 4 if self.settings.mixed else 0
+        # What one GPU keeps of each unit (memprofile.world_size > 1: sharded with FSDP2).
+        self.world_size = cfg.memprofile.world_size
+        self.shard = {u.name: fsdp_shard(u.params.values(), self.states, self.world_size)
+                      for u in self.units}
         self.passes = 0  # activation passes run (meta, or sampled groups)
         self._acts: dict[tuple, int] = {}
         self._meta_error: Exception | None = None
@@ -481,35 +503,56 @@ class Estimator:
             self._acts.update(zip(todo, acts))
         return [self._acts[key] for key in keys]
 
+    def gathered_units(self) -> list[Unit]:
+        """The units whose full weights FSDP2 holds at once at most, as the engine wraps
+        them (``distributed.shard_model``): the root (every unit that is not a block:
+        embeddings, final norm, head), gathered for the whole step, plus the running
+        block and the next one, prefetched (bounded by the two largest blocks)."""
+        blocks = [u for u in self.units if u.name.startswith("block.")]
+        root = [u for u in self.units if not u.name.startswith("block.")]
+        return root + sorted(blocks, key=lambda u: -u.numel)[:2]
+
     def rows(self, groups: list[Group], offload: bool, acts: list[int] | None = None,
              always: bool = True) -> list[dict]:
-        """Each group's row; activations 0 where ``acts`` is None (a lower bound)."""
-        mb, states = self.master_bytes, self.states
+        """Each group's row, per GPU; activations 0 where ``acts`` is None (a lower bound).
+
+        Sizes are what one GPU keeps (``self.shard``: all of it with world_size=1). With
+        world_size > 1 two more terms: the full weights of the gathered units, and the
+        full gradient of the largest active unit before its reduce-scatter.
+        """
+        mb, wb, shard = self.master_bytes, self.settings.weight_bytes, self.shard
+        sharded = self.world_size > 1
         always_units = self.always if always else []
-        always_numel = sum(u.numel for u in always_units)
+
+        def kept(units) -> tuple[int, int]:  # (elements, optimizer-state bytes) on this GPU
+            sizes = [shard[u.name] for u in units]
+            return sum(n for n, _ in sizes), sum(b for _, b in sizes)
+
+        all_numel, all_states = kept(self.units)
         # Always-active units' state and masters stay on the device, outside the slots.
-        always_states = sum(states[id(p)] for u in always_units for p in u.params.values())
-
-        def group_states(g: Group) -> int:
-            return sum(states[id(p)] for p in g.params.values())
-
-        slot = max(group_states(g) + g.numel * mb for g in groups)
+        always_numel, always_states = kept(always_units)
+        gathered = sum(u.numel for u in self.gathered_units()) * wb if sharded else 0
+        kept_by_group = [kept(g.units) for g in groups]
+        slot = max(s + n * mb for n, s in kept_by_group)
         rows = []
-        for i, g in enumerate(groups):
-            g_states, numel = group_states(g), g.numel + always_numel
+        for i, (g, (g_numel, g_states)) in enumerate(zip(groups, kept_by_group)):
+            numel = g_numel + always_numel
+            unsharded_grad = (max(u.numel for u in (*g.units, *always_units)) * wb
+                              if sharded else 0)
             row = {
                 "group": g.name,
-                "weights": self.weights,
+                "weights": all_numel * wb + gathered,
                 # bf16-mixed: the group's bf16 grads become fp32 grads on its masters,
                 # one parameter at a time, so the fp32 ones set the peak.
-                "gradients": numel * (mb or self.settings.weight_bytes),
-                "optimizer_states": g_states + always_states if offload
-                else sum(states.values()),
-                "fp32_masters": (numel if offload else self.total_numel) * mb,
+                "gradients": numel * (mb or wb) + unsharded_grad,
+                "optimizer_states": g_states + always_states if offload else all_states,
+                "fp32_masters": (numel if offload else all_numel) * mb,
                 "activations": acts[i] if acts is not None else 0,
                 # The store's two device slots hold the active and the next group.
-                "other": 2 * slot - g_states - g.numel * mb if offload else 0,
+                "other": 2 * slot - g_states - g_numel * mb if offload else 0,
             }
+            if sharded:
+                row["unsharded_gradient"] = unsharded_grad
             row["total"] = sum(row[c] for c in CATEGORIES)
             row["params"] = g.numel
             rows.append(row)
@@ -660,7 +703,8 @@ def estimate(cfg: Config, largest_batch: bool = False) -> dict:
     ``unit_split_method`` and ``activation_method`` say which was used. ``hift.k=auto``
     is resolved here (:func:`resolve_grouping`); with ``hift.memory_budget`` the report's
     ``budget`` says whether the grouping fits, and with ``largest_batch`` the largest
-    trainer.batch_size that does.
+    trainer.batch_size that does. With ``memprofile.world_size`` > 1 every number is per
+    GPU, and the report's ``sharding`` says what the rows add for sharding.
     """
     est = Estimator(cfg)
     hcfg = cfg.hift
@@ -684,6 +728,8 @@ def estimate(cfg: Config, largest_batch: bool = False) -> dict:
     report["always_active"] = [u.name for u in est.always]
     for row, g in zip(per_group, hift_groups):
         row["units"] = [u.name for u in g.units]
+    if est.world_size > 1:
+        report["sharding"] = _sharding(est, fpft, per_group)
     if budget is not None:
         column = "fpft" if hcfg.strategy == "fpft" else "hift"
         peak = report[column]["total"]
@@ -723,6 +769,24 @@ def _sampled_or_fail(cfg: Config, sample: nn.Module | None, model: nn.Module,
                           f" CPU sample ({reason(e)})") from None
 
 
+def _sharding(est: Estimator, fpft: dict, per_group: list[dict]) -> dict:
+    """What the per-GPU rows of ``memprofile.world_size`` > 1 are made of."""
+    wb, n = est.settings.weight_bytes, est.world_size
+    gathered = est.gathered_units()
+    kept = sum(est.shard[u.name][0] for u in est.units)
+    return {
+        "world_size": n,
+        "method": "FSDP2 fully_shard per unit: each parameter sharded on dim 0, ceil(d0/N)"
+                  " rows per GPU; optimizer state and fp32 masters sharded alike",
+        "weights_unsharded_bytes": est.total_numel * wb,
+        "weights_per_gpu_bytes": kept * wb,
+        "gathered_units": [u.name for u in gathered],
+        "gathered_units_bytes": sum(u.numel for u in gathered) * wb,
+        "unsharded_grad_bytes": {"fpft": fpft["unsharded_gradient"],
+                                 "hift": max(r["unsharded_gradient"] for r in per_group)},
+    }
+
+
 def _report(cfg, settings: Settings, offload: bool, fpft: dict, per_group: list[dict],
             num_units: int, total_params: int) -> dict:
     peak = max(per_group, key=lambda r: r["total"])
@@ -740,6 +804,7 @@ def _report(cfg, settings: Settings, offload: bool, fpft: dict, per_group: list[
         "gradient_checkpointing": settings.checkpointing,
         "batch_size": settings.batch_size,
         "seq_len": settings.seq_len,
+        "world_size": cfg.memprofile.world_size,
         "fpft": {k: fpft[k] for k in (*CATEGORIES, "total")},
         "hift": hift,
         "hift_peak_group": peak["group"],
@@ -781,6 +846,10 @@ def render(report: dict, measured: dict | None = None):
              f" {report['optimizer'].rsplit('.', 1)[-1]}, batch {report['batch_size']} x"
              f" {report['seq_len']}, offload {'on' if report['offload'] else 'off'},"
              f" checkpointing {'on' if report['gradient_checkpointing'] else 'off'}")
+    sharding = report.get("sharding")
+    if sharding:
+        title = (f"per GPU, {sharding['world_size']} processes sharding the weights"
+                 f" (FSDP2) — {title}")
     table = Table(title=title)
     table.add_column(unit, justify="left")
     for name in ("fpft", "hift"):
@@ -798,6 +867,13 @@ def render(report: dict, measured: dict | None = None):
         table.add_row(*cells, style="bold" if cat == "total" else None)
     table.caption = (f"hift rows: the largest over groups; hift total: the peak group"
                      f" ({report['hift_peak_group']})\n{_methods_line(report)}")
+    if sharding:
+        n = sharding["world_size"]
+        table.caption += (
+            f"\nper GPU of {n}: 1/{n} of every weight, gradient, optimizer state and fp32"
+            f" master (dim 0 sharded); weights + {', '.join(sharding['gathered_units'])}"
+            f" gathered ({sharding['gathered_units_bytes'] / scale:.3f} {unit}), gradients +"
+            f" one unit's unsharded gradient before its reduce-scatter")
     return table
 
 
@@ -829,7 +905,9 @@ def budget_lines(report: dict) -> list[str]:
         return []
     what = (f"hift.k=auto chose k={b['k']} (balanced)" if b["chosen"]
             else f"k={b['k']} ({report.get('grouping', 'contiguous')})")
-    lines = [f"memory budget {b['memory_budget_gib']:g} GiB: {what}; estimated peak"
+    per_gpu = (f" per GPU ({report['world_size']} processes)"
+               if report.get("world_size", 1) > 1 else "")
+    lines = [f"memory budget {b['memory_budget_gib']:g} GiB: {what}; estimated peak{per_gpu}"
              f" {gib(b['peak'])} GiB, {'fits' if b['fits'] else 'does NOT fit'}, headroom"
              f" {gib(b['headroom'])} GiB"]
     if b["chosen"] and b["k"] == 1:

@@ -2,12 +2,14 @@
 
 import importlib.util
 import json
+import math
 
 import pytest
+import torch
 
 from hift_cli.cli import main
-from hift_cli.config import ConfigError
-from hift_cli.memory import estimate
+from hift_cli.config import SHAPES, ConfigError
+from hift_cli.memory import estimate, fsdp_shard
 from hift_cli.memprofile import measure
 
 GIB = 2**30
@@ -112,9 +114,13 @@ def test_memprofile_table_names_the_peak_group(capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["memprofile.shape=llama-99b"], "memprofile.shape must be one of llama-7b, llama-13b,"
-                                     " smollm2-135m (got 'llama-99b')"),
+                                     " llama-70b, smollm2-135m (got 'llama-99b')"),
     (["hift.k=9"], "hift.k=9 but the model has only 6 units"),
     (["memprofile.seq_len=0"], "memprofile.seq_len must be > 0 (got 0)"),
+    (["memprofile.world_size=0"], "memprofile.world_size must be > 0 (got 0)"),
+    (["memprofile.world_size=2", "memprofile.measure=true"],
+     "memprofile.measure=true runs one process; memprofile.world_size=2 is estimated only:"
+     " drop one of the two"),
 ])
 def test_memprofile_bad_input(capsys, args, message):
     assert main(["memprofile", "recipe=tiny", *args]) == 2
@@ -127,3 +133,154 @@ def test_unknown_preset_in_code_is_a_config_error(tiny_cfg):
     cfg.memprofile.shape = "gpt-5"
     with pytest.raises(ConfigError, match="unknown preset 'gpt-5'"):
         estimate(cfg)
+
+
+# ------------------------------------------- memprofile.world_size: per GPU under FSDP2
+def unit_shapes(cfg) -> dict[str, list[tuple]]:
+    """Each unit's parameter shapes, read off a meta LLaMA by module name (embed_tokens,
+    layers.i, norm + lm_head): independent of hift's unit split."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.memprofile.shape:
+        preset = dict(SHAPES[cfg.memprofile.shape])
+        config = AutoConfig.for_model(preset.pop("model_type"), **preset)
+    else:
+        config = AutoConfig.from_pretrained(cfg.model.name_or_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    units: dict[str, list[tuple]] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        unit = ("embeddings" if "embed_tokens" in parts else
+                f"block.{parts[parts.index('layers') + 1]}" if "layers" in parts else "head")
+        units.setdefault(unit, []).append(tuple(p.shape))
+    return units
+
+
+def rank_numel(shape: tuple, n: int) -> int:
+    """What rank 0 holds of a parameter FSDP2 shards over n ranks: torch.chunk's first
+    (largest) piece of dim 0; the others are padded to its size."""
+    return torch.chunk(torch.empty(shape, device="meta"), n)[0].numel()
+
+
+def gathered_numel(numel: dict[str, int]) -> int:
+    """Elements gathered at once: the root FSDP unit (every unit but the blocks) for the
+    whole step, and the two largest blocks (the running one, the prefetched next)."""
+    blocks = sorted(n for u, n in numel.items() if u.startswith("block."))
+    return sum(n for u, n in numel.items() if not u.startswith("block.")) + sum(blocks[-2:])
+
+
+def expected_per_gpu(one: dict, shapes: dict[str, list[tuple]], n: int, weight_bytes: int,
+                     master_bytes: int) -> dict:
+    """The world_size=n report's fpft column and per-group rows, from the parameter shapes
+    and the world_size=1 report ``one`` (activations; optimizer state per element)."""
+    numel = {u: sum(math.prod(s) for s in ss) for u, ss in shapes.items()}
+    kept = {u: sum(rank_numel(s, n) for s in ss) for u, ss in shapes.items()}
+    state_per_element = one["fpft"]["optimizer_states"] / one["params"]  # AdamW: 8
+    grad_bytes = master_bytes or weight_bytes
+    weights = (sum(kept.values()) + gathered_numel(numel)) * weight_bytes
+
+    def row(units: list[str], acts: int, offload: bool, other: int) -> dict:
+        g_kept = sum(kept[u] for u in units)
+        everything = sum(kept.values())
+        r = {"weights": weights,
+             "gradients": g_kept * grad_bytes + max(numel[u] for u in units) * weight_bytes,
+             "optimizer_states": state_per_element * (g_kept if offload else everything),
+             "fp32_masters": master_bytes * (g_kept if offload else everything),
+             "activations": acts, "other": other}
+        r["total"] = sum(r.values())
+        return r
+
+    offload = one["offload"]
+    slot = max((state_per_element + master_bytes) * sum(kept[u] for u in g["units"])
+               for g in one["per_group"])
+    groups = []
+    for g in one["per_group"]:
+        active = (state_per_element + master_bytes) * sum(kept[u] for u in g["units"])
+        groups.append(row(g["units"], g["activations"], offload,
+                          2 * slot - active if offload else 0))
+    return {"fpft": row(list(shapes), one["fpft"]["activations"], False, 0),
+            "per_group": groups}
+
+
+def assert_rows(report: dict, expected: dict):
+    for c in (*CATEGORIES, "total"):
+        assert report["fpft"][c] == expected["fpft"][c], ("fpft", c)
+    for got, want in zip(report["per_group"], expected["per_group"], strict=True):
+        for c in (*CATEGORIES, "total"):
+            assert got[c] == want[c], (got["group"], c, got[c], want[c])
+    for c in CATEGORIES:  # the hift column: the largest over groups
+        assert report["hift"][c] == max(r[c] for r in expected["per_group"]), c
+    assert report["hift"]["total"] == max(r["total"] for r in expected["per_group"])
+
+
+@pytest.mark.parametrize("shape,n", [((384, 64), 4), ((64,), 3), ((32, 64), 3), ((3, 5), 4),
+                                     ((128, 64), 1), ((7,), 2)])
+def test_fsdp_shard_keeps_the_first_chunk_of_dim_0(shape, n):
+    p = torch.empty(shape, device="meta")
+    numel, states = fsdp_shard([p], {id(p): 8 * p.numel()}, n)
+    assert numel == rank_numel(shape, n) == math.ceil(shape[0] / n) * math.prod(shape[1:])
+    assert states == 8 * numel  # the optimizer state in proportion
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp32"])
+def test_world_size_rows_are_per_gpu_sharded_arithmetic(tiny_cfg, precision):
+    # 3 ranks do not divide 64 or 32: the padded ceil(d0 / N) rows count.
+    dtype = "float32" if precision == "fp32" else "bfloat16"
+    base = ("hift.offload=true", f"trainer.precision={precision}", f"model.dtype={dtype}",
+            "memprofile.seq_len=32", "trainer.batch_size=2")
+    one = estimate(tiny_cfg(*base))
+    assert one["world_size"] == 1 and "sharding" not in one
+    assert one["fpft"]["optimizer_states"] == 8 * one["params"]  # AdamW: 2 fp32 moments
+    shapes = unit_shapes(tiny_cfg(*base))
+    wb, mb = (4, 0) if precision == "fp32" else (2, 4)
+    for n in (2, 3, 4):
+        report = estimate(tiny_cfg(*base, f"memprofile.world_size={n}"))
+        assert report["world_size"] == n
+        assert [g["units"] for g in report["per_group"]] == [g["units"] for g in one["per_group"]]
+        assert_rows(report, expected_per_gpu(one, shapes, n, wb, mb))
+        for column in ("fpft", "hift"):  # activations are per process: unchanged
+            assert report[column]["activations"] == one[column]["activations"]
+        sharding = report["sharding"]
+        numel = {u: sum(math.prod(s) for s in ss) for u, ss in shapes.items()}
+        assert sharding["world_size"] == n
+        assert sharding["weights_unsharded_bytes"] == one["fpft"]["weights"]
+        assert sharding["weights_per_gpu_bytes"] == wb * sum(
+            rank_numel(s, n) for ss in shapes.values() for s in ss)
+        assert sharding["gathered_units_bytes"] == wb * gathered_numel(numel)
+        assert sharding["unsharded_grad_bytes"]["fpft"] == wb * max(numel.values())
+        if n in (2, 4):  # every tiny dim divides by 2 and 4: exactly 1/n kept
+            assert sharding["weights_per_gpu_bytes"] * n == one["fpft"]["weights"]
+            assert report["fpft"]["optimizer_states"] * n == one["fpft"]["optimizer_states"]
+
+
+@pytest.mark.slow
+def test_memprofile_llama7b_world_size_4_prints_per_gpu_numbers(capsys):
+    # The issue's command, through the CLI's entry point.
+    assert main(["memprofile", "recipe=llama7b_alpaca", "memprofile.world_size=4"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps the title and caption
+    assert "per GPU, 4 processes sharding the weights (FSDP2) — llama-7b: 6.74B params" in out
+    assert "per GPU of 4: 1/4 of every weight" in out
+    # LLaMA-7B's dims divide by 4: a quarter of its bf16 weights, plus the root unit
+    # (embeddings 32000 x 4096; norm 4096 + head 32000 x 4096) and two blocks gathered.
+    gathered = 32000 * 4096 + (4096 + 32000 * 4096) + 2 * 202_383_360
+    weights = (6_738_415_616 * 2 // 4 + gathered * 2) / GIB
+    assert f"│ weights │ {weights:.3f} │" in out
+    assert f"embeddings, head, block.0, block.1 gathered ({gathered * 2 / GIB:.3f} GiB)" in out
+    assert "estimated peak per GPU (4 processes)" in out and "fits" in out
+
+
+@pytest.mark.slow
+def test_llama70b_on_8_gpus_fits_80gib_per_gpu_and_not_on_one(tiny_cfg):
+    # LLaMA-2-70B, bf16-mixed, AdamW, batch 8 x 512, offload, checkpointing, 5 groups.
+    args = ("memprofile.shape=llama-70b", "hift.k=5", "hift.memory_budget=80")
+    one = estimate(tiny_cfg(*args, recipe="llama7b_alpaca"))
+    eight = estimate(tiny_cfg(*args, "memprofile.world_size=8", recipe="llama7b_alpaca"))
+    assert one["params"] == eight["params"] == 68_976_648_192
+    assert (eight["precision"], eight["gradient_checkpointing"], eight["offload"]) == \
+        ("bf16-mixed", True, True)
+    shapes = unit_shapes(tiny_cfg(*args, recipe="llama7b_alpaca"))
+    assert_rows(eight, expected_per_gpu(one, shapes, 8, 2, 4))
+    assert eight["budget"]["fits"] and eight["hift"]["total"] < 80 * GIB
+    # One GPU: the bf16 weights alone (128.5 GiB) are over 80 GiB, at any grouping.
+    assert not one["budget"]["fits"] and one["hift"]["weights"] > 80 * GIB
