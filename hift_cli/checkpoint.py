@@ -9,6 +9,10 @@ counters and every RNG state). This module only writes and reads them; what goes
 them is the trainer's business. Checkpoints are taken between steps, so a
 gradient-accumulation window is never cut in half.
 
+With ``trainer.shard_weights`` each rank's part of the weights, optimizer state and
+masters goes to ``shards/rank-<r>-of-<N>.pt`` beside them (staged by every rank, moved in
+by rank 0), and the model files are the gathered full weights.
+
 Writes go to a hidden temporary folder, are fsynced, renamed into place, and only then
 marked with a ``COMPLETE`` file; a folder without the marker is never loaded.
 """
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
+SHARDS = "shards"  # trainer.shard_weights: one file per rank
 
 
 class CheckpointError(ConfigError):
@@ -107,14 +112,48 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def _staging(run_dir: Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f".shards-step-{step:08d}"
+
+
+def _shard_name(rank: int, world: int) -> str:
+    return f"rank-{rank:05d}-of-{world:05d}.pt"
+
+
+def clear_staged_shards(run_dir: Path, step: int) -> None:
+    """Before the ranks stage a step's shards: drop what a killed run left there."""
+    shutil.rmtree(_staging(run_dir, step), ignore_errors=True)
+
+
+def stage_shard(run_dir: Path, step: int, rank: int, world: int, shard: dict) -> Path:
+    """Write one rank's part of a sharded checkpoint (fsynced) where
+    :func:`save_checkpoint` will take it from; returns that folder.
+
+    Raises:
+        CheckpointError: it cannot be written.
+    """
+    staging = _staging(run_dir, step)
+    path = staging / _shard_name(rank, world)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        torch.save(shard, path)
+        _fsync_tree(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint shard {path}: {e.strerror or e}"
+                              ) from None
+    return staging
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict,
-                    write_model: Callable[[Path], None], keep_last: int) -> Path:
+                    write_model: Callable[[Path], None], keep_last: int,
+                    shards: Path | None = None) -> Path:
     """Write ``<run_dir>/checkpoints/step-<step>`` atomically and rotate old ones.
 
     Args:
         state: the training state (saved as ``training_state.pt``).
         write_model: writes the model's files (a Hugging Face folder) into a directory.
         keep_last: how many complete checkpoints to keep, this one included.
+        shards: the folder :func:`stage_shard` filled (sharded weights), moved in.
 
     Raises:
         CheckpointError: the run dir cannot be written; earlier checkpoints are untouched.
@@ -127,6 +166,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict,
         tmp.mkdir(parents=True)
         write_model(tmp)
         torch.save(state, tmp / STATE_FILE)
+        if shards is not None:
+            os.replace(shards, tmp / SHARDS)
         _fsync_tree(tmp)
         if final.exists():  # a re-save of the same step (e.g. after resume)
             shutil.rmtree(final)
@@ -138,6 +179,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict,
         _fsync_tree(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if shards is not None:
+            shutil.rmtree(shards, ignore_errors=True)
         previous = complete_checkpoints(run_dir)
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{kept}"
@@ -147,16 +190,34 @@ def save_checkpoint(run_dir: Path, step: int, state: dict,
     return final
 
 
-def load_checkpoint(path: Path, device: torch.device) -> dict:
+def load_checkpoint(path: Path, device: torch.device, rank: int = 0, world: int = 1) -> dict:
     """The training state saved at ``path``, with the weights (on ``device``) under
-    ``"model"``: what :meth:`~hift_cli.engine.HiftTrainer.load_state_dict` takes."""
+    ``"model"``: what :meth:`~hift_cli.engine.HiftTrainer.load_state_dict` takes. A
+    sharded checkpoint gives rank ``rank`` of ``world`` its own part of the weights,
+    optimizer state and masters.
+
+    Raises:
+        CheckpointError: it cannot be read, or it was sharded over another number of
+            processes.
+    """
     from safetensors.torch import load_file
 
+    shards = sorted((path / SHARDS).glob("rank-*.pt"))
+    if shards and len(shards) != world:
+        raise CheckpointError(f"checkpoint {path} was saved by {len(shards)} processes sharding"
+                              f" the weights: resume it with {len(shards)} processes and"
+                              " trainer.shard_weights=true")
     try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        if shards:
+            part = torch.load(path / SHARDS / _shard_name(rank, world), map_location="cpu",
+                              weights_only=True)
+            state["optimizer"].update(part["optimizer"])
+            weights = {k: v.to(device) for k, v in part["model"].items()}
+            return {**state, "masters": part["masters"], "model": weights}
         weights = {}
         for f in sorted(path.glob("*.safetensors")):
             weights.update(load_file(f, device=str(device)))
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}"
                               ) from None

@@ -45,6 +45,9 @@ SHAPES = {
     "llama-13b": dict(model_type="llama", vocab_size=32000, hidden_size=5120,
                       intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                       num_key_value_heads=40, max_position_embeddings=4096),
+    "llama-70b": dict(model_type="llama", vocab_size=32000, hidden_size=8192,
+                      intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, max_position_embeddings=4096),  # LLaMA-2-70B
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576,
                          intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, tie_word_embeddings=True,
@@ -292,6 +295,10 @@ class TrainerConfig:
     """Stop after this many steps in a row with a non-finite loss or gradient."""
     num_threads: Optional[int] = None
     """torch intra-op threads on CPU (None: torch's default)."""
+    shard_weights: bool = False
+    """Under torchrun: shard every unit's weights, gradients and optimizer state over the
+    processes with FSDP2 (``fully_shard``), for models whose weights do not fit one GPU.
+    Ignored in one process. See docs/distributed.md."""
     loggers: List[str] = field(default_factory=list)
     """Experiment trackers that also get every metrics row and the config, e.g.
     ``[tensorboard,mlflow]``: tensorboard | wandb | mlflow (each an extra: ``pip install
@@ -348,18 +355,27 @@ class MemprofileConfig:
     format: str = "table"
     """table | json."""
     shape: Optional[str] = None
-    """Architecture preset (llama-7b, llama-13b, smollm2-135m) instead of model.name_or_path's
-    config: estimates offline, without the Hub."""
+    """Architecture preset (llama-7b, llama-13b, llama-70b, smollm2-135m) instead of
+    model.name_or_path's config: estimates offline, without the Hub."""
     seq_len: Optional[int] = None
     """Tokens per sample for the activation estimate (null: data.max_length)."""
     measure: bool = False
     """Also run one fpft step and one HiFT cycle and report measured bytes beside the estimate."""
+    world_size: int = 1
+    """Estimate per GPU for trainer.shard_weights=true launched with this many processes
+    (FSDP2 shards weights, gradients, optimizer state and masters N ways; activations stay
+    per process). 1: one process, no sharding."""
 
     def __post_init__(self) -> None:
         _one_of("memprofile.format", self.format, ("table", "json"))
         if self.shape is not None:
             _one_of("memprofile.shape", self.shape, tuple(SHAPES))
         _positive("memprofile.seq_len", self.seq_len)
+        _positive("memprofile.world_size", self.world_size)
+        if self.measure and self.world_size > 1:
+            raise ConfigError(f"memprofile.measure=true runs one process; memprofile."
+                              f"world_size={self.world_size} is estimated only: drop one of"
+                              " the two")
 
 
 @dataclass

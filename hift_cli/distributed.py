@@ -197,3 +197,79 @@ class GradSync:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+# ---------------------------------------------------------------- sharded weights (FSDP2)
+def shard_model(model: torch.nn.Module, blocks, device_type: str):
+    """``trainer.shard_weights``: FSDP2 over all processes. Each block (a unit) is its own
+    ``fully_shard`` group, all-gathered just before it runs and freed after; the root
+    takes the rest (embeddings, final norm, head: tied weights stay together). Gradients
+    are reduce-scattered as a *sum*: the engine already weights each micro-batch's loss
+    by its share of the global batch, so FSDP's default average would divide twice.
+    Returns the device mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    return mesh
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free every gathered unit. FSDP2 copies ``requires_grad`` onto a unit's gathered
+    parameters only when it gathers them, and the root stays gathered after a forward
+    pass without backward (evaluation): reshard before the active group changes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (the tensor itself if it is not sharded)."""
+    return t._local_tensor if is_sharded(t) else t
+
+
+def rebind_local(t: torch.Tensor, storage: torch.Tensor) -> None:
+    """Point a sharded tensor's local part at ``storage`` (same shape and dtype, or a
+    poison tensor): how the offload store moves sharded state without rewrapping it."""
+    t._local_tensor = storage
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` (the same on every rank) cut as FSDP2 cut ``param``: dim 0 in
+    ``ceil(d0 / world)`` rows per rank, as a tensor sharded like ``param``."""
+    mine = param._local_tensor
+    rows = -(-full.shape[0] // dist.get_world_size())
+    start = min(dist.get_rank() * rows, full.shape[0])
+    return wrap_like(full[start: start + mine.shape[0]].to(mine.device, copy=True), param)
+
+
+def wrap_like(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's ``part`` of a tensor sharded like ``param`` (e.g. Adam's moments)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(part, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights, gathered on rank 0's CPU (collective: every rank calls
+    it; the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -41,16 +42,19 @@ from hift_cli import data as data_lib
 from hift_cli import distributed
 from hift_cli.checkpoint import (
     MARKER,
+    SHARDS,
     STATE_FILE,
     CheckpointError,
+    clear_staged_shards,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    stage_shard,
 )
 from hift_cli.config import Config, ConfigError
 from hift_cli.evaluate import build_evaluator
-from hift_cli.grouping import Group, GroupSchedule, find_units, split_always_active
+from hift_cli.grouping import Group, GroupSchedule, block_stack, find_units, split_always_active
 from hift_cli.memory import build_groups, estimate
 from hift_cli.models import (
     autocast,
@@ -96,6 +100,15 @@ class Masters:
             for p, master in zip(trained, updated):
                 p.data.copy_(master.data)
 
+    def shard(self, names: dict[int, str], params: dict[str, torch.nn.Parameter]) -> None:
+        """The model's parameters were sharded (``names``: old parameter id -> name,
+        ``params``: name -> sharded parameter): keep this rank's part of each master, cut
+        from the fp32 master itself (no bf16 round trip)."""
+        self.by_id = {
+            id(params[names[i]]): torch.nn.Parameter(
+                distributed.shard_like(m.data, params[names[i]]), requires_grad=False)
+            for i, m in self.by_id.items()}
+
 
 @dataclasses.dataclass
 class StepResult:
@@ -109,7 +122,7 @@ class StepResult:
     finite: bool  # False: non-finite loss or gradient, update skipped
     updated: int  # parameters updated
     moved: TransferStats  # the state store's transfers
-    synced: int  # gradient bytes all-reduced (data parallel)
+    synced: int  # gradient bytes all-reduced (data parallel) or reduce-scattered (sharded)
 
 
 class HiftTrainer:
@@ -228,12 +241,19 @@ class HiftTrainer:
     def _setup_groups(self) -> None:
         hcfg = self.cfg.hift
         self.units = find_units(self.model)
+        # trainer.shard_weights under torchrun: FSDP2, one fully_shard group per block.
+        self.sharded = self.cfg.trainer.shard_weights and self.dist.enabled
+        if self.cfg.trainer.shard_weights and not self.dist.enabled:
+            log.info("trainer.shard_weights=true is ignored: one process, nothing to shard")
+        if self.sharded:
+            self._shard()
         # hift.always_active: trained at every step besides the active group, in no group.
         # fpft already trains every unit at every step: the setting is ignored there.
         self.always, rest = (split_always_active(self.units, hcfg.always_active)
                              if hcfg.strategy != "fpft" else ([], self.units))
         # hift.k=auto: the fewest balanced groups that fit hift.memory_budget (memory.py).
-        self.groups: list[Group] = build_groups(self.cfg, rest, self.device.type)
+        self.groups: list[Group] = build_groups(self.estimate_config(), rest,
+                                                self.device.type)
         self.schedule = GroupSchedule(hcfg.strategy, len(self.groups), self.cfg.trainer.seed)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -243,8 +263,9 @@ class HiftTrainer:
             p.requires_grad_(True)  # for the whole run
         self.active: Group | None = None
         # Data parallel: only the active group's (and always-active units') gradients
-        # cross the wire.
-        self.grad_sync = distributed.GradSync() if self.dist.enabled else None
+        # cross the wire (sharded: FSDP reduce-scatters them instead).
+        self.grad_sync = (distributed.GradSync() if self.dist.enabled and not self.sharded
+                          else None)
         log.info(f"HiFT: {len(self.units)} units in {len(self.groups)} groups, strategy "
                  f"{hcfg.strategy}: " + ", ".join(
                      f"{g.name} ({g.numel / 1e6:.2f}M)" for g in self.groups)
@@ -252,6 +273,34 @@ class HiftTrainer:
                            for u in self.always))
         if hcfg.always_active and hcfg.strategy == "fpft":
             log.info("hift.always_active is ignored: fpft trains every unit at every step")
+
+    def _shard(self) -> None:
+        """FSDP2 over the processes (:func:`distributed.shard_model`); the units, and the
+        fp32 masters, then hold the sharded parameters."""
+        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        self.mesh = distributed.shard_model(self.model, block_stack(self.model)[1],
+                                            self.device.type)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for unit in self.units:
+            unit.params = {n: params[n] for n in unit.params}
+        self.masters.shard(names, params)
+        local = sum(distributed.local(p).numel() for p in self.model.parameters())
+        total = sum(p.numel() for p in self.model.parameters())
+        log.info(f"Sharded weights (FSDP2): {local / 1e6:.2f}M of {total / 1e6:.2f}M"
+                 f" parameters on this rank ({self.dist.world} processes)")
+
+    def estimate_config(self) -> Config:
+        """The config ``memory.estimate`` should see for this run: its offload decision
+        (once the store is set up) and, with sharded weights, the per-GPU arithmetic for
+        this many processes."""
+        cfg = self.cfg
+        if hasattr(self, "store"):
+            cfg = dataclasses.replace(cfg, hift=dataclasses.replace(
+                cfg.hift, offload=self.store.enabled))
+        if self.sharded:
+            cfg = dataclasses.replace(cfg, memprofile=dataclasses.replace(
+                cfg.memprofile, world_size=self.dist.world, measure=False))
+        return cfg
 
     def _resolve_steps(self) -> None:
         """``trainer.epochs`` -> ``trainer.max_steps`` (whole cycles), and epoch lengths."""
@@ -317,7 +366,7 @@ class HiftTrainer:
         # fp32 masters start in host memory (the store moves them) or on the device.
         self.store = GroupStateStore(self.optimizer, self.opt_params, self.device, enabled,
                                      masters=bool(self.masters), factory=self.optimizer_factory)
-        if self.masters:
+        if self.masters and not self.sharded:  # sharded ones are made on the device
             on_device = self.always_opt + ([] if enabled else
                                            [m for params in self.opt_params for m in params])
             for m in on_device:
@@ -421,6 +470,8 @@ class HiftTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in params if p.grad is not None],
             tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf"))
+        if distributed.is_sharded(grad_norm):  # of sharded gradients: reduced on use
+            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         # A CPU-GPU sync point, needed to decide whether to update at all.
         finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
@@ -457,11 +508,17 @@ class HiftTrainer:
         for i, (batch, items, _) in enumerate(window):
             if self.grad_sync is not None:  # sum across ranks on the last one only
                 self.grad_sync.arm(i == len(window) - 1)
+            if self.sharded:  # reduce-scatter on the last one only
+                self.model.set_requires_gradient_sync(i == len(window) - 1)
             with autocast(self.cfg.trainer.precision, self.device):
                 loss = self.model(**batch).loss * (items / total_items)
             loss.backward()
             loss_sum += loss.detach()
         synced = self.grad_sync.finish() if self.grad_sync is not None else 0
+        if self.sharded:  # FSDP reduce-scattered the full gradients of what trained
+            trained = {id(p): p for p in [*self.active.params.values(), *self.always_params]}
+            synced = sum(p.numel() * p.element_size() for p in trained.values()
+                         if p.grad is not None)
         distributed.all_reduce_(loss_sum)
         return loss_sum, tokens, synced
 
@@ -475,7 +532,7 @@ class HiftTrainer:
                "offload/h2d_bytes": done.moved.h2d_bytes,
                "offload/d2h_bytes": done.moved.d2h_bytes}
         if self.dist.enabled:
-            row["dist/allreduce_bytes"] = done.synced
+            row[self._sync_key] = done.synced
         return row
 
     def _agree_on_stop(self) -> None:
@@ -498,8 +555,8 @@ class HiftTrainer:
     def _totals(self, totals: collections.Counter, elapsed: float, steps: int,
                 out: RunLog) -> dict[str, float]:
         """The run's summary of its steps (and the transfer notes at its end)."""
-        moved = {k: totals[k] for k in SUMMED if k != "dist/allreduce_bytes"
-                 or self.dist.enabled}
+        moved = {k: totals[k] for k in SUMMED if not k.startswith("dist/")
+                 or (self.dist.enabled and k == self._sync_key)}
         moved["offload/stall_seconds"] = float(moved["offload/stall_seconds"])
         summary = {"train/skipped_steps": self.skipped_steps,
                    "train/params_updated_per_step": totals["updated"] / max(steps, 1),
@@ -513,12 +570,18 @@ class HiftTrainer:
                 f" {moved['offload/h2d_bytes'] / 2**30:.2f} GiB to and"
                 f" {moved['offload/d2h_bytes'] / 2**30:.2f} GiB from the device")
         if self.dist.enabled:
-            mib = moved["dist/allreduce_bytes"] / 2**20
+            mib = moved[self._sync_key] / 2**20
             full = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            out.note(f"data parallel: all-reduced {mib:.1f} MiB of gradients,"
+            out.note(("sharded weights: reduce-scattered" if self.sharded
+                      else "data parallel: all-reduced") + f" {mib:.1f} MiB of gradients,"
                      f" {mib / max(steps, 1):.2f} MiB per step (all parameters' gradients:"
                      f" {full / 2**20:.2f} MiB)")
         return summary
+
+    @property
+    def _sync_key(self) -> str:
+        """The metrics key of the gradient bytes that crossed the wire in a step."""
+        return "dist/reduce_scatter_bytes" if self.sharded else "dist/allreduce_bytes"
 
     def _activate(self, group: Group) -> None:
         if self.active is not None:
@@ -526,6 +589,8 @@ class HiftTrainer:
                 p.requires_grad_(False)
         for p in group.params.values():
             p.requires_grad_(True)
+        if self.sharded:  # gathered units keep the requires_grad they were gathered with
+            distributed.reshard(self.model)
         if self.grad_sync is not None:
             self.grad_sync.attach(list(group.params.values()) + self.always_params)
         self.active = group
@@ -544,9 +609,11 @@ class HiftTrainer:
             out.note(f"{when}: eval {_describe(metrics)}")
             return metrics, {}
         out.note(f"eval {when} training: {_describe(metrics)}")
-        samples = self.evaluator.show_samples(self.model, when, out.note) if self.dist.main \
-            else {}
-        return metrics, samples
+        if self.dist.main:
+            return metrics, self.evaluator.show_samples(self.model, when, out.note)
+        if self.sharded:  # every rank must run the same forward passes (all-gathers)
+            self.evaluator.samples(self.model)
+        return metrics, {}
 
     @contextlib.contextmanager
     def _stop_when_out_of_memory(self):
@@ -573,8 +640,7 @@ class HiftTrainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         try:
-            report = estimate(dataclasses.replace(self.cfg, hift=dataclasses.replace(
-                self.cfg.hift, offload=self.store.enabled)))
+            report = estimate(self.estimate_config())
             column = "fpft" if self.cfg.hift.strategy == "fpft" else "hift"
             need = f"{report[column]['total'] / 2**30:.1f} GiB"
         except Exception:  # the estimate is a courtesy here; the stop message is not
@@ -596,8 +662,13 @@ class HiftTrainer:
         with self.store.readable():  # offloaded state: its host copies have landed
             optimizer = self.optimizer.state_dict()
             # Its per-parameter dicts are the optimizer's own, which the store rebinds
-            # when a group moves: hold on to the tensors they point at now.
-            optimizer["state"] = {i: dict(s) for i, s in optimizer["state"].items()}
+            # when a group moves: hold on to the tensors they point at now (sharded ones:
+            # this rank's part, listed under "sharded").
+            live = optimizer["state"]
+            optimizer["sharded"] = [[i, k] for i, s in live.items() for k, v in s.items()
+                                    if distributed.is_sharded(v)]
+            optimizer["state"] = {i: {k: distributed.local(v) for k, v in s.items()}
+                                  for i, s in live.items()}
             return {
                 "global_step": self.global_step,
                 "batches_consumed": self.batches_consumed,
@@ -605,7 +676,9 @@ class HiftTrainer:
                 "skipped_steps": self.skipped_steps,
                 "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
-                "masters": [m.data for m in self._all_masters()],
+                "masters": [distributed.local(m) if self.sharded else m.data
+                            for m in self._all_masters()],
+                "sharded_over": self.dist.world if self.sharded else 1,
                 "always_active": [u.name for u in self.always],
                 "rng": rng_state(),
                 "rng_ranks": rngs,
@@ -619,7 +692,15 @@ class HiftTrainer:
             CheckpointError: the weights are another model's, or the optimizer state was
                 saved with other always-active units (``source`` names it).
         """
-        if "model" in state:
+        saved_over = state.get("sharded_over", 1)
+        if saved_over != (self.dist.world if self.sharded else 1):
+            how = (f"by {saved_over} processes sharding the weights" if saved_over > 1
+                   else "with unsharded weights")
+            raise CheckpointError(f"{source} was saved {how}: resume with the same"
+                                  " trainer.shard_weights and number of processes")
+        if "model" in state and self.sharded:
+            self._load_local_weights(state["model"], source)
+        elif "model" in state:
             missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
             # Tied weights are saved once; anything else missing is a different model.
             if unexpected or set(missing) - _tied_names(self.model):
@@ -633,7 +714,7 @@ class HiftTrainer:
                                   f"[{','.join(saved_always)}]: resume with the same setting")
         self.store.reset()  # offloaded masters: written in place into their host buffers
         for m, saved in zip(self._all_masters(), state["masters"]):
-            m.data.copy_(saved)
+            (distributed.local(m) if self.sharded else m.data).copy_(saved)
         # Always-active units' state lives on the device even while the store offloads.
         load_optimizer_state(self.optimizer, state["optimizer"],
                              None if self.store.enabled else self.device, self.device,
@@ -649,6 +730,16 @@ class HiftTrainer:
         ranks = state.get("rng_ranks") or []
         set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world else state["rng"])
 
+    def _load_local_weights(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        """Sharded: this rank's part of every weight, as :meth:`checkpoint` saved it."""
+        params = dict(self.model.named_parameters())
+        if params.keys() != weights.keys():
+            raise CheckpointError(f"{source} does not match this model (its shards hold"
+                                  f" {len(weights)} weights, the model has {len(params)})")
+        with torch.no_grad():
+            for name, p in params.items():
+                distributed.local(p).copy_(weights[name])
+
     def _all_masters(self) -> list[torch.Tensor]:
         """Every fp32 master (bf16-mixed): the groups', then the always-active units'."""
         if not self.masters:
@@ -656,33 +747,68 @@ class HiftTrainer:
         return [m for ps in self.opt_params for m in ps] + self.always_opt
 
     # ------------------------------------------------------------------ save
-    def write_model(self, path: Path) -> None:
-        """The model (safetensors) and tokenizer, loadable with plain ``from_pretrained``."""
+    def write_model(self, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The model (safetensors) and tokenizer, loadable with plain ``from_pretrained``;
+        ``weights``: the full weights to write (sharded: gathered by :meth:`checkpoint`)."""
         self.model.config.use_cache = True  # for whoever generates with it
         try:
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(path, state_dict=weights)
         finally:
             self.model.config.use_cache = False
         self.tokenizer.save_pretrained(path)
 
     def checkpoint(self, keep_last: int | None = None) -> Path:
         """A resumable checkpoint of this step (the newest ``keep_last``, default
-        ``trainer.keep_last``, are kept), written by rank 0 while the others wait."""
+        ``trainer.keep_last``, are kept), written by rank 0 while the others wait.
+        Sharded weights: every rank also writes its part of the weights, optimizer state
+        and masters (``shards/``), and rank 0 the gathered model. A failure on any rank
+        stops every rank with its message."""
         state = self.state_dict()
-        path = None
-        if self.dist.main:
-            for p in self.model.parameters():
-                if not torch.isfinite(p).all():
-                    raise CheckpointError("refusing to save a checkpoint: the weights are not"
-                                          " finite")
-            path = save_checkpoint(self.output_dir, self.global_step, state, self.write_model,
-                                   keep_last or self.cfg.trainer.keep_last)
-        distributed.barrier()
+        # Sharded: gathered on rank 0 (collective), and every rank checks its part.
+        weights = distributed.full_state_dict(self.model) if self.sharded else None
+        self._on_every_rank(self._check_finite, here=self.dist.main or self.sharded)
+        staged = None
+        if self.sharded:
+            if self.dist.main:
+                clear_staged_shards(self.output_dir, self.global_step)
+            distributed.barrier()
+            optimizer = state["optimizer"]
+            shard = {"model": {n: distributed.local(p) for n, p in self.model.named_parameters()},
+                     "optimizer": {"state": optimizer.pop("state"),
+                                   "sharded": optimizer.pop("sharded")},
+                     "masters": state.pop("masters")}
+            staged = self._on_every_rank(lambda: stage_shard(
+                self.output_dir, self.global_step, self.dist.rank, self.dist.world, shard))
+        path = self._on_every_rank(lambda: save_checkpoint(
+            self.output_dir, self.global_step, state,
+            functools.partial(self.write_model, weights=weights),
+            keep_last or self.cfg.trainer.keep_last, shards=staged), here=self.dist.main)
         return distributed.broadcast_object(path)
+
+    def _check_finite(self) -> None:
+        if not all(bool(torch.isfinite(distributed.local(p)).all())
+                   for p in self.model.parameters()):
+            raise CheckpointError("refusing to save a checkpoint: the weights are not finite")
+
+    @staticmethod
+    def _on_every_rank(fn, here: bool = True):
+        """``fn()`` on this rank if ``here``; a CheckpointError on any rank is raised on
+        every rank (under torchrun, no rank is left waiting for one that failed)."""
+        result, error = None, None
+        if here:
+            try:
+                result = fn()
+            except CheckpointError as e:
+                error = str(e)
+        errors = [e for e in distributed.gather_objects(error) if e]
+        if errors:
+            raise CheckpointError(errors[0])
+        return result
 
     def resume(self, path: Path) -> None:
         """Continue from the checkpoint at ``path``: weights, state, counters, RNG."""
-        self.load_state_dict(load_checkpoint(path, self.device), source=f"checkpoint {path}")
+        self.load_state_dict(load_checkpoint(path, self.device, self.dist.rank, self.dist.world),
+                             source=f"checkpoint {path}")
 
     def save(self) -> Path | None:
         """A last resumable checkpoint, and its model as ``<output_dir>/model``."""
@@ -696,7 +822,7 @@ class HiftTrainer:
             shutil.rmtree(path, ignore_errors=True)
             path.mkdir()
             for f in checkpoint.iterdir():
-                if f.name not in (MARKER, STATE_FILE):
+                if f.name not in (MARKER, STATE_FILE, SHARDS):
                     try:
                         os.link(f, path / f.name)  # same bytes, no second copy on disk
                     except OSError:
@@ -725,7 +851,7 @@ def _describe(metrics: dict[str, float]) -> str:
 
 # Per-step transfer counters the summary adds up.
 SUMMED = ("offload/stall_seconds", "offload/h2d_bytes", "offload/d2h_bytes",
-          "dist/allreduce_bytes")
+          "dist/allreduce_bytes", "dist/reduce_scatter_bytes")
 
 
 def _tied_names(model) -> set[str]:

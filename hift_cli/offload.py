@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 
 from hift_cli.config import Config, optimizer_kind
+from hift_cli.distributed import is_sharded, local, rebind_local, wrap_like
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +215,19 @@ class GroupStateStore:
         return handles
 
     def _get(self, handle: Handle) -> torch.Tensor:
+        """The tensor a handle names; of a sharded one (trainer.shard_weights), this
+        rank's part: the store moves only that."""
         p, key = handle
-        return p.data if key is None else self.optimizer.state[p][key]
+        if key is None:
+            return local(p) if is_sharded(p) else p.data
+        return local(self.optimizer.state[p][key])
 
     def _set(self, handle: Handle, t: torch.Tensor) -> None:
         p, key = handle
-        if key is None:
+        current = p if key is None else self.optimizer.state[p][key]
+        if is_sharded(current):
+            rebind_local(current, t)
+        elif key is None:
             p.data = t
         else:
             self.optimizer.state[p][key] = t
@@ -229,9 +237,9 @@ class GroupStateStore:
         and its host buffers; the masters move in."""
         layout = _Layout()
         for p in self.group_params[g] if self.masters else []:
-            layout.add((p, None), p.shape, p.dtype)
+            layout.add((p, None), local(p).shape, p.dtype)
         for p in self.group_params[g]:
-            key = (tuple(p.shape), p.dtype)
+            key = (tuple(local(p).shape), p.dtype)
             if key not in predicted:
                 predicted[key] = self._predict(factory, p)
             for name, (shape, dtype) in (predicted[key] or {}).items():
@@ -248,7 +256,7 @@ class GroupStateStore:
         if factory is None:
             return None
         try:
-            return state_shapes(factory, tuple(p.shape), p.dtype,
+            return state_shapes(factory, tuple(local(p).shape), p.dtype,
                                 ("meta", str(self.device), "cpu"))
         except RuntimeError as e:
             log.warning(f"Cannot tell the optimizer's state layout in advance ({e}); host"
@@ -561,8 +569,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict,
     parameters in ``resident`` (ids: always-active units) goes to ``compute_device``
     either way. Scalar step counters go where ``load_state_dict`` puts them: with
     ``fused`` or ``capturable`` to the ``compute_device`` as float32, else they stay on
-    the CPU."""
+    the CPU. Entries listed in ``saved["sharded"]`` (``[index, key]``) are this rank's
+    part of a tensor sharded like its parameter (trainer.shard_weights)."""
     params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
+    sharded = {(int(i), k) for i, k in saved.get("sharded", [])}
     optimizer.state.clear()
     for index, entry in saved["state"].items():
         p, group = params[int(index)]
@@ -574,7 +584,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict,
                 v = v.to(to)
             elif k == "step" and torch.is_tensor(v) and on_device:
                 v = v.to(dtype=torch.float32, device=compute_device)
-            state[k] = v
+            state[k] = wrap_like(v, p) if (int(index), k) in sharded else v
         optimizer.state[p] = state
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         group.update({k: v for k, v in saved_group.items() if k != "params"})

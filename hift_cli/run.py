@@ -7,7 +7,6 @@ The training loop itself is :class:`hift_cli.engine.HiftTrainer`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -91,8 +90,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def write_memory_report(cfg: Config, trainer: HiftTrainer, output_dir: Path) -> None:
     """``memory_report.json``: the estimate for this run's settings, and what was measured."""
-    report = estimate(dataclasses.replace(
-        cfg, hift=dataclasses.replace(cfg.hift, offload=trainer.store.enabled)))
+    report = estimate(trainer.estimate_config())
     if trainer.device.type == "cuda":
         report["measured"] = {"cuda_peak_allocated": torch.cuda.max_memory_allocated()}
     else:  # ru_maxrss is in KiB on Linux
