@@ -766,6 +766,8 @@ class HiftTrainer:
         state = self.state_dict()
         # Sharded: gathered on rank 0 (collective), and every rank checks its part.
         weights = distributed.full_state_dict(self.model) if self.sharded else None
+        if weights:  # gathered copies share no storage: drop tied duplicates by name
+            weights = {k: v for k, v in weights.items() if k not in _tied_names(self.model)}
         self._on_every_rank(self._check_finite, here=self.dist.main or self.sharded)
         staged = None
         if self.sharded:
