@@ -42,15 +42,14 @@ def torchrun(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Per shape: a 2-rank run (batch 4 each) and a 1-process run (batch 8)."""
-    root = tmp_path_factory.mktemp("dp")
+def paired_runs(root: Path, *extra: str) -> dict:
+    """Per shape: a 2-rank run (batch 4 each, ``extra`` overrides) and a 1-process run
+    (batch 8): ``{shape: (2-rank run dir, 1-process run dir, torchrun's result)}``."""
     out = {}
     for shape, overrides in SHAPES.items():
         cwd = root / shape
         cwd.mkdir()
-        done = torchrun(cwd, *COMMON, *overrides, "trainer.batch_size=4",
+        done = torchrun(cwd, *COMMON, *overrides, *extra, "trainer.batch_size=4",
                         "trainer.save_every=3", "trainer.keep_last=2")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         (dp_dir,) = (cwd / "outputs" / "train").iterdir()  # one dir for the whole job
@@ -59,6 +58,11 @@ def runs(tmp_path_factory):
                      f"hydra.run.dir={single}"]) == 0
         out[shape] = dp_dir, single, done
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return paired_runs(tmp_path_factory.mktemp("dp"))
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -109,24 +113,29 @@ def test_only_rank_0_writes(runs, shape):
     assert done.stdout.count("Output: ") == 1
 
 
-def test_resume_under_torchrun_continues_exactly(runs, tmp_path):
-    dp, _, _ = runs["hift"]
+def assert_resume_from_step_3_is_exact(run: Path, tmp_path: Path, *extra: str) -> None:
+    """A torchrun resume of a copy of ``run`` cut back to its step-3 checkpoint ends with
+    the same weights and metrics rows as ``run`` itself."""
     copy = tmp_path / "run"
-    shutil.copytree(dp, copy)
+    shutil.copytree(run, copy)
     shutil.rmtree(copy / "model")
     checkpoints = sorted((copy / "checkpoints").iterdir())
     for later in checkpoints[1:]:  # keep step 3 only
         shutil.rmtree(later)
     assert checkpoints[0].name == "step-00000003"
-    done = torchrun(tmp_path, *COMMON, *SHAPES["hift"], "trainer.batch_size=4",
+    done = torchrun(tmp_path, *COMMON, *SHAPES["hift"], *extra, "trainer.batch_size=4",
                     f"resume={copy}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    a, b = _weights(copy), _weights(dp)
+    a, b = _weights(copy), _weights(run)
     for name in a:
         assert torch.equal(a[name], b[name]), name
     untimed = [[{k: v for k, v in r.items() if "seconds" not in k and "per_second" not in k}
-                for r in _rows(run)] for run in (copy, dp)]
+                for r in _rows(d)] for d in (copy, run)]
     assert untimed[0] == untimed[1]
+
+
+def test_resume_under_torchrun_continues_exactly(runs, tmp_path):
+    assert_resume_from_step_3_is_exact(runs["hift"][0], tmp_path)
 
 
 def test_sweeps_and_other_commands_refuse_torchrun(capsys, monkeypatch):

@@ -8,7 +8,6 @@ plain Hugging Face folder.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,8 @@ from safetensors.torch import load_file
 
 from hift_cli.checkpoint import CheckpointError, load_checkpoint
 from hift_cli.cli import main
-from test_distributed import COMMON, SHAPES, torchrun
+from test_distributed import (COMMON, SHAPES, assert_resume_from_step_3_is_exact, paired_runs,
+                              torchrun)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,20 +33,7 @@ MIXED = ["recipe=tiny", "optimizer=adamw", "optimizer.lr=1e-3", "trainer.max_ste
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Per shape: a sharded 2-rank run (batch 4 each) and a 1-process run (batch 8)."""
-    root = tmp_path_factory.mktemp("sharded")
-    out = {}
-    for shape, overrides in SHAPES.items():
-        cwd = root / shape
-        cwd.mkdir()
-        done = torchrun(cwd, *COMMON, *overrides, *SHARDED, "trainer.batch_size=4",
-                        "trainer.save_every=3", "trainer.keep_last=2")
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        (run,) = (cwd / "outputs" / "train").iterdir()
-        single = root / f"{shape}-single"
-        assert main(["train", *COMMON, *overrides, "trainer.batch_size=8",
-                     f"hydra.run.dir={single}"]) == 0
-        out[shape] = run, single, done
-    return out
+    return paired_runs(tmp_path_factory.mktemp("sharded"), *SHARDED)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -103,22 +90,7 @@ def test_sharded_checkpoint_resumes_exactly_and_its_model_loads(runs, tmp_path):
     for name, p in model.state_dict().items():
         assert torch.equal(p, saved[name]), name
 
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    shutil.rmtree(copy / "model")
-    checkpoints = sorted((copy / "checkpoints").iterdir())
-    for later in checkpoints[1:]:  # keep step 3 only
-        shutil.rmtree(later)
-    assert checkpoints[0].name == "step-00000003"
-    done = torchrun(tmp_path, *COMMON, *SHAPES["hift"], *SHARDED, "trainer.batch_size=4",
-                    f"resume={copy}")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    a, b = load_file(copy / "model" / "model.safetensors"), saved
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    untimed = [[{k: v for k, v in r.items() if "seconds" not in k and "per_second" not in k}
-                for r in _rows(r)] for r in (copy, run)]
-    assert untimed[0] == untimed[1]
+    assert_resume_from_step_3_is_exact(run, tmp_path, *SHARDED)
 
 
 def test_sharded_checkpoint_refuses_another_process_count(runs, capsys):
