@@ -200,17 +200,21 @@ class GradSync:
 
 
 # ---------------------------------------------------------------- sharded weights (FSDP2)
-def shard_model(model: torch.nn.Module, blocks, device_type: str):
-    """``trainer.shard_weights``: FSDP2 over all processes. Each block (a unit) is its own
-    ``fully_shard`` group, all-gathered just before it runs and freed after; the root
-    takes the rest (embeddings, final norm, head: tied weights stay together). Gradients
-    are reduce-scattered as a *sum*: the engine already weights each micro-batch's loss
-    by its share of the global batch, so FSDP's default average would divide twice.
-    Returns the device mesh."""
+def shard_model(model: torch.nn.Module, blocks, device: torch.device) -> None:
+    """``trainer.shard_weights``: FSDP2 over all processes, with the weights read by rank
+    0 alone: the other ranks pass the same model built on the meta device, and each rank
+    receives its shards from rank 0 (so a node holds one full copy in host memory, not
+    one per process). Each block (a unit) is its own ``fully_shard`` group, all-gathered
+    just before it runs and freed after; the root takes the rest (embeddings, final norm,
+    head: tied weights stay together). Gradients are reduce-scattered as a *sum*: the
+    engine already weights each micro-batch's loss by its share of the global batch, so
+    FSDP's default average would divide twice."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    # Rank 0's weights before sharding (CPU tensors, kept alive by this dict).
+    full = dict(model.named_parameters()) if dist.get_rank() == 0 else {}
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -218,7 +222,19 @@ def shard_model(model: torch.nn.Module, blocks, device_type: str):
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
-    return mesh
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank != 0:
+        model.to_empty(device=device)
+    with torch.no_grad():  # one weight at a time: rank 0's, each rank keeps its rows
+        for name, p in model.named_parameters():
+            mine = p._local_tensor
+            t = (full[name].to(mine.device) if rank == 0
+                 else torch.empty(p.shape, dtype=p.dtype, device=mine.device))
+            dist.broadcast(t, src=0)
+            start = min(rank * -(-p.shape[0] // world), p.shape[0])
+            mine.copy_(t[start: start + mine.shape[0]])
+        for buffer in model.buffers():  # rotary frequencies and the like
+            dist.broadcast(buffer, src=0)
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -247,15 +263,6 @@ def rebind_local(t: torch.Tensor, storage: torch.Tensor) -> None:
     """Point a sharded tensor's local part at ``storage`` (same shape and dtype, or a
     poison tensor): how the offload store moves sharded state without rewrapping it."""
     t._local_tensor = storage
-
-
-def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` (the same on every rank) cut as FSDP2 cut ``param``: dim 0 in
-    ``ceil(d0 / world)`` rows per rank, as a tensor sharded like ``param``."""
-    mine = param._local_tensor
-    rows = -(-full.shape[0] // dist.get_world_size())
-    start = min(dist.get_rank() * rows, full.shape[0])
-    return wrap_like(full[start: start + mine.shape[0]].to(mine.device, copy=True), param)
 
 
 def wrap_like(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

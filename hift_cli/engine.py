@@ -76,9 +76,12 @@ class Masters:
     are none and every method passes the model's own parameters through."""
 
     def __init__(self, model: torch.nn.Module, enabled: bool):
-        # Made before the model goes to bf16: the masters keep the fp32 storage.
+        # Made before the model goes to bf16: the masters keep the fp32 storage (sharded
+        # weights: a copy of this rank's fp32 part, sharded like its parameter).
         self.by_id: dict[int, torch.nn.Parameter] = (
-            {id(p): torch.nn.Parameter(p.data, requires_grad=False)
+            {id(p): torch.nn.Parameter(
+                distributed.wrap_like(distributed.local(p).detach().clone(), p)
+                if distributed.is_sharded(p) else p.data, requires_grad=False)
              for p in model.parameters()} if enabled else {})
 
     def __bool__(self) -> bool:
@@ -100,14 +103,11 @@ class Masters:
             for p, master in zip(trained, updated):
                 p.data.copy_(master.data)
 
-    def shard(self, names: dict[int, str], params: dict[str, torch.nn.Parameter]) -> None:
-        """The model's parameters were sharded (``names``: old parameter id -> name,
-        ``params``: name -> sharded parameter): keep this rank's part of each master, cut
-        from the fp32 master itself (no bf16 round trip)."""
-        self.by_id = {
-            id(params[names[i]]): torch.nn.Parameter(
-                distributed.shard_like(m.data, params[names[i]]), requires_grad=False)
-            for i, m in self.by_id.items()}
+    def rekey(self, names: dict[int, str], model: torch.nn.Module) -> None:
+        """The model's parameters were replaced (sharded ones converted to bf16 are new
+        objects): find each master's parameter again by name (``names``: old id -> name)."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self.by_id = {id(params[names[i]]): m for i, m in self.by_id.items()}
 
 
 @dataclasses.dataclass
@@ -149,6 +149,10 @@ class HiftTrainer:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
         self.dist = distributed.current()
+        # trainer.shard_weights under torchrun: FSDP2 (one process: nothing to shard).
+        self.sharded = cfg.trainer.shard_weights and self.dist.enabled
+        if cfg.trainer.shard_weights and not self.dist.enabled:
+            log.info("trainer.shard_weights=true is ignored: one process, nothing to shard")
         set_seed(cfg.trainer.seed)  # the same on every rank: same init, same group order
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
@@ -167,7 +171,8 @@ class HiftTrainer:
         self._setup_data()  # before the model: classification data sets num_labels
         self._setup_model()
         if self.dist.enabled:
-            distributed.broadcast_parameters(self.model)
+            if not self.sharded:  # sharded: every rank has its part of rank 0's already
+                distributed.broadcast_parameters(self.model)
             torch.manual_seed(cfg.trainer.seed + self.dist.rank)  # own dropout masks
         self._setup_groups()
         self._resolve_steps()
@@ -183,16 +188,22 @@ class HiftTrainer:
         # bf16-mixed: load fp32 weights, keep them as the fp32 masters the optimizer
         # updates, and train a bf16 copy (no precision lost to a bf16 round trip).
         load_cfg = dataclasses.replace(cfg, dtype="float32") if mixed else cfg
-        self.model = load_model(load_cfg, self.model_path, self.tokenizer.pad_token_id)
+        # Sharded: rank 0 alone reads the weights; the others build the model empty.
+        self.model = load_model(load_cfg, self.model_path, self.tokenizer.pad_token_id,
+                                empty=self.sharded and not self.dist.main)
         if self.labels.names:  # saved with the model, so its predictions have names
             self.model.config.id2label = dict(enumerate(self.labels.names))
             self.model.config.label2id = {n: i for i, n in enumerate(self.labels.names)}
-        self.masters = Masters(self.model, mixed)
-        if mixed:
-            self.model.to(torch.bfloat16)  # new bf16 storage; masters keep the fp32 one
-        self.model.to(self.device)
         if cfg.gradient_checkpointing:
             enable_checkpointing(self.model)
+        if self.sharded:
+            self._shard()
+        self.masters = Masters(self.model, mixed)
+        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        if mixed:
+            self.model.to(torch.bfloat16)  # new bf16 storage; masters keep the fp32 one
+            self.masters.rekey(names, self.model)
+        self.model.to(self.device)
         self.model.train()
         n = sum(p.numel() for p in self.model.parameters())
         log.info(f"Model: {type(self.model).__name__}, {n / 1e6:.1f}M parameters on {self.device}")
@@ -240,13 +251,12 @@ class HiftTrainer:
 
     def _setup_groups(self) -> None:
         hcfg = self.cfg.hift
-        self.units = find_units(self.model)
-        # trainer.shard_weights under torchrun: FSDP2, one fully_shard group per block.
-        self.sharded = self.cfg.trainer.shard_weights and self.dist.enabled
-        if self.cfg.trainer.shard_weights and not self.dist.enabled:
-            log.info("trainer.shard_weights=true is ignored: one process, nothing to shard")
+        self.units = find_units(self.model)  # sharded: a forward pass on every rank
         if self.sharded:
-            self._shard()
+            self._reshard()
+            params = dict(self.model.named_parameters(remove_duplicate=False))
+            for unit in self.units:  # the root's units were found gathered
+                unit.params = {n: params[n] for n in unit.params}
         # hift.always_active: trained at every step besides the active group, in no group.
         # fpft already trains every unit at every step: the setting is ignored there.
         self.always, rest = (split_always_active(self.units, hcfg.always_active)
@@ -275,15 +285,9 @@ class HiftTrainer:
             log.info("hift.always_active is ignored: fpft trains every unit at every step")
 
     def _shard(self) -> None:
-        """FSDP2 over the processes (:func:`distributed.shard_model`); the units, and the
-        fp32 masters, then hold the sharded parameters."""
-        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        self.mesh = distributed.shard_model(self.model, block_stack(self.model)[1],
-                                            self.device.type)
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        for unit in self.units:
-            unit.params = {n: params[n] for n in unit.params}
-        self.masters.shard(names, params)
+        """FSDP2 over the processes, each rank's shards sent by rank 0
+        (:func:`distributed.shard_model`)."""
+        distributed.shard_model(self.model, block_stack(self.model)[1], self.device)
         local = sum(distributed.local(p).numel() for p in self.model.parameters())
         total = sum(p.numel() for p in self.model.parameters())
         log.info(f"Sharded weights (FSDP2): {local / 1e6:.2f}M of {total / 1e6:.2f}M"
@@ -578,6 +582,11 @@ class HiftTrainer:
                      f" {full / 2**20:.2f} MiB)")
         return summary
 
+    def _reshard(self) -> None:
+        """Sharded: free every gathered unit, so that the model's parameters are the
+        shards again (the root stays gathered after a forward pass without backward)."""
+        distributed.reshard(self.model)
+
     @property
     def _sync_key(self) -> str:
         """The metrics key of the gradient bytes that crossed the wire in a step."""
@@ -590,7 +599,7 @@ class HiftTrainer:
         for p in group.params.values():
             p.requires_grad_(True)
         if self.sharded:  # gathered units keep the requires_grad they were gathered with
-            distributed.reshard(self.model)
+            self._reshard()
         if self.grad_sync is not None:
             self.grad_sync.attach(list(group.params.values()) + self.always_params)
         self.active = group
@@ -699,6 +708,7 @@ class HiftTrainer:
             raise CheckpointError(f"{source} was saved {how}: resume with the same"
                                   " trainer.shard_weights and number of processes")
         if "model" in state and self.sharded:
+            self._reshard()  # write into the shards, not into a gathered root
             self._load_local_weights(state["model"], source)
         elif "model" in state:
             missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
@@ -763,6 +773,8 @@ class HiftTrainer:
         Sharded weights: every rank also writes its part of the weights, optimizer state
         and masters (``shards/``), and rank 0 the gathered model. A failure on any rank
         stops every rank with its message."""
+        if self.sharded:
+            self._reshard()  # the parts below are the shards, not a gathered root
         state = self.state_dict()
         # Sharded: gathered on rank 0 (collective), and every rank checks its part.
         weights = distributed.full_state_dict(self.model) if self.sharded else None

@@ -134,15 +134,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, path: str, pad_token_id: int | None) -> PreTrainedModel:
-    """Build or load the model described by ``cfg`` from ``path`` (see :func:`resolve`)."""
+def load_model(cfg: ModelConfig, path: str, pad_token_id: int | None,
+               empty: bool = False) -> PreTrainedModel:
+    """Build or load the model described by ``cfg`` from ``path`` (see :func:`resolve`);
+    ``empty``: its structure alone, on the meta device (no memory, no weights read)."""
     dtype = DTYPES[cfg.dtype]
     cls = AutoModelForCausalLM if cfg.task == "causal_lm" else AutoModelForSequenceClassification
     extra = {"num_labels": cfg.num_labels} if cfg.task == "sequence_classification" else {}
     remote = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.random_init:
+    if cfg.random_init or empty:
         config = load_config(path, cfg.trust_remote_code, **extra)
-        model = cls.from_config(config, dtype=dtype, **remote)
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            model = cls.from_config(config, dtype=dtype, **remote)
     else:
         log.info(f"Loading {cfg.name_or_path} ({cfg.dtype})")
         with _loading(path):

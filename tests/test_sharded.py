@@ -118,3 +118,24 @@ def test_sharded_bf16_mixed_with_checkpointing_and_offload_follows_one_process(t
     assert losses == pytest.approx([r["train/loss"] for r in _rows(single) if "train/loss" in r],
                                    abs=2e-3)
     _assert_weights_close(run, single, rtol=0, atol=2e-2)
+
+
+def test_real_weights_read_by_rank_0_shard_like_data_parallel(tmp_path):
+    """MiniLM from its saved weights (rank 0 reads them, rank 1 builds an empty model and
+    receives its shards), BERT embeddings with their LayerNorm in the root unit, and a
+    classifier head initialised at load. Dropout differs from one process, so the
+    reference is plain data parallelism with the same per-rank seeds."""
+    common = ["recipe=minilm_family", "trainer.max_steps=4", "optimizer=sgd",
+              "optimizer.lr=0.5", "trainer.lr_scheduler=constant", "data.max_samples=64",
+              "data.max_eval_samples=16", "trainer.eval_every=null", "trainer.batch_size=4",
+              "eval.show_samples=0"]
+    runs = []
+    for name, extra in (("sharded", ["trainer.shard_weights=true"]), ("dp", [])):
+        (tmp_path / name).mkdir()
+        done = torchrun(tmp_path / name, *common, *extra)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (run,) = (tmp_path / name / "outputs" / "train").iterdir()
+        runs.append(run)
+    _assert_weights_close(*runs, rtol=1e-5, atol=1e-6)
+    sharded, dp = ([r["train/loss"] for r in _rows(run) if "train/loss" in r] for run in runs)
+    assert sharded == pytest.approx(dp, rel=1e-5)
