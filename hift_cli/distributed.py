@@ -212,8 +212,9 @@ def shard_model(model: torch.nn.Module, blocks, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    # Rank 0's weights before sharding (CPU tensors, kept alive by this dict).
-    full = dict(model.named_parameters()) if dist.get_rank() == 0 else {}
+    # Rank 0's weights before sharding: detached aliases of the loaded (CPU) storage,
+    # which moving the parameters to the device does not touch.
+    full = {n: p.detach() for n, p in model.named_parameters()} if dist.get_rank() == 0 else {}
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in blocks:
         fully_shard(block, mesh=mesh)
@@ -238,9 +239,10 @@ def shard_model(model: torch.nn.Module, blocks, device: torch.device) -> None:
 
 
 def reshard(model: torch.nn.Module) -> None:
-    """Free every gathered unit. FSDP2 copies ``requires_grad`` onto a unit's gathered
-    parameters only when it gathers them, and the root stays gathered after a forward
-    pass without backward (evaluation): reshard before the active group changes."""
+    """Free every gathered unit, so that the model's parameters are the shards again.
+    The root stays gathered after a forward pass without backward (evaluation), and FSDP2
+    copies ``requires_grad`` onto a unit's gathered parameters only when it gathers them:
+    reshard before reading the parameters and before the active group changes."""
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():
