@@ -199,8 +199,8 @@ class HiftTrainer:
         if self.sharded:
             self._shard()
         self.masters = Masters(self.model, mixed)
-        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         if mixed:
+            names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
             self.model.to(torch.bfloat16)  # new bf16 storage; masters keep the fp32 one
             self.masters.rekey(names, self.model)
         self.model.to(self.device)
@@ -253,7 +253,7 @@ class HiftTrainer:
         hcfg = self.cfg.hift
         self.units = find_units(self.model)  # sharded: a forward pass on every rank
         if self.sharded:
-            self._reshard()
+            distributed.reshard(self.model)
             params = dict(self.model.named_parameters(remove_duplicate=False))
             for unit in self.units:  # the root's units were found gathered
                 unit.params = {n: params[n] for n in unit.params}
@@ -582,11 +582,6 @@ class HiftTrainer:
                      f" {full / 2**20:.2f} MiB)")
         return summary
 
-    def _reshard(self) -> None:
-        """Sharded: free every gathered unit, so that the model's parameters are the
-        shards again (the root stays gathered after a forward pass without backward)."""
-        distributed.reshard(self.model)
-
     @property
     def _sync_key(self) -> str:
         """The metrics key of the gradient bytes that crossed the wire in a step."""
@@ -599,7 +594,7 @@ class HiftTrainer:
         for p in group.params.values():
             p.requires_grad_(True)
         if self.sharded:  # gathered units keep the requires_grad they were gathered with
-            self._reshard()
+            distributed.reshard(self.model)
         if self.grad_sync is not None:
             self.grad_sync.attach(list(group.params.values()) + self.always_params)
         self.active = group
@@ -708,7 +703,7 @@ class HiftTrainer:
             raise CheckpointError(f"{source} was saved {how}: resume with the same"
                                   " trainer.shard_weights and number of processes")
         if "model" in state and self.sharded:
-            self._reshard()  # write into the shards, not into a gathered root
+            distributed.reshard(self.model)  # write into the shards, not into a gathered root
             self._load_local_weights(state["model"], source)
         elif "model" in state:
             missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
@@ -774,7 +769,7 @@ class HiftTrainer:
         and masters (``shards/``), and rank 0 the gathered model. A failure on any rank
         stops every rank with its message."""
         if self.sharded:
-            self._reshard()  # the parts below are the shards, not a gathered root
+            distributed.reshard(self.model)  # the parts below are the shards, not a gathered root
         state = self.state_dict()
         # Sharded: gathered on rank 0 (collective), and every rank checks its part.
         weights = distributed.full_state_dict(self.model) if self.sharded else None
