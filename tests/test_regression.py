@@ -27,6 +27,14 @@ RECORDED = {  # per case: the training loss at steps 1..6, the final eval loss
     "fpft": ([5.961488, 5.728621, 5.508612, 5.617643, 5.443496, 5.296584],
         4.803181),
 }
+# fp32 cases agree to ~1e-7 on every CPU tried. bf16 matmuls do not: oneDNN picks its kernel by
+# the CPU's instruction set (AMX, AVX512-BF16, AVX2, SSE4.1), each rounding its bf16 outputs
+# after a different accumulation order. Measured on one machine by capping the ISA
+# (DNNL_MAX_CPU_ISA, ATEN_CPU_CAPABILITY): losses spread by up to 5.4e-4 relative (eval loss
+# 4.8346-4.8372). The bf16 case is pinned to 4x that, still 1/4 of one bf16 rounding step
+# (2^-8) and far below what a behaviour change moves (the same case without the always-active
+# head differs by >1e-2 from step 3 on).
+TOLERANCE = {"always-head-bf16-mixed": 2e-3}
 
 
 def train(tiny_cfg, tmp_path, overrides):
@@ -43,5 +51,6 @@ def train(tiny_cfg, tmp_path, overrides):
 def test_losses_match_the_recorded_run(tiny_cfg, tmp_path, case):
     losses, eval_loss = train(tiny_cfg, tmp_path, CASES[case])
     want_losses, want_eval = RECORDED[case]
-    assert losses == pytest.approx(want_losses, rel=1e-5, abs=1e-6)
-    assert eval_loss == pytest.approx(want_eval, rel=1e-5, abs=1e-6)
+    rel = TOLERANCE.get(case, 1e-5)
+    assert losses == pytest.approx(want_losses, rel=rel, abs=1e-6)
+    assert eval_loss == pytest.approx(want_eval, rel=rel, abs=1e-6)
