@@ -64,11 +64,11 @@ def _output_dir() -> str:
     return HydraConfig.get().runtime.output_dir
 
 
-def _validated(cfg: DictConfig) -> Config:
+def _validated(cfg: DictConfig, estimate_only: bool = False) -> Config:
     """The typed config; keys given on the command line win over the recipe's."""
     from hydra.core.hydra_config import HydraConfig
 
-    return to_config(cfg, HydraConfig.get().overrides.task)
+    return to_config(cfg, HydraConfig.get().overrides.task, estimate_only)
 
 
 def _remove_if_empty(run_dir: str) -> None:
@@ -131,7 +131,8 @@ def eval_app(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 @_user_errors
 def memprofile_app(cfg: DictConfig) -> None:
-    config = _validated(cfg)
+    # An estimate plans a GPU run from any machine: CUDA-only optimizers need no GPU.
+    config = _validated(cfg, estimate_only=not cfg.memprofile.measure)
     from hift_cli.memprofile import run_memprofile
 
     run_memprofile(config, _output_dir())
@@ -188,6 +189,10 @@ def _main(argv: list[str]) -> int:
         return 2
     # Let exceptions reach us instead of Hydra's multi-line report with a stack.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if command == "train":
+        # Growable segments instead of fixed blocks: little fragmentation on a GPU, which
+        # hift.memory_reserve's default counts on (before CUDA starts; yours wins if set).
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     overrides = [f"hydra.job.name={command}"]
     data_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun
     if data_parallel:

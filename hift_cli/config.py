@@ -37,7 +37,7 @@ LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
 LOGGER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
-# Architecture presets (LLaMA-1/2 and SmolLM2 shapes) for memory estimates without the Hub.
+# Architecture presets for memory estimates without the Hub.
 SHAPES = {
     "llama-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096,
                      intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -48,11 +48,33 @@ SHAPES = {
     "llama-70b": dict(model_type="llama", vocab_size=32000, hidden_size=8192,
                       intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, max_position_embeddings=4096),  # LLaMA-2-70B
+    # The 7-8B models people fine-tune now (their config.json's shapes): large vocabularies.
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, max_position_embeddings=32768,
+                       tie_word_embeddings=False, rope_theta=1000000.0),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=32768,
+                       rope_theta=1000000.0, sliding_window=None),  # v0.3
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576,
                          intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, tie_word_embeddings=True,
                          max_position_embeddings=8192),
 }
+
+
+# hift.memory_reserve's default: what a CUDA process holds besides its tensors. The CUDA
+# context and cuBLAS/cuDNN workspaces take about 0.3-0.7 GiB (lazy module loading keeps it
+# at the low end), and the caching allocator's free blocks a few percent of what it holds
+# (hift train sets expandable_segments, which keeps that low). To be replaced by what
+# `make gpu-check` measures (docs/memory.md).
+RESERVE_MIN_GIB = 1.0
+RESERVE_FRACTION = 0.04
 
 
 class ConfigError(ValueError):
@@ -116,8 +138,20 @@ class ModelConfig:
     """True: recompute activations in backward; less memory, ~30% slower."""
     trust_remote_code: bool = False
     """Run model code shipped with a Hub repo. Off unless a recipe or override sets it."""
+    loss_chunk_tokens: Optional[Any] = "auto"
+    """causal_lm: compute the loss (and the head's gradient) a chunk of this many tokens at
+    a time, never keeping a [tokens, vocab] logits tensor for backward. ``auto``: chunks of
+    about 256 MiB of fp32 logits; a number; null: the model's own loss. Models that change
+    their logits before the loss (soft-capping) keep their own."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.loss_chunk_tokens, str) and self.loss_chunk_tokens.strip().isdigit():
+            self.loss_chunk_tokens = int(self.loss_chunk_tokens)
+        if self.loss_chunk_tokens not in (None, "auto") and (
+                isinstance(self.loss_chunk_tokens, bool)
+                or not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 1):
+            raise ConfigError("model.loss_chunk_tokens must be auto, a number of tokens >= 1 or"
+                              f" null (got {self.loss_chunk_tokens!r})")
         if self.dtype is not None:
             _one_of("model.dtype", self.dtype, DTYPES)
         _one_of("model.task", self.task, TASKS)
@@ -209,8 +243,13 @@ class HiftConfig:
     group as small as possible in parameters) | contiguous (unit counts differ by at most
     one). null: balanced with k=auto, else contiguous. hift.m is always m units a group."""
     memory_budget: Optional[float] = None
-    """GiB of device memory: with k=auto, pick the fewest groups that fit; with a fixed k or
-    m, `hift memprofile` says whether it fits. null: off."""
+    """GiB of device memory, the card's (24 for a 24 GB card): with k=auto, pick the fewest
+    groups whose estimated peak fits it less hift.memory_reserve; with a fixed k or m,
+    `hift memprofile` says whether it fits. null: off."""
+    memory_reserve: Optional[float] = None
+    """GiB of hift.memory_budget left for what the estimate does not count: the CUDA
+    context, library workspaces and the caching allocator's fragmentation. null: 1 GiB or
+    4% of the budget, whichever is larger; 0 with trainer.device=cpu (docs/memory.md)."""
     always_active: List[str] = field(default_factory=list)
     """Units trained at every step besides the active group (``embeddings``, ``head``,
     ``block.N``), e.g. ``[head]`` for a freshly initialised classification head or
@@ -219,9 +258,21 @@ class HiftConfig:
     offload: Optional[bool] = None
     """Keep inactive groups' optimizer state (and fp32 masters) in pinned host memory,
     prefetching the next group's on a side CUDA stream. null: on with CUDA, off on CPU."""
+    max_unit_params: Optional[Any] = "block"
+    """Cut units larger than this many parameters into sub-units of vocabulary (matrix)
+    rows: ``embeddings.0``, ``embeddings.1``, ... (a 128k vocabulary makes Llama-3-8B's
+    embeddings and head 2.4 blocks each). ``block``: the largest transformer block; a
+    number; null: never cut. Always-active units, fpft and sharded weights are not cut."""
 
     def __post_init__(self) -> None:
         _one_of("hift.strategy", self.strategy, STRATEGIES)
+        if isinstance(self.max_unit_params, str) and self.max_unit_params.strip().isdigit():
+            self.max_unit_params = int(self.max_unit_params)
+        if self.max_unit_params is not None and self.max_unit_params != "block" and (
+                isinstance(self.max_unit_params, bool)
+                or not isinstance(self.max_unit_params, int) or self.max_unit_params < 1):
+            raise ConfigError("hift.max_unit_params must be block, a number of parameters >= 1"
+                              f" or null (got {self.max_unit_params!r})")
         if self.strategy == "fpft":
             return  # one group holding every unit; k and m are ignored
         if (self.k is None) == (self.m is None):
@@ -244,9 +295,11 @@ class HiftConfig:
             raise ConfigError("hift.grouping=balanced cuts k groups by size: use hift.k (a"
                               " number or auto), not hift.m (always m units a group)")
         _positive("hift.memory_budget", self.memory_budget)
+        _positive("hift.memory_reserve", self.memory_reserve, allow_zero=True)
         if self.k == "auto" and self.memory_budget is None:
             raise ConfigError("hift.k=auto needs hift.memory_budget (GiB of device memory to"
                               " fit, e.g. hift.memory_budget=24)")
+
 
 
 @dataclass
@@ -355,7 +408,8 @@ class MemprofileConfig:
     format: str = "table"
     """table | json."""
     shape: Optional[str] = None
-    """Architecture preset (llama-7b, llama-13b, llama-70b, smollm2-135m) instead of
+    """Architecture preset (llama-7b, llama-13b, llama-70b, llama-3-8b, qwen2.5-7b, mistral-7b,
+    smollm2-135m) instead of
     model.name_or_path's config: estimates offline, without the Hub."""
     seq_len: Optional[int] = None
     """Tokens per sample for the activation estimate (null: data.max_length)."""
@@ -409,10 +463,29 @@ class Config:
                 f"data.format={self.data.format} needs model.task="
                 f"{'sequence_classification' if classify else 'causal_lm'}"
                 f" (got {self.model.task})")
+        if self.hift.memory_budget is not None and \
+                self.memory_reserve_gib() >= self.hift.memory_budget:
+            raise ConfigError(f"hift.memory_reserve={self.memory_reserve_gib():g} GiB leaves"
+                              f" nothing of hift.memory_budget={self.hift.memory_budget:g} GiB")
         _positive("optimizer.lr", self.optimizer.get("lr"))
         _positive("optimizer.weight_decay", self.optimizer.get("weight_decay"), allow_zero=True)
         if self.checkpoint:
             checkpoint_dir(self.checkpoint)
+
+
+    def memory_reserve_gib(self) -> float:
+        """GiB of hift.memory_budget kept back: hift.memory_reserve, or its default (for a
+        GPU; a CPU run has no CUDA context to keep room for)."""
+        hcfg = self.hift
+        if hcfg.memory_reserve is not None:
+            return hcfg.memory_reserve
+        if self.trainer.device == "cpu":
+            return 0.0
+        return max(RESERVE_MIN_GIB, RESERVE_FRACTION * (hcfg.memory_budget or 0))
+
+    def usable_bytes(self) -> float:
+        """Bytes of hift.memory_budget the estimated peak may take."""
+        return (self.hift.memory_budget - self.memory_reserve_gib()) * 2**30
 
 
 def check_installed(loggers) -> None:
@@ -426,7 +499,7 @@ def check_installed(loggers) -> None:
                               f" pip install 'hift-cli[{name}]'")
 
 
-def _check_components(cfg: Config) -> None:
+def _check_components(cfg: Config, estimate_only: bool = False) -> None:
     """Checks that import torch, so they run at validation, not at import."""
     from hydra.utils import get_class
 
@@ -439,6 +512,8 @@ def _check_components(cfg: Config) -> None:
 
         import torch
 
+        if estimate_only:  # its state layout is known: nothing to import, no GPU needed
+            return
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError(f"optimizer {target} needs bitsandbytes:"
                               " pip install 'hift-cli[8bit]'")
@@ -473,16 +548,21 @@ def command_line_wins(cfg: DictConfig, overrides) -> None:
     for a, b in EXCLUSIVE:
         if (a in given) != (b in given):
             OmegaConf.update(cfg, b if a in given else a, None)
+    # A model named on the command line is the one to estimate, not the recipe's preset.
+    if {"model", "model.name_or_path"} & given and "memprofile.shape" not in given:
+        OmegaConf.update(cfg, "memprofile.shape", None)
     # A recipe's balanced grouping (k groups by size) has no meaning for the user's hift.m.
     if "hift.m" in given and not {"hift.k", "hift.grouping"} & given \
             and OmegaConf.select(cfg, "hift.grouping") == "balanced":
         OmegaConf.update(cfg, "hift.grouping", None)
 
 
-def to_config(cfg: DictConfig, overrides=()) -> Config:
+def to_config(cfg: DictConfig, overrides=(), estimate_only: bool = False) -> Config:
     """Validate a composed config and return it as typed objects.
 
     ``overrides``: the command line's ``key=value`` strings (see :func:`command_line_wins`).
+    ``estimate_only``: the config plans memory and trains nothing (``hift memprofile``
+    without ``measure``): a CUDA-only optimizer needs no GPU here.
 
     Raises:
         ConfigError: with a one-line message naming the bad key.
@@ -500,7 +580,7 @@ def to_config(cfg: DictConfig, overrides=()) -> Config:
     except Exception as e:  # omegaconf validation errors carry the key in their message
         raise ConfigError(str(e).splitlines()[0]) from None
     assert isinstance(obj, Config)
-    _check_components(obj)
+    _check_components(obj, estimate_only)
     return obj
 
 

@@ -54,7 +54,9 @@ from hift_cli.checkpoint import (
 )
 from hift_cli.config import Config, ConfigError
 from hift_cli.evaluate import build_evaluator
-from hift_cli.grouping import Group, GroupSchedule, block_stack, find_units, split_always_active
+from hift_cli.grouping import (Group, GroupSchedule, block_stack, find_units, plan_units,
+                               row_gradients)
+from hift_cli.loss import ChunkedLoss, chunk_tokens, chunkable
 from hift_cli.memory import build_groups, estimate
 from hift_cli.models import (
     autocast,
@@ -71,11 +73,14 @@ log = logging.getLogger(__name__)
 
 
 class Masters:
-    """bf16-mixed's fp32 master weights, the one place that knows about them: the
-    optimizer updates these while the model computes in bf16. In other precisions there
-    are none and every method passes the model's own parameters through."""
+    """What the optimizer updates for each :class:`~hift_cli.grouping.Piece` of a model
+    parameter, the one place that knows: bf16-mixed's fp32 master weights (the model
+    computes in bf16), else the parameter itself; for a sub-unit's rows, a view of those
+    rows of either. :meth:`take_grads` brings the gradients in, :meth:`write_back` the
+    updated weights out. ``bool(masters)``: bf16-mixed."""
 
     def __init__(self, model: torch.nn.Module, enabled: bool):
+        self.enabled = enabled
         # Made before the model goes to bf16: the masters keep the fp32 storage (sharded
         # weights: a copy of this rank's fp32 part, sharded like its parameter).
         self.by_id: dict[int, torch.nn.Parameter] = (
@@ -83,31 +88,70 @@ class Masters:
                 distributed.wrap_like(distributed.local(p).detach().clone(), p)
                 if distributed.is_sharded(p) else p.data, requires_grad=False)
              for p in model.parameters()} if enabled else {})
+        self.rows: dict[tuple[int, int, int], torch.nn.Parameter] = {}  # sub-units' views
 
     def __bool__(self) -> bool:
-        return bool(self.by_id)
+        return self.enabled
 
-    def of(self, params) -> list[torch.Tensor]:
-        """What the optimizer updates for ``params``: their masters, or themselves."""
-        return [self.by_id.get(id(p), p) for p in params]
+    def of(self, pieces) -> list[torch.Tensor]:
+        """What the optimizer updates for ``pieces`` (the same objects at every call)."""
+        out = []
+        for piece in pieces:
+            full = self.by_id.get(id(piece.param), piece.param)
+            if piece.whole:
+                out.append(full)
+                continue
+            key = (id(piece.param), piece.start, piece.stop)
+            if key not in self.rows:  # shares the full tensor's storage
+                self.rows[key] = torch.nn.Parameter(piece.of(full.data), requires_grad=False)
+            out.append(self.rows[key])
+        return out
 
-    def take_grads(self, trained: list, updated: list) -> None:
-        """bf16 gradients -> fp32 gradients on the masters (freeing the bf16 ones)."""
+    def settle(self, whole: set[int]) -> None:
+        """After every piece has its tensor: drop the full fp32 master of a parameter that
+        trains only in parts (``whole``: ids of those trained whole), so that moving its
+        pieces' storage (offload) frees it."""
+        for pid in [pid for pid in self.by_id if pid not in whole]:
+            if any(key[0] == pid for key in self.rows):
+                del self.by_id[pid]
+
+    def take_grads(self, pieces, updated: list) -> None:
+        """The model's gradients -> what the optimizer updates: fp32 gradients on the
+        masters (bf16-mixed, freeing the bf16 ones), a sub-unit's rows (a dense view, or
+        the rows of a sparse gradient made dense)."""
+        for piece, target in zip(pieces, updated):
+            p = piece.param
+            if target is p:  # updated in place with its own gradient
+                continue
+            grad = p.grad
+            if grad is not None:
+                target.grad = _rows_of(grad, piece, target.dtype)
+            p.grad = None
+
+    def write_back(self, pieces, updated: list) -> None:
+        """Updated fp32 masters -> the bf16 weights the model computes with (other
+        precisions update the weights, or views of their rows, in place)."""
         if self:
-            for p, master in zip(trained, updated):
-                master.grad, p.grad = (p.grad.float() if p.grad is not None else None, None)
-
-    def write_back(self, trained: list, updated: list) -> None:
-        """Updated fp32 masters -> the bf16 weights the model computes with."""
-        if self:
-            for p, master in zip(trained, updated):
-                p.data.copy_(master.data)
+            for piece, master in zip(pieces, updated):
+                piece.of(piece.param.data).copy_(master.data)
 
     def rekey(self, names: dict[int, str], model: torch.nn.Module) -> None:
         """The model's parameters were replaced (sharded ones converted to bf16 are new
         objects): find each master's parameter again by name (``names``: old id -> name)."""
         params = dict(model.named_parameters(remove_duplicate=False))
         self.by_id = {id(params[names[i]]): m for i, m in self.by_id.items()}
+
+
+def _rows_of(grad: torch.Tensor, piece, dtype: torch.dtype) -> torch.Tensor:
+    """``piece``'s rows of a parameter's gradient, dense, in ``dtype``: a view where they
+    already are (dense, same dtype)."""
+    if not grad.is_sparse:
+        return piece.of(grad).to(dtype)
+    grad = grad.coalesce()  # an embedding's (a row per token) or a chunked head's rows
+    index, values = grad.indices()[0], grad.values()
+    keep = (index >= piece.start) & (index < piece.stop)
+    out = torch.zeros(piece.shape, dtype=dtype, device=values.device)
+    return out.index_add_(0, index[keep] - piece.start, values[keep].to(dtype))
 
 
 @dataclasses.dataclass
@@ -207,6 +251,21 @@ class HiftTrainer:
         self.model.train()
         n = sum(p.numel() for p in self.model.parameters())
         log.info(f"Model: {type(self.model).__name__}, {n / 1e6:.1f}M parameters on {self.device}")
+        self.loss = self._chunked_loss()
+        self.evaluator.loss_context = self.chunked
+
+    def _chunked_loss(self) -> ChunkedLoss | None:
+        """model.loss_chunk_tokens: the causal-LM loss a chunk of tokens at a time, for the
+        models whose loss allows it."""
+        chunk = chunk_tokens(self.cfg.model.loss_chunk_tokens, self.model.config.vocab_size) \
+            if self.cfg.model.task == "causal_lm" else None
+        if chunk is None:
+            return None
+        if not chunkable(self.model):
+            log.info("model.loss_chunk_tokens: this model changes its logits before the loss;"
+                     " it keeps its own loss")
+            return None
+        return ChunkedLoss(self.model, chunk)
 
     def _setup_data(self) -> None:
         cfg = self.cfg.data
@@ -251,16 +310,21 @@ class HiftTrainer:
 
     def _setup_groups(self) -> None:
         hcfg = self.cfg.hift
-        self.units = find_units(self.model)  # sharded: a forward pass on every rank
+        units = find_units(self.model)  # sharded: a forward pass on every rank
         if self.sharded:
             distributed.reshard(self.model)
             params = dict(self.model.named_parameters(remove_duplicate=False))
-            for unit in self.units:  # the root's units were found gathered
+            for unit in units:  # the root's units were found gathered
                 unit.params = {n: params[n] for n in unit.params}
         # hift.always_active: trained at every step besides the active group, in no group.
         # fpft already trains every unit at every step: the setting is ignored there.
-        self.always, rest = (split_always_active(self.units, hcfg.always_active)
-                             if hcfg.strategy != "fpft" else ([], self.units))
+        # Units over hift.max_unit_params: cut into sub-units of matrix rows.
+        self.always, rest = plan_units(units, hcfg, self.sharded)
+        self.units = [*self.always, *rest]
+        # Sub-units' parameters whose gradient the model can give for their rows only
+        # (embeddings: sparse; the chunked loss's head). Data parallel all-reduces dense ones.
+        self.row_grads = ({} if self.dist.enabled else row_gradients(
+            self.model, self.loss.head if self.loss is not None else None))
         # hift.k=auto: the fewest balanced groups that fit hift.memory_budget (memory.py).
         self.groups: list[Group] = build_groups(self.estimate_config(), rest,
                                                 self.device.type)
@@ -268,6 +332,7 @@ class HiftTrainer:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.always_params = [p for u in self.always for p in u.params.values()]
+        self.always_pieces = [piece for u in self.always for piece in u.pieces]
         self.always_numel = sum(u.numel for u in self.always)  # trained at every step
         for p in self.always_params:
             p.requires_grad_(True)  # for the whole run
@@ -346,10 +411,12 @@ class HiftTrainer:
         ocfg = dict(self.cfg.optimizer)
         # What the optimizer updates, per group: fp32 masters in bf16-mixed, else the
         # model's own parameters.
-        self.opt_params = [self.masters.of(g.params.values()) for g in self.groups]
+        self.opt_params = [self.masters.of(g.pieces) for g in self.groups]
         # Always-active units: updated every step; their state and masters stay on the
         # device (the store moves only the groups').
-        self.always_opt = self.masters.of(self.always_params)
+        self.always_opt = self.masters.of(self.always_pieces)
+        self.masters.settle({id(piece.param) for g in self.groups for piece in g.pieces
+                             if piece.whole} | {id(p) for p in self.always_params})
         decay, no_decay = [], []
         for params in [*self.opt_params, self.always_opt]:
             for p in params:
@@ -369,7 +436,8 @@ class HiftTrainer:
         enabled, why = offload_enabled(self.cfg, self.device.type, len(self.groups))
         # fp32 masters start in host memory (the store moves them) or on the device.
         self.store = GroupStateStore(self.optimizer, self.opt_params, self.device, enabled,
-                                     masters=bool(self.masters), factory=self.optimizer_factory)
+                                     masters=bool(self.masters), factory=self.optimizer_factory,
+                                     pairs=self.schedule.pairs())
         if self.masters and not self.sharded:  # sharded ones are made on the device
             on_device = self.always_opt + ([] if enabled else
                                            [m for params in self.opt_params for m in params])
@@ -467,7 +535,7 @@ class HiftTrainer:
         loss, tokens, synced = self._forward_backward(window)
 
         # The group's parameters and the always-active ones, and what updates them.
-        trained = [*group.params.values(), *self.always_params]
+        trained = [*group.pieces, *self.always_pieces]
         params = self.opt_params[group.index] + self.always_opt
         self.store.wait(group.index)  # its state and masters must have arrived
         self.masters.take_grads(trained, params)
@@ -514,7 +582,7 @@ class HiftTrainer:
                 self.grad_sync.arm(i == len(window) - 1)
             if self.sharded:  # reduce-scatter on the last one only
                 self.model.set_requires_gradient_sync(i == len(window) - 1)
-            with autocast(self.cfg.trainer.precision, self.device):
+            with autocast(self.cfg.trainer.precision, self.device), self.chunked():
                 loss = self.model(**batch).loss * (items / total_items)
             loss.backward()
             loss_sum += loss.detach()
@@ -587,12 +655,24 @@ class HiftTrainer:
         """The metrics key of the gradient bytes that crossed the wire in a step."""
         return "dist/reduce_scatter_bytes" if self.sharded else "dist/allreduce_bytes"
 
+    def chunked(self) -> contextlib.AbstractContextManager:
+        """Where ``model(**batch).loss`` is computed chunk by chunk (model.loss_chunk_tokens)."""
+        return self.loss.active() if self.loss is not None else contextlib.nullcontext()
+
     def _activate(self, group: Group) -> None:
         if self.active is not None:
             for p in self.active.params.values():
                 p.requires_grad_(False)
         for p in group.params.values():
             p.requires_grad_(True)
+        # A sub-unit's parameter: only its rows' gradient where the model allows it.
+        partial = {id(pc.param): pc for pc in group.pieces if not pc.whole}
+        for pid, embeddings in self.row_grads.items():
+            for module in embeddings:
+                module.sparse = pid in partial
+        if self.loss is not None:
+            self.loss.rows = {pid: [(pc.start, pc.stop)] for pid, pc in partial.items()
+                              if pid in self.row_grads}
         if self.sharded:  # gathered units keep the requires_grad they were gathered with
             distributed.reshard(self.model)
         if self.grad_sync is not None:
@@ -684,6 +764,7 @@ class HiftTrainer:
                             for m in self._all_masters()],
                 "sharded_over": self.dist.world if self.sharded else 1,
                 "always_active": [u.name for u in self.always],
+                "pieces": self._pieces(),
                 "rng": rng_state(),
                 "rng_ranks": rngs,
             }
@@ -717,6 +798,13 @@ class HiftTrainer:
         if saved_always != [u.name for u in self.always]:
             raise CheckpointError(f"{source} was saved with hift.always_active="
                                   f"[{','.join(saved_always)}]: resume with the same setting")
+        # Sub-units: the optimizer's tensors are rows of parameters, as hift.k / hift.m and
+        # hift.max_unit_params cut them (older checkpoints: every parameter whole).
+        same = (state["pieces"] == self._pieces() if "pieces" in state
+                else all(pc.whole for pcs in self._all_pieces() for pc in pcs))
+        if not same:
+            raise CheckpointError(f"{source} was saved with other sub-units: resume with the"
+                                  " same hift.k / hift.m, hift.max_unit_params and model")
         self.store.reset()  # offloaded masters: written in place into their host buffers
         for m, saved in zip(self._all_masters(), state["masters"]):
             (distributed.local(m) if self.sharded else m.data).copy_(saved)
@@ -744,6 +832,15 @@ class HiftTrainer:
         with torch.no_grad():
             for name, p in params.items():
                 distributed.local(p).copy_(weights[name])
+
+    def _all_pieces(self) -> list[list]:
+        """Every group's pieces, then the always-active units': the optimizer's order."""
+        return [*(g.pieces for g in self.groups), self.always_pieces]
+
+    def _pieces(self) -> list[list]:
+        """``[parameter name, first row, end row]`` of every tensor the optimizer updates,
+        in its order (checkpoints record it)."""
+        return [[pc.name, pc.start, pc.stop] for pcs in self._all_pieces() for pc in pcs]
 
     def _all_masters(self) -> list[torch.Tensor]:
         """Every fp32 master (bf16-mixed): the groups', then the always-active units'."""

@@ -3,6 +3,8 @@ exact match of the answer (math, by greedy generation), and a few shown samples.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import io
 import json
@@ -132,6 +134,8 @@ class Evaluator:
         self.labels = labels
         self.device = device
         self.precision = precision
+        # Where the causal-LM loss is computed (the trainer's chunked loss, if it has one).
+        self.loss_context = contextlib.nullcontext
 
     def _autocast(self):
         return autocast(self.precision, self.device)
@@ -158,7 +162,7 @@ class Evaluator:
         total, tokens = torch.zeros((), device=self.device, dtype=torch.float64), 0
         for batch in eval_batches(self.ds, batch_size, self.tok.pad_token_id):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self._autocast():
+            with self._autocast(), self.loss_context():
                 loss = model(**batch).loss
             # The model shifts labels by one for causal LMs: count the tokens it scored.
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -5,6 +5,12 @@ found from the model's structure, never its name: the blocks are the largest sta
 same-class modules in an ``nn.ModuleList``; every other parameter-owning module goes to
 the embeddings unit if it runs before the first block in a forward pass, else to the head
 unit. A tied weight (embeddings = LM head) belongs to the unit that uses it first.
+
+A unit larger than ``hift.max_unit_params`` (by default the largest block: a 128k-token
+vocabulary makes Llama-3-8B's embeddings 2.4 blocks) is cut into *sub-units* along the
+first dimension of its matrices (:func:`split_units`): ``embeddings.0`` holds vocabulary
+rows 0..n, ``embeddings.1`` the next ones, and so on. The model itself is untouched; what a
+group trains of each parameter is a :class:`Piece` (all of it, or a range of its rows).
 """
 
 from __future__ import annotations
@@ -20,14 +26,67 @@ from torch import nn
 from hift_cli.config import ConfigError
 
 
-@dataclass
-class Unit:
-    name: str  # "embeddings", "block.3", "head"
-    params: dict[str, nn.Parameter] = field(default_factory=dict)
+@dataclass(frozen=True)
+class Piece:
+    """What a unit or group trains of one parameter: rows ``[start, stop)`` of its first
+    dimension, or all of it (``whole``)."""
+
+    name: str
+    param: nn.Parameter
+    start: int
+    stop: int
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == (self.param.shape[0] if self.param.dim() else 1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape) if self.whole else (self.stop - self.start,
+                                                           *self.param.shape[1:])
 
     @property
     def numel(self) -> int:
-        return sum(p.numel() for p in self.params.values())
+        return math.prod(self.shape)
+
+    def of(self, t: torch.Tensor) -> torch.Tensor:
+        """This piece's rows of ``t`` (a tensor shaped like the parameter): a view."""
+        return t if self.whole else t[self.start:self.stop]
+
+
+def whole(name: str, p: nn.Parameter) -> Piece:
+    return Piece(name, p, 0, p.shape[0] if p.dim() else 1)
+
+
+def merge_pieces(pieces) -> list[Piece]:
+    """Adjacent row ranges of the same parameter as one piece (the optimizer then sees one
+    tensor: all of a split unit's sub-units in one group train exactly as the unit)."""
+    out: list[Piece] = []
+    for piece in pieces:
+        last = out[-1] if out else None
+        if last is not None and last.param is piece.param and last.stop == piece.start:
+            out[-1] = Piece(last.name, last.param, last.start, piece.stop)
+        else:
+            out.append(piece)
+    return out
+
+
+@dataclass
+class Unit:
+    name: str  # "embeddings", "block.3", "head"; a sub-unit: "embeddings.1"
+    params: dict[str, nn.Parameter] = field(default_factory=dict)
+    # Sub-units: the parameters of which it holds only rows [start, stop).
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+    parent: str | None = None  # a sub-unit's unit
+
+    @property
+    def pieces(self) -> list[Piece]:
+        return [Piece(n, p, *self.rows[n]) if n in self.rows else whole(n, p)
+                for n, p in self.params.items()]
+
+    @property
+    def numel(self) -> int:
+        return sum(piece.numel for piece in self.pieces)
 
 
 @dataclass
@@ -37,8 +96,13 @@ class Group:
 
     @functools.cached_property
     def params(self) -> dict[str, nn.Parameter]:
-        # Read several times per training step; units do not change after grouping.
+        """The model parameters it trains (all or part of each); read at every step."""
         return {n: p for u in self.units for n, p in u.params.items()}
+
+    @functools.cached_property
+    def pieces(self) -> list[Piece]:
+        """What the optimizer updates for this group: sub-units' adjacent rows merged."""
+        return merge_pieces(piece for u in self.units for piece in u.pieces)
 
     @functools.cached_property
     def numel(self) -> int:  # read at every training step
@@ -163,6 +227,86 @@ def find_units(model: nn.Module, reference: nn.Module | None = None) -> list[Uni
     return [u for u in units if u.params]
 
 
+def split_units(units: list[Unit], max_params: int | None) -> list[Unit]:
+    """Units over ``max_params`` parameters cut into the fewest sub-units of at most about
+    that many (a matrix row over at most), in order.
+
+    A unit's parameters are laid end to end, matrices (2+ dims) by rows and vectors whole,
+    and the sequence is cut into n = ceil(numel / max_params) near-equal parts at row
+    boundaries; a matrix cut in the middle gives each side a row range. Vectors (a final
+    norm) stay whole in the part they fall in.
+    """
+    if not max_params:
+        return list(units)
+    out: list[Unit] = []
+    for unit in units:
+        total = unit.numel
+        n = math.ceil(total / max_params)
+        if n <= 1 or unit.rows:
+            out.append(unit)
+            continue
+        subs = [Unit(f"{unit.name}.{i}", parent=unit.name) for i in range(n)]
+        i, done = 0, 0  # current sub-unit, elements placed so far
+
+        def add(name, p, start, stop):
+            sub = subs[i]
+            sub.params[name] = p
+            if (start, stop) != (0, p.shape[0]):
+                sub.rows[name] = (start, stop)
+
+        for name, p in unit.params.items():
+            if p.dim() < 2:
+                add(name, p, 0, p.shape[0] if p.dim() else 1)
+                done += p.numel()
+                continue
+            row, start = p.numel() // p.shape[0], 0
+            while start < p.shape[0]:
+                boundary = total * (i + 1) / n  # where sub-unit i ends
+                take = (p.shape[0] - start if i == n - 1 else
+                        min(p.shape[0] - start, max(0, round((boundary - done) / row))))
+                if take:
+                    add(name, p, start, start + take)
+                    start += take
+                    done += take * row
+                if i < n - 1 and (done >= boundary - row / 2 or not take):
+                    i += 1
+        out.extend(s for s in subs if s.params)
+    return out
+
+
+def row_gradients(model: nn.Module, head: nn.Module | None = None
+                  ) -> dict[int, list[nn.Embedding]]:
+    """Parameters whose gradient can come for some rows only, by ``id``, with the
+    embedding modules that must then give sparse gradients: those used only by
+    ``nn.Embedding`` modules and by ``head`` (the LM head of a chunked loss, which computes
+    its rows' gradient itself). Others get a dense gradient that is then cut into rows."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    return {pid: [m for m in modules if isinstance(m, nn.Embedding)]
+            for pid, modules in owners.items()
+            if all(isinstance(m, nn.Embedding) or m is head for m in modules)}
+
+
+def plan_units(units: list[Unit], hcfg, sharded: bool = False) -> tuple[list[Unit], list[Unit]]:
+    """``(always, rest)`` for a run: ``hift.always_active``'s units, and the others, which
+    the groups are made of, with those over ``hift.max_unit_params`` cut into sub-units
+    (not for fpft, one group anyway, nor sharded weights, already 1/N per GPU)."""
+    always, rest = (split_always_active(units, hcfg.always_active)
+                    if hcfg.strategy != "fpft" and hcfg.always_active else ([], list(units)))
+    if hcfg.strategy == "fpft" or sharded or hcfg.max_unit_params is None:
+        return always, rest
+    limit = largest_block(units) if hcfg.max_unit_params == "block" else hcfg.max_unit_params
+    return always, split_units(rest, limit)
+
+
+def largest_block(units: list[Unit]) -> int:
+    """Parameters of the largest transformer block: ``hift.max_unit_params=block``."""
+    return max((u.numel for u in units if u.name.startswith("block.") and u.parent is None),
+               default=0)
+
+
 def split_always_active(units: list[Unit], names) -> tuple[list[Unit], list[Unit]]:
     """``(always, rest)``: the units named in ``hift.always_active`` (trained at every
     step) and the others, which the k groups are made of; both in forward order."""
@@ -276,6 +420,15 @@ class GroupSchedule:
             random.Random(self.seed * 1_000_003 + cycle).shuffle(perm)
             return perm
         return list(range(k))  # bottom2up, fpft
+
+    def pairs(self) -> set[tuple[int, int]]:
+        """The groups that can train at consecutive steps, as ``(a, b)`` with a != b: what
+        the state store's two device slots can hold at once (random: any two)."""
+        k = self.num_groups
+        if self.strategy == "random":
+            return {(a, b) for a in range(k) for b in range(k) if a != b}
+        order = self.order(0)
+        return {(order[i], order[(i + 1) % k]) for i in range(k) if k > 1}
 
     def group_at(self, step: int) -> int:
         cycle, pos = divmod(step, self.num_groups)

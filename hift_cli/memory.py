@@ -28,8 +28,9 @@ from hydra.utils import get_class
 from torch import nn
 
 from hift_cli.config import SHAPES, Config, ConfigError, optimizer_kind
-from hift_cli.grouping import (ForwardPassError, Group, Unit, block_stack, find_units,
-                               make_groups, split_always_active)
+from hift_cli.grouping import (ForwardPassError, Group, GroupSchedule, Piece, Unit, block_stack,
+                               find_units, make_groups, plan_units, row_gradients)
+from hift_cli.loss import ChunkedLoss, chunk_tokens, chunkable
 from hift_cli.models import DTYPES, load_config, resolve
 from hift_cli.offload import offload_enabled, state_shapes
 
@@ -52,6 +53,7 @@ class Settings:
     batch_size: int
     seq_len: int
     causal: bool  # causal_lm: a label per token; else one per sequence
+    loss_chunk: int | None = None  # tokens per chunk of the chunked loss; None: plain
 
     @classmethod
     def of(cls, cfg: Config) -> "Settings":
@@ -248,14 +250,15 @@ def activation_bytes(model: nn.Module, groups: list[Group], settings: Settings
     result = []
     for group in groups:
         saved = _saved_bytes(model, blocks, group.params.values(), settings.batch_size,
-                             settings.seq_len, settings.causal)
+                             settings.seq_len, settings.causal, settings.loss_chunk)
         result.append(saved.with_checkpointing() if settings.checkpointing else saved.total)
     return result
 
 
 def _saved_bytes(model: nn.Module, blocks: list[nn.Module], active, batch: int, seq_len: int,
-                 causal: bool) -> "SavedBytes":
-    """One training forward pass with only the ``active`` parameters requiring grad."""
+                 causal: bool, loss_chunk: int | None = None) -> "SavedBytes":
+    """One training forward pass with only the ``active`` parameters requiring grad (the
+    causal-LM loss chunked by ``loss_chunk`` tokens, as the engine computes it)."""
     device = next(model.parameters()).device
     # Real (sample) models get real token ids; on meta any ids will do.
     vocab = max(4, getattr(model.config, "vocab_size", None) or 4)
@@ -266,8 +269,10 @@ def _saved_bytes(model: nn.Module, blocks: list[nn.Module], active, batch: int, 
     for p in model.parameters():
         p.requires_grad_(id(p) in active)
     saved = SavedBytes(model, blocks)
+    chunked = (ChunkedLoss(model, loss_chunk).active() if loss_chunk and causal
+               else contextlib.nullcontext())
     try:
-        with saved, counting_kernels(real_attention=not ids.is_meta):
+        with saved, counting_kernels(real_attention=not ids.is_meta), chunked:
             model(input_ids=ids, labels=labels)
     finally:
         for p in model.parameters():
@@ -291,7 +296,7 @@ def _block_states(units: set[str], num_blocks: int):
 
 
 def _sample_stats(sample: nn.Module, units: dict[str, Unit], batch: int, seq_len: int,
-                  causal: bool, needed: set) -> dict:
+                  causal: bool, needed: set, loss_chunk: int | None = None) -> dict:
     """Saved bytes of a sample model, split into what the groups of a deeper model are
     made of: the part outside the blocks per flags (those ``needed``), and a block's part
     per state (the first saving block separately: it also saves tensors shared by all
@@ -307,7 +312,7 @@ def _sample_stats(sample: nn.Module, units: dict[str, Unit], batch: int, seq_len
         if i >= 3 and flags not in needed:
             continue
         active = [p for name in names for p in units[name].params.values()]
-        saved = _saved_bytes(sample, blocks, active, batch, seq_len, causal)
+        saved = _saved_bytes(sample, blocks, active, batch, seq_len, causal, loss_chunk)
         stats[("outside", flags)] = saved.outside
         per_block = saved.per_block()
         first = True
@@ -339,10 +344,11 @@ def sampled_activation_bytes(sample: nn.Module, groups: list[Group], num_blocks:
     # Batch 1 is a special case for some models (Bloom's ALiBi broadcasts it).
     batches = (batch,) if batch <= 3 else (2, 3)
     lengths = (seq_len,) if seq_len <= max(SAMPLE_LENGTHS) else SAMPLE_LENGTHS
-    shapes = [_block_states({u.name for u in g.units}, num_blocks) for g in groups]
+    shapes = [_block_states({u.parent or u.name for u in g.units}, num_blocks) for g in groups]
     needed = {flags for flags, _ in shapes}
     units = {u.name: u for u in find_units(sample)}
-    stats = _fit({b: _fit({n: _sample_stats(sample, units, b, n, settings.causal, needed)
+    stats = _fit({b: _fit({n: _sample_stats(sample, units, b, n, settings.causal, needed,
+                                            settings.loss_chunk)
                            for n in lengths}, seq_len) for b in batches}, batch)
     result = []
     for flags, states in shapes:
@@ -443,21 +449,71 @@ class Estimator:
             self.sample = sample_model(cfg)
             self.units = find_units(self.model, reference=self.sample)
             self.methods["unit_split_method"] = "cpu-sample"
-        names = cfg.hift.always_active if cfg.hift.strategy != "fpft" else []
-        self.always, self.rest = (split_always_active(self.units, names) if names
-                                  else ([], list(self.units)))
-        all_params = [p for u in self.units for p in u.params.values()]
+        # What one GPU keeps of each unit (memprofile.world_size > 1: sharded with FSDP2).
+        self.world_size = cfg.memprofile.world_size
+        # The engine's units: hift.always_active's, and the rest with units over
+        # hift.max_unit_params cut into sub-units (not when sharded), in forward order.
+        order = {u.name: i for i, u in enumerate(self.units)}
+        self.always, self.rest = plan_units(self.units, cfg.hift, self.world_size > 1)
+        self.units = sorted([*self.always, *self.rest], key=lambda u: order[u.parent or u.name])
+        all_params = list({id(p): p for u in self.units for p in u.params.values()}.values())
         self.total_numel = sum(p.numel() for p in all_params)
         self.states = optimizer_state_bytes(dict(cfg.optimizer), all_params,
                                             self.settings.state_dtype)
+        self._piece_states: dict[tuple, int] = {}
         self.master_bytes = 4 if self.settings.mixed else 0
-        # What one GPU keeps of each unit (memprofile.world_size > 1: sharded with FSDP2).
-        self.world_size = cfg.memprofile.world_size
         self.shard = {u.name: fsdp_shard(u.params.values(), self.states, self.world_size)
                       for u in self.units}
+        # The engine's loss: chunked where the model allows; and the parameters whose
+        # sub-units get gradients for their rows only (embeddings, the chunked head).
+        self.settings = dataclasses.replace(self.settings, loss_chunk=self._loss_chunk())
+        head = self.model.get_output_embeddings() if self.settings.loss_chunk else None
+        self.routable = row_gradients(self.model, head)
         self.passes = 0  # activation passes run (meta, or sampled groups)
         self._acts: dict[tuple, int] = {}
         self._meta_error: Exception | None = None
+
+    def _loss_chunk(self) -> int | None:
+        """Tokens per chunk of the engine's chunked loss for this model, or None (plain)."""
+        cfg = self.cfg
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if cfg.model.task != "causal_lm" or not vocab:
+            return None
+        chunk = chunk_tokens(cfg.model.loss_chunk_tokens, vocab)
+        if chunk is None:
+            return None
+        try:
+            with counting_kernels():
+                ok = chunkable(self.model)
+        except Exception:  # a meta forward that reads values: ask the CPU sample
+            if self.sample is None:
+                self.sample = sample_model(cfg)
+            ok = chunkable(self.sample)
+        return chunk if ok else None
+
+    def piece_state(self, piece: Piece) -> int:
+        """Optimizer-state bytes of the tensor the optimizer updates for ``piece``."""
+        if piece.whole:
+            return self.states[id(piece.param)]
+        shape = piece.shape
+        if shape not in self._piece_states:
+            probe = torch.empty(shape, device="meta")
+            self._piece_states[shape] = optimizer_state_bytes(
+                dict(self.cfg.optimizer), [probe], self.settings.state_dtype)[id(probe)]
+        return self._piece_states[shape]
+
+    def gradient_bytes(self, pieces: list[Piece]) -> int:
+        """Gradients while ``pieces`` train: each piece's (fp32 on the masters in
+        bf16-mixed); a sub-unit whose parameter cannot give its rows alone costs the
+        parameter's whole dense gradient (in bf16-mixed, beside its rows' fp32 one)."""
+        mb, wb = self.master_bytes, self.settings.weight_bytes
+        total = 0
+        for pc in pieces:
+            dense = not pc.whole and id(pc.param) not in self.routable
+            full = pc.param.numel()
+            total += pc.numel * mb + (full * wb if dense else 0) if mb else \
+                (full if dense else pc.numel) * wb
+        return total
 
     def groups(self, k: int | None, m: int | None = None,
                grouping: str | None = None) -> list[Group]:
@@ -520,20 +576,28 @@ class Estimator:
         world_size > 1 two more terms: the full weights of the gathered units, and the
         full gradient of the largest active unit before its reduce-scatter.
         """
-        mb, wb, shard = self.master_bytes, self.settings.weight_bytes, self.shard
+        mb, wb = self.master_bytes, self.settings.weight_bytes
         sharded = self.world_size > 1
         always_units = self.always if always else []
+        always_pieces = [pc for u in always_units for pc in u.pieces]
 
-        def kept(units) -> tuple[int, int]:  # (elements, optimizer-state bytes) on this GPU
-            sizes = [shard[u.name] for u in units]
-            return sum(n for n, _ in sizes), sum(b for _, b in sizes)
+        def kept(pieces) -> tuple[int, int]:  # (elements, optimizer-state bytes) on this GPU
+            if sharded:  # nothing is cut into sub-units: whole parameters
+                return fsdp_shard([pc.param for pc in pieces], self.states, self.world_size)
+            return sum(pc.numel for pc in pieces), sum(self.piece_state(pc) for pc in pieces)
 
-        all_numel, all_states = kept(self.units)
+        # What the optimizer holds: every group's pieces (a unit's sub-units in one group
+        # are one tensor) and the always-active units'.
+        all_numel, all_states = kept([pc for g in groups for pc in g.pieces] + always_pieces)
         # Always-active units' state and masters stay on the device, outside the slots.
-        always_numel, always_states = kept(always_units)
+        always_numel, always_states = kept(always_pieces)
         gathered = sum(u.numel for u in self.gathered_units()) * wb if sharded else 0
-        kept_by_group = [kept(g.units) for g in groups]
-        slot = max(s + n * mb for n, s in kept_by_group)
+        kept_by_group = [kept(g.pieces) for g in groups]
+        # The store's device slots hold the active group and the next one, at the two ends
+        # of one buffer as large as the largest pair that can follow each other.
+        own = [s + n * mb for n, s in kept_by_group]
+        pairs = GroupSchedule(self.cfg.hift.strategy, len(groups), 0).pairs()
+        slots = max([own[a] + own[b] for a, b in pairs] + own)
         rows = []
         for i, (g, (g_numel, g_states)) in enumerate(zip(groups, kept_by_group)):
             numel = g_numel + always_numel
@@ -544,12 +608,13 @@ class Estimator:
                 "weights": all_numel * wb + gathered,
                 # bf16-mixed: the group's bf16 grads become fp32 grads on its masters,
                 # one parameter at a time, so the fp32 ones set the peak.
-                "gradients": numel * (mb or wb) + unsharded_grad,
+                "gradients": (numel * (mb or wb) if sharded
+                              else self.gradient_bytes([*g.pieces, *always_pieces]))
+                + unsharded_grad,
                 "optimizer_states": g_states + always_states if offload else all_states,
                 "fp32_masters": (numel if offload else all_numel) * mb,
                 "activations": acts[i] if acts is not None else 0,
-                # The store's two device slots hold the active and the next group.
-                "other": 2 * slot - g_states - g_numel * mb if offload else 0,
+                "other": slots - own[i] if offload else 0,
             }
             if sharded:
                 row["unsharded_gradient"] = unsharded_grad
@@ -597,9 +662,10 @@ class Estimator:
             f"a smaller trainer.batch_size (now {s.batch_size}) or data.max_length"
             f" (now {s.seq_len})"]
         raise ConfigError(
-            f"hift.memory_budget={self.cfg.hift.memory_budget:g} GiB: no grouping fits; the"
-            f" smallest peak, one unit per group (k={n}), is {gib(peak)} GiB; to fit, try"
-            f" {', '.join(fixes)}")
+            f"hift.memory_budget={self.cfg.hift.memory_budget:g} GiB: no grouping fits in"
+            f" its {gib(self.cfg.usable_bytes())} GiB left after the"
+            f" {self.cfg.memory_reserve_gib():g} GiB reserve; the smallest peak, one unit per"
+            f" group (k={n}), is {gib(peak)} GiB; to fit, try {', '.join(fixes)}")
 
     def largest_batch(self, groups: list[Group], offload: bool, budget: float) -> int:
         """The largest trainer.batch_size at which every group fits ``budget`` (bytes).
@@ -653,20 +719,22 @@ def resolve_grouping(cfg: Config, estimator: Estimator | None = None
 
     start = time.perf_counter()
     est = estimator or Estimator(cfg)
-    budget = cfg.hift.memory_budget * GIB
+    budget = cfg.usable_bytes()
     groups, rows = est.choose(budget)
     seconds = time.perf_counter() - start
     peak = max(r["total"] for r in rows)
     k = len(groups)
     report = {
         "k": k, "grouping": "balanced", "memory_budget_gib": cfg.hift.memory_budget,
-        "peak": peak, "headroom": budget - peak, "passes": est.passes,
+        "reserve_gib": cfg.memory_reserve_gib(), "peak": peak, "headroom": budget - peak,
+        "passes": est.passes,
         "seconds": round(seconds, 2), "always_active": [u.name for u in est.always],
         "groups": [{"group": g.name, "units": [u.name for u in g.units], "params": g.numel,
                     "peak": r["total"]} for g, r in zip(groups, rows)],
     }
     log.info(f"hift.k=auto: {k} balanced group(s) fit hift.memory_budget="
-             f"{cfg.hift.memory_budget:g} GiB: estimated peak {gib(peak)} GiB, headroom"
+             f"{cfg.hift.memory_budget:g} GiB less its {cfg.memory_reserve_gib():g} GiB reserve:"
+             f" estimated peak {gib(peak)} GiB, headroom"
              f" {gib(budget - peak)} GiB ({est.passes} activation passes,"
              f" {seconds:.1f} s)" + (f"; always active: {', '.join(report['always_active'])}"
                                     if est.always else ""))
@@ -708,7 +776,7 @@ def estimate(cfg: Config, largest_batch: bool = False) -> dict:
     """
     est = Estimator(cfg)
     hcfg = cfg.hift
-    budget = hcfg.memory_budget * GIB if hcfg.memory_budget else None
+    budget = cfg.usable_bytes() if hcfg.memory_budget else None
     resolution = None
     if hcfg.k == "auto" and budget is not None:
         k, _, resolution = resolve_grouping(cfg, est)
@@ -733,7 +801,8 @@ def estimate(cfg: Config, largest_batch: bool = False) -> dict:
     if budget is not None:
         column = "fpft" if hcfg.strategy == "fpft" else "hift"
         peak = report[column]["total"]
-        report["budget"] = {"memory_budget_gib": hcfg.memory_budget, "fits": peak <= budget,
+        report["budget"] = {"memory_budget_gib": hcfg.memory_budget,
+                            "reserve_gib": cfg.memory_reserve_gib(), "fits": peak <= budget,
                             "peak": peak, "headroom": budget - peak,
                             "k": 1 if column == "fpft" else len(hift_groups),
                             "chosen": resolution is not None}
@@ -907,7 +976,9 @@ def budget_lines(report: dict) -> list[str]:
             else f"k={b['k']} ({report.get('grouping', 'contiguous')})")
     per_gpu = (f" per GPU ({report['world_size']} processes)"
                if report.get("world_size", 1) > 1 else "")
-    lines = [f"memory budget {b['memory_budget_gib']:g} GiB: {what}; estimated peak{per_gpu}"
+    reserve = b.get("reserve_gib", 0)
+    lines = [f"memory budget {b['memory_budget_gib']:g} GiB less a {reserve:g} GiB reserve:"
+             f" {what}; estimated peak{per_gpu}"
              f" {gib(b['peak'])} GiB, {'fits' if b['fits'] else 'does NOT fit'}, headroom"
              f" {gib(b['headroom'])} GiB"]
     if b["chosen"] and b["k"] == 1:

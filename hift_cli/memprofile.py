@@ -35,7 +35,7 @@ def run_memprofile(cfg: Config, output_dir: str | Path) -> dict:
         if cfg.hift.strategy != "fpft":
             console.print(render_groups(report))
         for line in budget_lines(report):
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True)
     return report
 
 
@@ -74,7 +74,7 @@ class Probe:
         # Host buffers, and the poison strict mode binds away groups' tensors to.
         host = {b.untyped_storage()._cdata for bufs in store.host.values() for b in bufs.values()}
         host.add(store.poison.untyped_storage()._cdata)
-        slots = {b.untyped_storage()._cdata for s in store.slots for b in s.values()}
+        slots = store.slot_storages()
 
         def tensors(params, masters: bool):
             for p in params:
@@ -105,8 +105,10 @@ class Probe:
                 slot_bytes(tensors(all_params, True)) - slot_bytes(tensors(active, True)))
         active_in_slots = slot_bytes(tensors(active, False)) + (
             slot_bytes(tensors(active, True)) if mixed else 0)
-        grads = _unique_bytes(p.grad for p in trainer.model.parameters() if p.grad is not None)
-        grads += _unique_bytes(m.grad for m in all_params if mixed and m.grad is not None)
+        # Gradients by the memory they hold: a sub-unit's rows may be a view of its
+        # parameter's whole dense gradient.
+        grads = _storage_bytes([p.grad for p in trainer.model.parameters() if p.grad is not None]
+                               + [m.grad for m in all_params if m.grad is not None])
         row = {"group": group.name,
                "weights": _unique_bytes(trainer.model.parameters()),
                "gradients": grads,
@@ -124,6 +126,11 @@ class Probe:
         for h in self._hooks:
             h.remove()
         self.trainer.after_update.remove(self._read)
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the memory the tensors hold, each storage once and whole."""
+    return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def _unique_bytes(tensors) -> int:

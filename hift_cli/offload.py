@@ -4,9 +4,11 @@ Only the active group's state has to be on the GPU. After a group's update its s
 back to pinned host memory (device-to-host on a side stream, non-blocking); the next
 group's state comes in (host-to-device on the same side stream) while the current step's
 forward and backward run. Both directions share one side stream, so a slot is never
-refilled before its previous contents have left, and two reused device slots (the active
-group's and the next one's) mean no allocate/free churn. With k <= 2 the two slots would
-hold every group anyway, so offloading is turned off (copies that save nothing).
+refilled before its previous contents have left. The two device slots (the active group's
+and the next one's) are the two ends of one reused buffer, as large as the largest pair of
+groups that can follow each other: the device holds no more than those two groups' state,
+with no allocate/free churn. With k <= 2 the two slots would hold every group anyway, so
+offloading is turned off (copies that save nothing).
 
 The store is optimizer-agnostic: a group's "state" is every non-scalar tensor in
 ``optimizer.state[p]``, plus ``p.data`` itself for fp32 master parameters. Tensors are
@@ -153,12 +155,18 @@ class GroupStateStore:
             learn its state layout in advance); None: layouts are learnt at the first update.
         strict: simulate a GPU on the CPU (see the module docstring); None reads
             ``HIFT_STRICT_OFFLOAD``.
+        pairs: the groups ``(a, b)`` that can train at consecutive steps (the slots hold
+            one such pair at a time); None: any two.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, group_params: list[list[torch.Tensor]],
                  device: torch.device, enabled: bool, masters: bool = False,
-                 factory: Callable | None = None, strict: bool | None = None):
+                 factory: Callable | None = None, strict: bool | None = None,
+                 pairs: set[tuple[int, int]] | None = None):
         self.optimizer = optimizer
+        k = len(group_params)
+        self.pairs = pairs if pairs is not None else {(a, b) for a in range(k) for b in range(k)
+                                                      if a != b}
         self.group_params = group_params
         self.device = device
         self.enabled = enabled
@@ -174,8 +182,10 @@ class GroupStateStore:
         self.compute_delay: Callable[[], None] | None = None
         self.layouts: dict[int, _Layout] = {}
         self.host: dict[int, dict[torch.dtype, torch.Tensor]] = {}
-        self.slots: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+        # The device slots: slot 0 at the start of the arena, slot 1 at its end.
+        self.arena: dict[torch.dtype, torch.Tensor] = {}
         self.slot_owner: list[int | None] = [None, None]
+        self.in_slot: dict[int, dict[torch.dtype, torch.Tensor]] = {}  # group -> its slot
         # Groups whose state is on the device: slot index, or None for state that lives
         # outside the slots (created by the group's first update) or that has none yet.
         self.resident: dict[int, int | None] = {}
@@ -337,7 +347,7 @@ class GroupStateStore:
             self.resident[g] = None
             return
         index = self.slot_owner.index(None)
-        slot = self._slot(index)
+        slot = self.in_slot[g] = self._slot(index, g)
         host, layout = self.host[g], self.layouts[g]
         has_state = any(key is not None for _, key in handles)
         count = layout.numel if has_state else layout.masters_numel
@@ -356,17 +366,49 @@ class GroupStateStore:
         self.resident[g] = index
         self.unbound.add(g)
 
-    def _slot(self, index: int) -> dict[torch.dtype, torch.Tensor]:
-        """Device slot ``index``, sized for the largest group (allocated once; grows only
-        if a layout was not predicted)."""
-        slot = self.slots[index]
-        for dtype in {dt for layout in self.layouts.values() for dt in layout.numel}:
-            need = max(layout.numel.get(dtype, 0) for layout in self.layouts.values())
-            if dtype not in slot or slot[dtype].numel() < need:
-                if dtype in slot:
-                    self.synchronize()  # no copy may still read the slot being replaced
-                slot[dtype] = torch.empty(need, dtype=dtype, device=self.device)
-        return slot
+    def _arena_size(self) -> dict[torch.dtype, int]:
+        """Elements per dtype the two slots need: the largest sum over the pairs of groups
+        that can follow each other (and the largest group alone)."""
+        def n(g: int, dtype: torch.dtype) -> int:
+            return self.layouts[g].numel.get(dtype, 0) if g in self.layouts else 0
+
+        dtypes = {dt for layout in self.layouts.values() for dt in layout.numel}
+        return {dt: max([n(a, dt) + n(b, dt) for a, b in self.pairs]
+                        + [n(g, dt) for g in self.layouts]) for dt in dtypes}
+
+    def _slot(self, index: int, g: int) -> dict[torch.dtype, torch.Tensor]:
+        """Group g's device slot at end ``index`` of the arena (allocated at the first
+        fetch; grows only if a layout was not predicted)."""
+        need = self.layouts[g].numel
+        other = self.slot_owner[1 - index]
+        beside = self.layouts[other].numel if other is not None else {}
+        fits = all(dt in self.arena and n + beside.get(dt, 0) <= self.arena[dt].numel()
+                   for dt, n in need.items())
+        if not fits and other is not None:
+            # A layout that was not predicted, beside a group in the other slot: a buffer of
+            # its own this once (freed when the group leaves; its copies keep it alive).
+            slot = {dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in need.items()}
+            self._fill_after_compute(slot)
+            return slot
+        if not fits:
+            self.synchronize()  # no copy may still read the arena being replaced
+            size = self._arena_size()
+            self.arena = {dt: torch.empty(max(size.get(dt, 0), need.get(dt, 0)), dtype=dt,
+                                          device=self.device) for dt in {*size, *need}}
+            self._fill_after_compute(self.arena)
+        if index == 0:
+            return {dt: self.arena[dt][:n] for dt, n in need.items()}
+        return {dt: self.arena[dt][self.arena[dt].numel() - n:] for dt, n in need.items()}
+
+    def _fill_after_compute(self, buffers: dict[torch.dtype, torch.Tensor]) -> None:
+        """New device memory is about to be written on the side stream: it was allocated on
+        the compute stream, whose queued work (a deterministic-mode fill, or kernels still
+        using the block the allocator handed out) must come first; and its memory must not
+        go back to the compute stream before the side stream's copies are done."""
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            for b in buffers.values():
+                b.record_stream(self.stream)
 
     def wait(self, g: int) -> None:
         """Before group g's state is used: make sure it has arrived on the device."""
@@ -388,7 +430,7 @@ class GroupStateStore:
                 else:
                     compute.wait_event(self.ready.pop(g))
             self._drain(self._marks.pop(g, 0))
-            self._bind(g, self.slots[self.resident[g]])
+            self._bind(g, self.in_slot[g])
             self.unbound.discard(g)
         if self.compute_delay is not None:
             self.compute_delay()
@@ -411,7 +453,7 @@ class GroupStateStore:
         index = self.resident.pop(g, None)
         self.unbound.discard(g)
         host, layout = self.host[g], self.layouts[g]
-        slot = self.slots[index] if index is not None else None
+        slot = self.in_slot.pop(g, None)
         flat = slot is not None and all(
             self._get(h).data_ptr() == slot[dtype].data_ptr() + off * dtype.itemsize
             for h, (dtype, off, _) in ((h, layout.entries[h]) for h in handles))
@@ -509,6 +551,7 @@ class GroupStateStore:
         self.ready.clear()
         self._marks.clear()
         self.slot_owner = [None, None]
+        self.in_slot.clear()
         for g in self.layouts:
             self._bind(g, self.host[g])
 
@@ -555,9 +598,17 @@ class GroupStateStore:
         stats, self.stats = self.stats, TransferStats()
         return stats
 
+    def slot_storages(self) -> set[int]:
+        """The storages (``_cdata``) of the device slots."""
+        return {b.untyped_storage()._cdata for b in self.arena.values()} | {
+            b.untyped_storage()._cdata for slot in self.in_slot.values() for b in slot.values()}
+
     def device_bytes(self) -> int:
         """Bytes held by the device slots: the store's whole device footprint."""
-        return sum(b.numel() * b.element_size() for slot in self.slots for b in slot.values())
+        arena = {b.untyped_storage()._cdata for b in self.arena.values()}
+        return sum(b.nbytes for b in self.arena.values()) + sum(
+            b.nbytes for slot in self.in_slot.values() for b in slot.values()
+            if b.untyped_storage()._cdata not in arena)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict,

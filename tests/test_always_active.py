@@ -31,11 +31,10 @@ def step(trainer):
 def updated(trainer):
     """What the optimizer updates, by model parameter name: the fp32 masters in bf16-mixed
     (bf16 weights may round a small update away), else the weights; read through the store."""
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    pieces = [pc for pcs in trainer._all_pieces() for pc in pcs]
     with trainer.store.readable():
-        return {names[id(p)]: master.detach().clone()
-                for p, master in zip(trainer.model.parameters(),
-                                     trainer.masters.of(trainer.model.parameters()))}
+        return {pc.name: master.detach().clone()
+                for pc, master in zip(pieces, trainer.masters.of(pieces))}
 
 
 def steps_of(trainer, params):

@@ -9,6 +9,7 @@ import torch
 
 from hift_cli.cli import main
 from hift_cli.config import SHAPES, ConfigError
+from hift_cli.grouping import GroupSchedule
 from hift_cli.memory import estimate, fsdp_shard
 from hift_cli.memprofile import measure
 
@@ -114,7 +115,7 @@ def test_memprofile_table_names_the_peak_group(capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["memprofile.shape=llama-99b"], "memprofile.shape must be one of llama-7b, llama-13b,"
-                                     " llama-70b, smollm2-135m (got 'llama-99b')"),
+     " llama-70b, llama-3-8b, qwen2.5-7b, mistral-7b, smollm2-135m (got 'llama-99b')"),
     (["hift.k=9"], "hift.k=9 but the model has only 6 units"),
     (["memprofile.seq_len=0"], "memprofile.seq_len must be > 0 (got 0)"),
     (["memprofile.world_size=0"], "memprofile.world_size must be > 0 (got 0)"),
@@ -192,13 +193,15 @@ def expected_per_gpu(one: dict, shapes: dict[str, list[tuple]], n: int, weight_b
         return r
 
     offload = one["offload"]
-    slot = max((state_per_element + master_bytes) * sum(kept[u] for u in g["units"])
-               for g in one["per_group"])
+    # The slots: one buffer for the largest pair of groups that follow each other.
+    own = [(state_per_element + master_bytes) * sum(kept[u] for u in g["units"])
+           for g in one["per_group"]]
+    pairs = GroupSchedule(one["strategy"], len(own), 0).pairs()
+    slots = max(own[a] + own[b] for a, b in pairs)
     groups = []
-    for g in one["per_group"]:
-        active = (state_per_element + master_bytes) * sum(kept[u] for u in g["units"])
+    for g, active in zip(one["per_group"], own):
         groups.append(row(g["units"], g["activations"], offload,
-                          2 * slot - active if offload else 0))
+                          slots - active if offload else 0))
     return {"fpft": row(list(shapes), one["fpft"]["activations"], False, 0),
             "per_group": groups}
 

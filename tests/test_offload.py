@@ -92,15 +92,15 @@ def test_train_returns_with_every_write_back_done(tiny_cfg, tmp_path):
 def test_slots_are_reused_and_away_state_lives_in_host_buffers(tiny_cfg, tmp_path,
                                                                monkeypatch):
     # The plain (non-strict) path users get with hift.offload=true on a CPU: away state is
-    # bound to views of the host buffers. Slots are allocated once, at the first fetch,
-    # for the largest group.
+    # bound to views of the host buffers. The slots' buffer is allocated once, at the first
+    # fetch, for the largest pair of groups that follow each other.
     monkeypatch.setenv("HIFT_STRICT_OFFLOAD", "0")
     trainer = train(tiny_cfg, tmp_path, "hift.offload=true", steps=6)
     store = trainer.store
-    assert not store.strict and all(store.slots)
-    slot_ptrs = [{dt: b.data_ptr() for dt, b in slot.items()} for slot in store.slots]
+    assert not store.strict and store.arena
+    slot_ptrs = {dt: b.data_ptr() for dt, b in store.arena.items()}
     trainer.train(6)  # on to step 12
-    assert [{dt: b.data_ptr() for dt, b in slot.items()} for slot in store.slots] == slot_ptrs
+    assert {dt: b.data_ptr() for dt, b in store.arena.items()} == slot_ptrs
     for g, params in enumerate(trainer.opt_params):
         for p in params:
             for v in trainer.optimizer.state[p].values():
@@ -286,9 +286,9 @@ def test_cuda_offload_matches_and_reuses_buffers(tiny_cfg, tmp_path, precision):
               "hift.strategy=random", f"trainer.seed={REPEAT_SEED}")
     off = train(tiny_cfg, tmp_path / "off", *common, "hift.offload=false", steps=18)
     on = train(tiny_cfg, tmp_path / "on", *common, "hift.offload=true", steps=9)
-    slots = [{dt: b.data_ptr() for dt, b in s.items()} for s in on.store.slots]
+    slots = {dt: b.data_ptr() for dt, b in on.store.arena.items()}
     on.train(9)  # on to step 18
-    assert [{dt: b.data_ptr() for dt, b in s.items()} for s in on.store.slots] == slots
+    assert {dt: b.data_ptr() for dt, b in on.store.arena.items()} == slots
     assert_same(snapshot(off), snapshot(on))
     assert all(b.is_pinned() for bufs in on.store.host.values() for b in bufs.values())
     assert on.store.allocated_host_bytes == on.store.exact_host_bytes()
