@@ -15,7 +15,11 @@ time it took to get there) and its final epoch. Configurations:
 - ``k4-x4``: ``k4`` given 4 times the epochs (each parameter then gets as many updates as
   under fpft), where the suite lists it.
 
-Used by ``bench/compare.py`` (``--suite quality-minilm``, ``--suite quality-smollm2``).
+``quality-subunits`` puts ``auto`` with units cut into sub-units (the default) beside
+``auto`` with whole units (``hift.max_unit_params=null``), on two seeds.
+
+Used by ``bench/compare.py`` (``--suite quality-minilm``, ``--suite quality-smollm2``,
+``--suite quality-subunits``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,14 @@ SUITES = {
         "x4": False,  # 4x the epochs of SmolLM2 does not fit the suite's 30 minutes here
     },
 }
+# Sub-units (hift.max_unit_params): SmolLM2's tied embeddings are 8 blocks; k=auto under
+# the same budget with them cut into sub-units (the default) and whole, two seeds each.
+SUITES["quality-subunits"] = {
+    **SUITES["quality-smollm2"],
+    "title": "SmolLM2-135M-Instruct, GSM-style math: k=auto with and without sub-units,"
+             " per epoch",
+    "units": True, "seeds": (42, 7),
+}
 QUICK = {  # the same code path on the random-init tiny LLaMA: seconds (tests)
     "quality-tiny": {
         "title": "tiny random-init LLaMA (smoke test of the quality suite itself)",
@@ -78,6 +90,13 @@ def budget_gib(base: list[str], env: dict, cwd: Path) -> float:
 
 def configs(spec: dict, budget: float) -> dict[str, list[str]]:
     out = {"fpft": ["hift.strategy=fpft"]}
+    if spec.get("units"):  # k=auto, units cut into sub-units or whole, per seed
+        auto = ["hift.strategy=bottom2up", "hift.k=auto", f"hift.memory_budget={budget}"]
+        for seed in spec["seeds"]:
+            out[f"auto-seed{seed}"] = [*auto, f"trainer.seed={seed}"]
+            out[f"auto-whole-seed{seed}"] = [*auto, "hift.max_unit_params=null",
+                                             f"trainer.seed={seed}"]
+        return out
     for name, shape in (("auto", ["hift.k=auto", f"hift.memory_budget={budget}"]),
                         ("k4", ["hift.k=4"]), ("m1", ["hift.m=1"])):
         out[name] = ["hift.strategy=bottom2up", *shape]

@@ -463,10 +463,6 @@ class Config:
                 f"data.format={self.data.format} needs model.task="
                 f"{'sequence_classification' if classify else 'causal_lm'}"
                 f" (got {self.model.task})")
-        if self.hift.memory_budget is not None and \
-                self.memory_reserve_gib() >= self.hift.memory_budget:
-            raise ConfigError(f"hift.memory_reserve={self.memory_reserve_gib():g} GiB leaves"
-                              f" nothing of hift.memory_budget={self.hift.memory_budget:g} GiB")
         _positive("optimizer.lr", self.optimizer.get("lr"))
         _positive("optimizer.weight_decay", self.optimizer.get("weight_decay"), allow_zero=True)
         if self.checkpoint:
@@ -484,8 +480,17 @@ class Config:
         return max(RESERVE_MIN_GIB, RESERVE_FRACTION * (hcfg.memory_budget or 0))
 
     def usable_bytes(self) -> float:
-        """Bytes of hift.memory_budget the estimated peak may take."""
-        return (self.hift.memory_budget - self.memory_reserve_gib()) * 2**30
+        """Bytes of hift.memory_budget the estimated peak may take.
+
+        Raises:
+            ConfigError: the reserve leaves nothing (checked where a budget is planned: a
+                training run on a CPU resolves trainer.device=auto first, and keeps none).
+        """
+        reserve = self.memory_reserve_gib()
+        if reserve >= self.hift.memory_budget:
+            raise ConfigError(f"hift.memory_reserve={reserve:g} GiB leaves nothing of"
+                              f" hift.memory_budget={self.hift.memory_budget:g} GiB")
+        return (self.hift.memory_budget - reserve) * 2**30
 
 
 def check_installed(loggers) -> None:

@@ -670,9 +670,10 @@ class HiftTrainer:
         for pid, embeddings in self.row_grads.items():
             for module in embeddings:
                 module.sparse = pid in partial
-        if self.loss is not None:
-            self.loss.rows = {pid: [(pc.start, pc.stop)] for pid, pc in partial.items()
-                              if pid in self.row_grads}
+        if self.loss is not None:  # the head's rows, from the chunked loss
+            head = id(self.loss.head.weight)
+            self.loss.rows = ({head: [(partial[head].start, partial[head].stop)]}
+                              if head in partial and head in self.row_grads else {})
         if self.sharded:  # gathered units keep the requires_grad they were gathered with
             distributed.reshard(self.model)
         if self.grad_sync is not None:

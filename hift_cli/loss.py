@@ -58,7 +58,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             index = (targets != IGNORE).nonzero().squeeze(1)
             count = index.numel()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32),
+                            device=hidden.device)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = None
         if need_w:
@@ -71,7 +72,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 sel = index[start:start + chunk]
                 h, t = hidden.index_select(0, sel), targets.index_select(0, sel)
-            logits = F.linear(h, weight, bias).float()
+            logits = F.linear(h, weight, bias)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if not (need_h or need_w or need_b):

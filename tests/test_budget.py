@@ -12,6 +12,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM,
 
 from conftest import compose_config
 from hift_cli.cli import main
+from hift_cli.config import ConfigError
 from hift_cli.grouping import find_units, make_groups
 from hift_cli.memory import Estimator, estimate
 from test_architectures import ARCHS as MODEL_ARCHS
@@ -196,3 +197,21 @@ def test_always_active_units_count_in_every_group(precision):
     assert spanning["per_group"][-1]["group"] == "head"
     assert spanning["per_group"][-1]["activations"] > top["head"]
     assert spanning["per_group"][-2]["activations"] > top["block.3"]
+
+
+@pytest.mark.parametrize("overrides,reserve", [
+    (["hift.memory_budget=24"], 1.0),  # a 24 GB card: at least 1 GiB
+    (["hift.memory_budget=80"], 3.2),  # 4% of an 80 GB card
+    (["hift.memory_budget=24", "trainer.device=cpu"], 0.0),  # no CUDA context on a CPU
+    (["hift.memory_budget=24", "hift.memory_reserve=2.5"], 2.5),
+])
+def test_the_budget_keeps_a_reserve(overrides, reserve):
+    cfg = compose_config("hift.k=auto", *overrides)
+    assert cfg.memory_reserve_gib() == pytest.approx(reserve)
+    assert cfg.usable_bytes() == pytest.approx((cfg.hift.memory_budget - reserve) * GIB)
+
+
+def test_a_reserve_that_leaves_nothing_is_refused(capsys):
+    assert main(["memprofile", "recipe=tiny", "hift.k=auto", "hift.memory_budget=0.5"]) == 2
+    assert capsys.readouterr().err.strip() == ("hift memprofile: error: hift.memory_reserve=1"
+                                               " GiB leaves nothing of hift.memory_budget=0.5 GiB")

@@ -36,8 +36,8 @@ def test_help_and_version(capsys):
 def test_train_help_lists_config_groups(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    assert ("recipe: demo, llama7b_alpaca, minilm_cls, minilm_family, roberta_large_sst2,"
-            " smollm2_gsm, tiny") in out
+    assert ("recipe: demo, llama3_8b_alpaca, llama7b_alpaca, minilm_cls, minilm_family,"
+            " roberta_large_sst2, smollm2_gsm, tiny") in out
 
 
 def test_cfg_job_prints_the_composed_config(capsys):
@@ -202,8 +202,8 @@ def test_hydra_command_line_misuse_is_one_line(capsys):
 @pytest.mark.parametrize("args,message", [
     (["hift.k=0"], "hift train: error: hift.k must be >= 1 (got 0)"),
     (["recipe=nope"], "hift train: error: In 'config': Could not find 'recipe/nope'"
-                      " (available: demo, llama7b_alpaca, minilm_cls, minilm_family,"
-                      " roberta_large_sst2, smollm2_gsm, tiny)"),
+                      " (available: demo, llama3_8b_alpaca, llama7b_alpaca, minilm_cls,"
+                      " minilm_family, roberta_large_sst2, smollm2_gsm, tiny)"),
     (["hift.strategy=sideways"], "hift train: error: hift.strategy must be one of bottom2up,"
                                  " top2down, random, fpft (got 'sideways')"),
     (["hift.kk=3"], "hift train: error: Could not override 'hift.kk'."

@@ -7,6 +7,7 @@ race fails here too.
 """
 
 import dataclasses
+import functools
 import importlib.util
 import json
 
@@ -292,3 +293,41 @@ def test_cuda_offload_matches_and_reuses_buffers(tiny_cfg, tmp_path, precision):
     assert_same(snapshot(off), snapshot(on))
     assert all(b.is_pinned() for bufs in on.store.host.values() for b in bufs.values())
     assert on.store.allocated_host_bytes == on.store.exact_host_bytes()
+
+
+@pytest.mark.parametrize("strategy,elements", [("bottom2up", 110), ("random", 200)])
+@pytest.mark.parametrize("strict", [False, True])
+def test_the_slots_hold_the_largest_pair_of_groups_that_follow_each_other(strategy, elements,
+                                                                          strict):
+    # Groups of 10, 100, 10 and 100 elements: in bottom2up order a large group always
+    # follows a small one (two slots of the largest group would be 200 elements); in a
+    # random order any two can follow each other.
+    torch.manual_seed(0)
+    sizes = [10, 100, 10, 100]
+    groups = [[torch.nn.Parameter(torch.randn(n))] for n in sizes]
+    twins = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in groups]
+    factory = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt, reference = (factory([p for ps in gs for p in ps]) for gs in (groups, twins))
+    schedule = GroupSchedule(strategy, len(sizes), seed=1)
+    store = offload.GroupStateStore(opt, groups, torch.device("cpu"), True, factory=factory,
+                                    strict=strict, pairs=schedule.pairs())
+    for step in range(12):
+        g, nxt = schedule.group_at(step), schedule.group_at(step + 1)
+        store.prefetch(g)
+        store.prefetch(nxt)
+        for p, twin in zip(groups[g], twins[g]):
+            p.grad, twin.grad = torch.full_like(p, step + 1.0), torch.full_like(p, step + 1.0)
+        store.wait(g)
+        opt.step()
+        reference.step()
+        opt.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        store.offload(g, keep=nxt == g)
+    assert {dt: b.numel() for dt, b in store.arena.items()} == {torch.float32: elements}
+    assert store.device_bytes() == 4 * elements
+    with store.readable():
+        for ps, ts in zip(groups, twins):
+            for p, t in zip(ps, ts):
+                assert torch.equal(p, t)
+                assert torch.equal(opt.state[p]["momentum_buffer"],
+                                   reference.state[t]["momentum_buffer"])
