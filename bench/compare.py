@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_quality(spec: dict, runs_dir: Path, start: float) -> dict:
     """One quality suite: the budget for k=auto, every configuration, ratios to fpft."""
-    budget = quality.budget_gib(spec["base"], ENV, ROOT)
+    budget = quality.budget_gib(spec["base"], ENV, ROOT, spec.get("budget", "halfway"))
     runs = {}
     for config, overrides in quality.configs(spec, budget).items():
         run_dir = runs_dir / config
@@ -442,7 +442,8 @@ def run_quality(spec: dict, runs_dir: Path, start: float) -> dict:
     quality.compare(runs)
     return {"kind": "quality", "title": spec["title"], "base": spec["base"],
             "metric": spec["metric"], "higher_is_better": spec["higher_is_better"],
-            "epochs": spec["epochs"], "budget_gib": budget, "runs": runs,
+            "epochs": spec["epochs"], "budget_gib": budget,
+            "budget_rule": spec.get("budget", "halfway"), "runs": runs,
             "date": dt.date.today().isoformat()}
 
 

@@ -10,7 +10,7 @@ set (stages 1-3) or random token ids of a fixed shape (4-6).
 
 The stages and what each measures: ``bench/gpu_stages.py``, in priority order
 ``equality``, ``races``, ``resume`` (correctness on CUDA), then ``overlap``,
-``llama7b_wide``, ``llama7b_full`` (speed and memory).
+``llama7b_wide``, ``llama3_vocab``, ``llama7b_full`` (speed and memory).
 
 What it costs: each stage process pays ~5-10 s of imports and CUDA start. The models of
 stages 4-6 are initialised on the GPU (on the host CPU a 7B fp32 init takes a minute or
@@ -305,6 +305,12 @@ def _render_perf(stage: dict) -> list[str]:
         lines += ["", f"Profiler ({trace.get('steps')} steps, `{trace.get('trace_file', '-')}`):"
                   f" {h2d['copies']} host-to-device copies, {h2d['copy_us'] / 1e3:.1f} ms, of"
                   f" which {_num(h2d['overlap_fraction'])} overlapped compute kernels."]
+    on = stage.get("runs", {}).get("offload_on", {})
+    if "measured_reserve_gib" in on:
+        lines += ["", f"Peak allocated / estimated: {1 + on['estimate_error']:.3f}. Measured"
+                  f" reserve: CUDA context {_num(stage.get('cuda_context_gib'), '.2f')} GiB +"
+                  f" reserved-but-free at the peak = {on['measured_reserve_gib']:.2f} GiB"
+                  " (hift.memory_reserve's default: max(1, 4% of the budget))."]
     p = stage.get("projection") or {}
     if "seconds" in p:
         lines += ["", f"Projected for all layers: {p['params'] / 1e9:.2f}B parameters,"
@@ -315,7 +321,8 @@ def _render_perf(stage: dict) -> list[str]:
 RENDERERS = {"equality": _render_equality,
              "races": lambda s: _render_checks(s, "runs"),
              "resume": lambda s: _render_checks(s, "checks"),
-             "overlap": _render_perf, "llama7b_wide": _render_perf, "llama7b_full": _render_perf}
+             "overlap": _render_perf, "llama7b_wide": _render_perf,
+             "llama3_vocab": _render_perf, "llama7b_full": _render_perf}
 
 
 def render(results: dict) -> str:

@@ -20,9 +20,17 @@ token ids of a fixed shape (4-6).
 5. ``llama7b_wide``: LLaMA-7B's layers, 8 of them (10 groups at m=1), bf16-mixed, gradient
    checkpointing, batch 8 x 512: the same figures over a cycle after a warm-up cycle. It
    also projects stage 6's cost from what it measured.
-6. ``llama7b_full``: all 32 layers, offload on (75 GiB of host buffers): runs only if
+6. ``llama3_vocab``: Llama-3-8B's shape with 4 of its layers and its whole 128,256-token
+   vocabulary (embeddings and head cut into 3 sub-units each, the chunked loss), bf16-mixed,
+   checkpointing, m=1, batch 8 x 512: allocated and reserved peaks beside the estimate, and
+   what ``hift.memory_reserve`` stands for, measured: the CUDA context (every stage
+   records it at its start) plus the allocator's reserved-but-unallocated peak.
+7. ``llama7b_full``: all 32 layers, offload on (75 GiB of host buffers): runs only if
    stage 5's host bytes are within 5% of exact and the projection fits the time left;
    then fpft at that shape if time is left (its OOM is a result).
+
+Every stage runs with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless it is
+set, as ``hift train`` does.
 """
 
 from __future__ import annotations
@@ -645,6 +653,33 @@ def stage_llama7b_wide(ctx: StageContext) -> None:
     ctx.record["step_time_ratio"] = ratio(runs)
 
 
+def stage_llama3_vocab(ctx: StageContext) -> None:
+    from hift_cli.config import SHAPES
+
+    layers = 4
+    shape = (2, 32) if ctx.smoke else (8, 512)
+    # The smoke run: the tiny LLaMA with a vocabulary wider than its blocks.
+    preset = {**(dict(TINY_SHAPE, vocab_size=2048) if ctx.smoke else SHAPES["llama-3-8b"]),
+              "num_hidden_layers": layers}
+    folder = shape_dir(ctx, f"llama-3-8b-{layers}", preset)
+    ctx.record.update(model=f"Llama-3-8B shape, {layers} layers, its whole vocabulary"
+                      f" ({preset['vocab_size']}), random init", layers=layers, batch=shape[0],
+                      seq_len=shape[1], precision="bf16-mixed", gradient_checkpointing=True,
+                      m=1, warm_cycles=1, cycles=1)
+    runs = ctx.record.setdefault("runs", {})
+    with ctx.part("offload_on", into=runs):
+        perf_run(ctx, runs, "offload_on", [f"model.name_or_path={folder}", *BIG,
+                                           "hift.offload=true"], shape, 1, 1)
+    on = runs.get("offload_on", {})
+    if "peak_allocated_gib" in on:
+        # hift.memory_reserve's default stands for this: the context and the allocator's
+        # free blocks at the peak.
+        on["estimate_error"] = on["peak_allocated_gib"] / on["estimated_peak_gib"] - 1
+        on["measured_reserve_gib"] = (ctx.record.get("cuda_context_gib", 0)
+                                      + on["peak_reserved_gib"] - on["peak_allocated_gib"])
+        ctx.save()
+
+
 def stage_llama7b_full(ctx: StageContext) -> None:
     runs, common, shape = llama_runs(ctx, 4 if ctx.smoke else 32)
     with ctx.part("offload_on", into=runs):
@@ -665,6 +700,8 @@ STAGES = {s.name: s for s in [
     Stage("resume", stage_resume, cost_s=25, timeout_s=90, deterministic=True),
     Stage("overlap", stage_overlap, cost_s=50, timeout_s=150),
     Stage("llama7b_wide", stage_llama7b_wide, cost_s=75, timeout_s=200),
+    # 1.9B parameters (23 GiB of host buffers), 10 groups x 2 cycles.
+    Stage("llama3_vocab", stage_llama3_vocab, cost_s=70, timeout_s=200),
     Stage("llama7b_full", stage_llama7b_full, cost_s=0, timeout_s=1e9),  # cost: projected
 ]}
 SMOKE_COST_S, SMOKE_TIMEOUT_S = 10, 240
@@ -673,6 +710,8 @@ SMOKE_COST_S, SMOKE_TIMEOUT_S = 10, 240
 def run_stage(name: str, smoke: bool, work: Path, deadline: float, started: float) -> int:
     """``--stage``: one stage in this process; its result goes to ``<work>/<name>.json``."""
     stage = STAGES[name]
+    # As hift train: growable segments, little fragmentation (hift.memory_reserve).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if stage.deterministic:  # before CUDA starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -683,6 +722,9 @@ def run_stage(name: str, smoke: bool, work: Path, deadline: float, started: floa
     ctx = StageContext(name, smoke, work, deadline)
     if not smoke:
         torch.zeros(1, device="cuda")  # CUDA start, counted in startup
+        free, total = torch.cuda.mem_get_info()
+        # What the process holds on the device besides PyTorch's own blocks.
+        ctx.record["cuda_context_gib"] = (total - free - torch.cuda.memory_reserved()) / GIB
     ctx.record.update(
         device=torch.cuda.get_device_name() if not smoke else "cpu",
         device_memory_gib=torch.cuda.get_device_properties(0).total_memory / GIB

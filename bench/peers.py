@@ -635,8 +635,9 @@ class BAdam(Peer):
         blocks = [[os.path.commonprefix([names[id(p)] for p in u.params.values()])]
                   for u in _block_units(trainer)]
         # A freshly initialised classification head must train: BAdam's active_modules.
-        head = next(u for u in trainer.units if u.name == "head")
-        active = [names[id(p)] for p in head.params.values()] if trainer.labels.names else []
+        head = [u for u in trainer.units if (u.parent or u.name) == "head"]  # or its sub-units
+        active = ([names[id(p)] for u in head for p in u.params.values()]
+                  if trainer.labels.names else [])
         n, t = len(trainer.train_set), self.cfg.trainer
         switch = max(1, round(n / (t.batch_size * t.grad_accum * len(blocks))))
         settings.update(switch_block_every=switch, blocks=len(blocks),

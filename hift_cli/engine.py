@@ -151,7 +151,8 @@ def _rows_of(grad: torch.Tensor, piece, dtype: torch.dtype) -> torch.Tensor:
     index, values = grad.indices()[0], grad.values()
     keep = (index >= piece.start) & (index < piece.stop)
     out = torch.zeros(piece.shape, dtype=dtype, device=values.device)
-    return out.index_add_(0, index[keep] - piece.start, values[keep].to(dtype))
+    # Coalesced: each row once, so a plain (deterministic) indexed write.
+    return out.index_put_((index[keep] - piece.start,), values[keep].to(dtype))
 
 
 @dataclasses.dataclass

@@ -80,7 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             # d(mean loss)/d(logits) = (softmax - one_hot) / count, in place of the logits.
             g = logits.sub_(lse[:, None]).exp_()
-            g.scatter_add_(1, t[:, None], g.new_full((len(t), 1), -1.0))
+            g[torch.arange(len(t), device=g.device), t] -= 1.0
             g = g.div_(max(count, 1)).to(h.dtype)
             if need_h:
                 part = (g @ weight).to(grad_h.dtype)

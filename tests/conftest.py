@@ -45,6 +45,26 @@ def stop_and_resume(make, steps: int, **train_kwargs):
     return second, path
 
 
+def assert_resume_is_exact(make, root, steps: int, before_rest=None):
+    """A straight run (``make("straight")``, a set-up trainer in ``root / name``) against
+    one stopped after ``steps`` steps and resumed in a fresh trainer: the same weights,
+    masters and optimizer state, and the same losses. ``before_rest(second)`` runs on the
+    resumed trainer before it trains on. Returns the checkpoint's path."""
+    import json
+
+    straight = make("straight")
+    straight.train(evaluate=False)
+    second, path = stop_and_resume(make, steps, evaluate=False)
+    if before_rest is not None:
+        before_rest(second)
+    second.train(evaluate=False)
+    assert_same(snapshot(straight), snapshot(second))
+    losses = [[json.loads(r)["train/loss"] for r in open(root / name / "metrics.jsonl")]
+              for name in ("straight", "first", "second")]
+    assert losses[0] == losses[1] + losses[2]
+    return path
+
+
 def snapshot(trainer):
     """Weights, masters and optimizer state (tensors only), read through the store: the
     groups' and the always-active units'."""

@@ -5,13 +5,12 @@ groups (made of the other units) keep their own turns. Their state and fp32 mast
 on the device, out of the offload store, so strict offload mode never poisons them.
 """
 
-import json
 import logging
 
 import pytest
 import torch
 
-from conftest import assert_same, build_trainer, snapshot, stop_and_resume
+from conftest import assert_resume_is_exact, assert_same, build_trainer, snapshot
 from hift_cli.checkpoint import CheckpointError
 from hift_cli.cli import main
 from hift_cli.offload import load_optimizer_state
@@ -85,16 +84,12 @@ def test_offload_with_always_active_changes_no_numbers(tiny_cfg, tmp_path):
 def test_resume_with_always_active_is_exact(tiny_cfg, tmp_path):
     opts = ("hift.always_active=[head]", "hift.strategy=random", "trainer.lr_scheduler=linear",
             *MIXED)
-    straight = make(tiny_cfg, tmp_path / "straight", *opts)
-    straight.train(evaluate=False)
-    second, path = stop_and_resume(lambda name: make(tiny_cfg, tmp_path / name, *opts), 5,
-                                   evaluate=False)
-    assert steps_of(second, second.always_opt) == {5}
-    second.train(evaluate=False)
-    assert_same(snapshot(straight), snapshot(second))
-    losses = [[json.loads(r)["train/loss"] for r in open(d / "metrics.jsonl")]
-              for d in (tmp_path / "straight", tmp_path / "first", tmp_path / "second")]
-    assert losses[0] == losses[1] + losses[2]
+
+    def resumed_at_step_5(second):
+        assert steps_of(second, second.always_opt) == {5}
+
+    path = assert_resume_is_exact(lambda name: make(tiny_cfg, tmp_path / name, *opts),
+                                  tmp_path, 5, resumed_at_step_5)
 
     other = make(tiny_cfg, tmp_path / "other", *MIXED, "hift.strategy=random")
     with pytest.raises(CheckpointError, match=r"saved with hift.always_active=\[head\]: resume"):

@@ -114,6 +114,9 @@ def test_plain_checkout_smoke_run_keeps_every_stage_but_the_failed_one(tmp_path)
     wide = stages["llama7b_wide"]
     assert wide["runs"]["offload_on"]["groups"] == 4 and wide["step_time_ratio"] > 0
     assert wide["projection"]["groups"] == 6 and wide["projection"]["seconds"] > 0
+    vocab = stages["llama3_vocab"]["runs"]["offload_on"]
+    # 4 embedding and 4 head sub-units (a 2048-token vocabulary) and 4 blocks, m=1.
+    assert vocab["groups"] == 12 and vocab["estimated_groups"] == 12 and vocab["final_loss"] > 0
     full = stages["llama7b_full"]["runs"]
     assert full["offload_on"]["groups"] == 6 and full["fpft"]["groups"] == 1
 
