@@ -121,6 +121,18 @@ def _positive(key: str, value: Optional[float], allow_zero: bool = False) -> Non
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'} (got {value})")
 
 
+def _word_or_count(key: str, value: Any, word: str, what: str) -> Any:
+    """``value`` of a key that takes ``word``, a number of ``what`` >= 1, or null; a
+    number given as a string (the command line) becomes an int."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value not in (None, word) and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+        raise ConfigError(f"{key} must be {word}, a number of {what} >= 1 or null"
+                          f" (got {value!r})")
+    return value
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "???"
@@ -145,13 +157,8 @@ class ModelConfig:
     their logits before the loss (soft-capping) keep their own."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.loss_chunk_tokens, str) and self.loss_chunk_tokens.strip().isdigit():
-            self.loss_chunk_tokens = int(self.loss_chunk_tokens)
-        if self.loss_chunk_tokens not in (None, "auto") and (
-                isinstance(self.loss_chunk_tokens, bool)
-                or not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 1):
-            raise ConfigError("model.loss_chunk_tokens must be auto, a number of tokens >= 1 or"
-                              f" null (got {self.loss_chunk_tokens!r})")
+        self.loss_chunk_tokens = _word_or_count("model.loss_chunk_tokens",
+                                                self.loss_chunk_tokens, "auto", "tokens")
         if self.dtype is not None:
             _one_of("model.dtype", self.dtype, DTYPES)
         _one_of("model.task", self.task, TASKS)
@@ -266,13 +273,8 @@ class HiftConfig:
 
     def __post_init__(self) -> None:
         _one_of("hift.strategy", self.strategy, STRATEGIES)
-        if isinstance(self.max_unit_params, str) and self.max_unit_params.strip().isdigit():
-            self.max_unit_params = int(self.max_unit_params)
-        if self.max_unit_params is not None and self.max_unit_params != "block" and (
-                isinstance(self.max_unit_params, bool)
-                or not isinstance(self.max_unit_params, int) or self.max_unit_params < 1):
-            raise ConfigError("hift.max_unit_params must be block, a number of parameters >= 1"
-                              f" or null (got {self.max_unit_params!r})")
+        self.max_unit_params = _word_or_count("hift.max_unit_params", self.max_unit_params,
+                                              "block", "parameters")
         if self.strategy == "fpft":
             return  # one group holding every unit; k and m are ignored
         if (self.k is None) == (self.m is None):
@@ -299,7 +301,6 @@ class HiftConfig:
         if self.k == "auto" and self.memory_budget is None:
             raise ConfigError("hift.k=auto needs hift.memory_budget (GiB of device memory to"
                               " fit, e.g. hift.memory_budget=24)")
-
 
 
 @dataclass
@@ -408,9 +409,9 @@ class MemprofileConfig:
     format: str = "table"
     """table | json."""
     shape: Optional[str] = None
-    """Architecture preset (llama-7b, llama-13b, llama-70b, llama-3-8b, qwen2.5-7b, mistral-7b,
-    smollm2-135m) instead of
-    model.name_or_path's config: estimates offline, without the Hub."""
+    """Architecture preset (llama-7b, llama-13b, llama-70b, llama-3-8b, qwen2.5-7b,
+    mistral-7b, smollm2-135m) instead of model.name_or_path's config: estimates offline,
+    without the Hub. A model given on the command line wins over a recipe's preset."""
     seq_len: Optional[int] = None
     """Tokens per sample for the activation estimate (null: data.max_length)."""
     measure: bool = False
@@ -467,7 +468,6 @@ class Config:
         _positive("optimizer.weight_decay", self.optimizer.get("weight_decay"), allow_zero=True)
         if self.checkpoint:
             checkpoint_dir(self.checkpoint)
-
 
     def memory_reserve_gib(self) -> float:
         """GiB of hift.memory_budget kept back: hift.memory_reserve, or its default (for a

@@ -509,10 +509,11 @@ class Estimator:
         mb, wb = self.master_bytes, self.settings.weight_bytes
         total = 0
         for pc in pieces:
-            dense = not pc.whole and id(pc.param) not in self.routable
-            full = pc.param.numel()
-            total += pc.numel * mb + (full * wb if dense else 0) if mb else \
-                (full if dense else pc.numel) * wb
+            dense = pc.param.numel() * wb if (not pc.whole and id(pc.param)
+                                              not in self.routable) else 0
+            # bf16-mixed: fp32 rows beside a dense bf16 gradient; else the rows are a view
+            # of the dense gradient, or the gradient itself.
+            total += pc.numel * mb + dense if mb else (dense or pc.numel * wb)
         return total
 
     def groups(self, k: int | None, m: int | None = None,
