@@ -186,6 +186,11 @@ class HiftTrainer:
         # Called as hook(trainer, group) right after each optimizer step, while the
         # group's gradients and optimizer state are on the device (memory probes).
         self.after_update: list = []
+        # Hooks called at the end of each step, after the group's write-back is queued.
+        self.after_step: list = []
+        # An out-of-memory stop names the estimated peak (an estimate: seconds for a 7B
+        # model); False leaves it out (the GPU check, which records the OOM itself).
+        self.explain_out_of_memory = True
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -529,7 +534,7 @@ class HiftTrainer:
         window = [self._next_batch() for _ in range(tcfg.grad_accum)]
         # This group's state is normally already on its way (the previous step fetched
         # it; not at the first step of a run or after a resume); the next group's comes
-        # in on the side stream while this step computes.
+        # in on the host-to-device copy stream while this step computes.
         self.store.prefetch(group.index)
         if next_index is not None:
             self.store.prefetch(next_index)
@@ -546,14 +551,14 @@ class HiftTrainer:
         if distributed.is_sharded(grad_norm):  # of sharded gradients: reduced on use
             grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
-        # A CPU-GPU sync point, needed to decide whether to update at all.
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        finite = self._finite(loss, grad_norm)
         if finite:
-            self.optimizer.step()
-            self.bad_steps = 0
-            for hook in self.after_update:
-                hook(self, group)
-            self.masters.write_back(trained, params)
+            with self.store.updating(group.index):  # the write-back waits for all of it
+                self.optimizer.step()
+                self.bad_steps = 0
+                for hook in self.after_update:
+                    hook(self, group)
+                self.masters.write_back(trained, params)
         else:  # skip the update: weights and optimizer state stay as they were
             self.bad_steps += 1
             self.skipped_steps += 1
@@ -562,11 +567,18 @@ class HiftTrainer:
         if self.schedule.ends_cycle(step):
             self.scheduler.step()  # delayed LR update: once per full cycle
         self.global_step = step + 1
+        for hook in self.after_step:
+            hook(self, group)
         # .item() is a CPU-GPU sync point; one per step is noise next to a step.
         loss = loss.item()
         return StepResult(group, loss, lr, tokens, time.perf_counter() - start, finite,
                           group.numel + self.always_numel if finite else 0,
                           self.store.take_stats(), synced)
+
+    @staticmethod
+    def _finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether the step may update: a CPU-GPU sync point."""
+        return bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
 
     def _forward_backward(self, window: list) -> tuple[torch.Tensor, int, int]:
         """Forward and backward over one step's micro-batches, with the same group active
@@ -719,13 +731,15 @@ class HiftTrainer:
             f" configuration, {capacity / 2**30:.1f} GiB on {self.device}; use fewer units per"
             " group (a larger hift.k or smaller hift.m), model.gradient_checkpointing=true, an"
             " 8-bit optimizer (optimizer=adamw8bit), or a smaller trainer.batch_size or"
-            " data.max_length", 1)
+            " data.max_length", 1, out_of_memory=kind)
 
     def _memory_need_and_capacity(self, kind: str) -> tuple[str, int]:
         """The estimated peak of this configuration, and the bytes of what ran out."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         try:
+            if not self.explain_out_of_memory:
+                raise LookupError("not asked for")
             report = estimate(self.estimate_config())
             column = "fpft" if self.cfg.hift.strategy == "fpft" else "hift"
             need = f"{report[column]['total'] / 2**30:.1f} GiB"
@@ -942,11 +956,13 @@ class HiftTrainer:
 
 
 class TrainingStopped(SystemExit):
-    """Training ended early on purpose (signal, non-finite steps): one line, an exit code."""
+    """Training ended early on purpose (signal, non-finite steps, out of memory): one
+    line, an exit code; ``out_of_memory`` is ``"device"`` or ``"host"`` when memory ran out."""
 
-    def __init__(self, message: str, code: int):
+    def __init__(self, message: str, code: int, out_of_memory: str | None = None):
         super().__init__(code)
         self.message = message
+        self.out_of_memory = out_of_memory
 
 
 def _describe(metrics: dict[str, float]) -> str:

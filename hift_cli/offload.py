@@ -1,14 +1,20 @@
 """Per-group state store: inactive groups' optimizer state (and fp32 masters) in host memory.
 
 Only the active group's state has to be on the GPU. After a group's update its state goes
-back to pinned host memory (device-to-host on a side stream, non-blocking); the next
-group's state comes in (host-to-device on the same side stream) while the current step's
-forward and backward run. Both directions share one side stream, so a slot is never
-refilled before its previous contents have left. The two device slots (the active group's
-and the next one's) are the two ends of one reused buffer, as large as the largest pair of
-groups that can follow each other: the device holds no more than those two groups' state,
-with no allocate/free churn. With k <= 2 the two slots would hold every group anyway, so
-offloading is turned off (copies that save nothing).
+back to pinned host memory (device-to-host, non-blocking); the next group's state comes in
+(host-to-device) while the current step's forward and backward run. Each direction has its
+own copy stream, so the link carries both at once. The two device slots (the active
+group's and the next one's) are the two ends of one reused buffer (the arena), as large as
+the largest pair of groups that can follow each other: the device holds no more than those
+two groups' state, with no allocate/free churn. With k <= 2 the two slots would hold every
+group anyway, so offloading is turned off (copies that save nothing).
+
+A group's write-back and the next group's fill share a slot's memory, so both are cut at
+fixed boundaries of the arena (``chunk_bytes``, 64 MiB): the fill of a chunk waits only
+for the write-back of that chunk (an event per chunk), and the two directions run side by
+side, one chunk apart. A fill also waits for the write-back of its own group's host
+buffers (an event per group), and new device memory is filled only after the compute
+stream's earlier work.
 
 The store is optimizer-agnostic: a group's "state" is every non-scalar tensor in
 ``optimizer.state[p]``, plus ``p.data`` itself for fp32 master parameters. Tensors are
@@ -23,22 +29,29 @@ with ``cudaHostRegister`` (not PyTorch's pinned caching allocator, which rounds 
 request up to a power of two and keeps freed blocks: for LLaMA-7B that is ~165 GiB pinned
 where 75 GiB is needed).
 
+Tensors start at 256-byte boundaries of their buffers (CUDA kernels, reductions among
+them, group work by alignment: a tensor must not compute differently for having moved).
+
 Where it syncs: :meth:`wait` makes the compute stream wait for the group's copy (an event,
-no host sync); :meth:`synchronize` (before a checkpoint and at the end of ``train()``)
-waits for the side stream on the host.
+no host sync); :meth:`updating` wraps the group's update on the compute stream, which the
+write-back then waits for; :meth:`synchronize` (before a checkpoint and at the end of
+``train()``) waits for the copy streams on the host.
 
 On the CPU (and with ``hift.offload=false``) the engine makes the same calls. With
 ``hift.offload=true`` on a CPU the copy-and-rebind path runs with plain copies. Strict
-mode (``HIFT_STRICT_OFFLOAD=1``; the tests set it) simulates on the CPU what differs on a
-GPU: side-stream copies are queued and only happen when something waits for them, and a
-group's tensors are unusable (bound to a poison tensor of the wrong size and dtype) from
-its write-back until :meth:`wait`, so any use of state that has not arrived fails loudly.
+mode (``HIFT_STRICT_OFFLOAD=1``; the tests set it) runs the store on a model of the CUDA
+streams (:class:`hift_cli.streams.StreamModel`): copies are queued and only happen when
+something waits for them, and a copy or use of memory that nothing orders after the last
+conflicting one raises :class:`~hift_cli.streams.StreamRace`. A group's tensors are also
+unusable (bound to a poison tensor of the wrong size and dtype) from its write-back until
+:meth:`wait`, so any use of state that has not arrived fails loudly.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import logging
 import os
 import time
@@ -50,10 +63,13 @@ import torch
 
 from hift_cli.config import Config, optimizer_kind
 from hift_cli.distributed import is_sharded, local, rebind_local, wrap_like
+from hift_cli.streams import HOST, CudaStreams, NoStreams, StreamModel
 
 log = logging.getLogger(__name__)
 
 Handle = tuple[torch.Tensor, "str | None"]  # (parameter, state key or None for p.data)
+ALIGN_BYTES = 256  # where each tensor starts in a flat buffer
+CHUNK_BYTES = 64 * 2**20  # the arena's chunks: a fill waits for the write-back of its chunk
 
 
 def offload_enabled(cfg: Config, device_type: str, num_groups: int) -> tuple[bool, str]:
@@ -116,7 +132,8 @@ class _Layout:
     def add(self, handle: Handle, shape: torch.Size, dtype: torch.dtype) -> None:
         off = self.numel.get(dtype, 0)
         self.entries[handle] = (dtype, off, torch.Size(shape))
-        self.numel[dtype] = off + shape.numel()
+        step = max(1, ALIGN_BYTES // dtype.itemsize)  # the next tensor starts aligned
+        self.numel[dtype] = -(-(off + shape.numel()) // step) * step
         if handle[1] is None:
             self.masters_numel[dtype] = self.numel[dtype]
 
@@ -141,6 +158,48 @@ def _unregister(ptr: int) -> None:
         torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
+def page_lock(t: torch.Tensor) -> bool:
+    """Page-lock ``t``'s memory where it is (``cudaHostRegister``); False if CUDA refused.
+
+    A refusal leaves the CUDA runtime's last error set, which PyTorch's next kernel-launch
+    check would raise as an unrelated error: it is reset here.
+
+    Raises:
+        RuntimeError: CUDA refused and its error could not be reset.
+    """
+    storage = t.untyped_storage()
+    rc = int(torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0))
+    if rc == 0:
+        return True
+    if not clear_cuda_error():
+        raise RuntimeError(
+            f"cudaHostRegister failed (CUDA error {rc}) and the error could not be reset (no"
+            " libcudart found); set hift.offload=false to train without offloading")
+    return False
+
+
+def clear_cuda_error() -> bool:
+    """Reset the CUDA runtime's last error (``cudaGetLastError``) through the libcudart
+    this process loaded; False if none was found."""
+    for name in _cudart_libraries():
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).cudaGetLastError()
+            return True
+    return False
+
+
+def _cudart_libraries() -> list[str]:
+    """The libcudart this process mapped (PyTorch's), then the usual names."""
+    loaded = []
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "libcudart.so" in os.path.basename(path) and path not in loaded:
+                    loaded.append(path)
+    return loaded + ["libcudart.so", "libcudart.so.13", "libcudart.so.12"]
+
+
 class GroupStateStore:
     """Moves per-group optimizer state between host and device.
 
@@ -157,12 +216,13 @@ class GroupStateStore:
             ``HIFT_STRICT_OFFLOAD``.
         pairs: the groups ``(a, b)`` that can train at consecutive steps (the slots hold
             one such pair at a time); None: any two.
+        chunk_bytes: the arena's chunk (a fill waits for the write-back of its chunk).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, group_params: list[list[torch.Tensor]],
                  device: torch.device, enabled: bool, masters: bool = False,
                  factory: Callable | None = None, strict: bool | None = None,
-                 pairs: set[tuple[int, int]] | None = None):
+                 pairs: set[tuple[int, int]] | None = None, chunk_bytes: int = CHUNK_BYTES):
         self.optimizer = optimizer
         k = len(group_params)
         self.pairs = pairs if pairs is not None else {(a, b) for a in range(k) for b in range(k)
@@ -175,10 +235,11 @@ class GroupStateStore:
         if strict is None:
             strict = os.environ.get("HIFT_STRICT_OFFLOAD") == "1"
         self.strict = bool(strict) and enabled and not self.cuda
-        self.stream = torch.cuda.Stream(device) if (enabled and self.cuda) else None
-        # Race amplifiers for the GPU check: called on the side stream before each
-        # transfer, and on the compute stream right before the group's update.
-        self.side_delay: Callable[[], None] | None = None
+        self.streams = (CudaStreams(device) if enabled and self.cuda
+                        else StreamModel() if self.strict else NoStreams())
+        self.chunk_bytes = chunk_bytes
+        # Race amplifier for the GPU check, on the compute stream right before each update
+        # (side_delay: on a copy stream before each copy).
         self.compute_delay: Callable[[], None] | None = None
         self.layouts: dict[int, _Layout] = {}
         self.host: dict[int, dict[torch.dtype, torch.Tensor]] = {}
@@ -186,19 +247,21 @@ class GroupStateStore:
         self.arena: dict[torch.dtype, torch.Tensor] = {}
         self.slot_owner: list[int | None] = [None, None]
         self.in_slot: dict[int, dict[torch.dtype, torch.Tensor]] = {}  # group -> its slot
+        self.at: dict[int, dict[torch.dtype, int] | None] = {}  # its slot's arena offsets
         # Groups whose state is on the device: slot index, or None for state that lives
         # outside the slots (created by the group's first update) or that has none yet.
         self.resident: dict[int, int | None] = {}
         self.unbound: set[int] = set()  # fetched into a slot, not yet waited for
-        self.ready: dict[int, torch.cuda.Event] = {}
+        # Events: a group's fill done; an arena chunk's last write-back done, keyed by
+        # (dtype, chunk); a group's host buffers written back.
+        self.ready: dict[int, object] = {}
+        self.drained: dict[tuple[torch.dtype, int], object] = {}
+        self.landed: dict[int, object] = {}
         self.allocated_host_bytes = 0  # every host buffer ever allocated (sizing check)
         self.writebacks = collections.Counter()  # "flat" (a copy per dtype) / "per_tensor"
         self.stats = TransferStats()
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._registered: dict[int, list] = {}  # group -> finalizers that un-register
-        self._queue: collections.deque = collections.deque()  # strict: pending copies
-        self._marks: dict[int, int] = {}  # strict: group -> queue position of its copy
-        self._enqueued = self._executed = 0
         self._reading = 0  # depth of readable() blocks
         # Strict mode binds away groups here: wrong size and dtype, so any use fails.
         self.poison = torch.empty(0, dtype=torch.bool)
@@ -260,6 +323,7 @@ class GroupStateStore:
             self._relayout(g, handles)
         for handle in handles:  # masters (and state, if any) move in now
             self._host_view(g, handle).copy_(self._get(handle))
+        self.streams.use(HOST, writes=self.host[g].values(), what=f"group {g}'s host buffers")
         self._bind_away(g)
 
     def _predict(self, factory: Callable | None, p: torch.Tensor) -> dict | None:
@@ -285,12 +349,11 @@ class GroupStateStore:
         t = torch.empty(numel, dtype=dtype)
         if not self.cuda or numel == 0:
             return t
+        if not page_lock(t):
+            log.warning("cudaHostRegister failed; using PyTorch's pinned allocator")
+            return torch.empty(numel, dtype=dtype, pin_memory=True)
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        rc = int(torch.cuda.cudart().cudaHostRegister(ptr, storage.nbytes(), 0))
-        if rc != 0:
-            log.warning(f"cudaHostRegister failed (error {rc}); using PyTorch's pinned allocator")
-            return torch.empty(numel, dtype=dtype, pin_memory=True)
         # Un-registered when the memory goes, or by _release / close (whichever comes
         # first); not at exit, when the CUDA context may be gone.
         unregister = weakref.finalize(storage, _unregister, ptr)
@@ -303,6 +366,7 @@ class GroupStateStore:
         if g not in self.host:
             return
         self.synchronize()
+        self.streams.forget(self.host[g].values())
         for unregister in self._registered.pop(g, []):
             unregister()
         del self.host[g]
@@ -348,23 +412,50 @@ class GroupStateStore:
             return
         index = self.slot_owner.index(None)
         slot = self.in_slot[g] = self._slot(index, g)
-        host, layout = self.host[g], self.layouts[g]
+        host, layout, s = self.host[g], self.layouts[g], self.streams
         has_state = any(key is not None for _, key in handles)
         count = layout.numel if has_state else layout.masters_numel
-
-        def copy():
-            for dtype, n in count.items():
-                slot[dtype][:n].copy_(host[dtype][:n], non_blocking=True)
-
-        self._on_side(copy)
+        if g in self.landed:  # its host buffers: their last write-back must have landed
+            s.wait(s.h2d, self.landed.pop(g))
+        for dtype, n in count.items():
+            for lo, hi, chunk in self._chunks(g, dtype, n):
+                if chunk in self.drained:  # the slot's previous contents have left
+                    s.wait(s.h2d, self.drained.pop(chunk))
+                self._copy(s.h2d, slot[dtype][lo:hi], host[dtype][lo:hi],
+                           f"group {g}'s fill of slot {index}")
         self.stats.h2d_bytes += sum(n * dt.itemsize for dt, n in count.items())
-        if self.cuda:
-            self.ready[g] = torch.cuda.Event()
-            self.ready[g].record(self.stream)
-        self._marks[g] = self._enqueued
+        self.ready[g] = s.record(s.h2d)
         self.slot_owner[index] = g
         self.resident[g] = index
         self.unbound.add(g)
+
+    def _chunks(self, g: int, dtype: torch.dtype, n: int):
+        """Group g's first ``n`` elements of ``dtype`` in its slot, cut at the arena's
+        chunk boundaries: ``(lo, hi, chunk)`` with slot-relative ``lo:hi`` and the
+        arena chunk's key (None: a slot outside the arena, one piece)."""
+        at = self.at.get(g)
+        if at is None:
+            if n:
+                yield 0, n, None
+            return
+        size = max(1, self.chunk_bytes // dtype.itemsize)
+        start = lo = at[dtype]
+        while lo < start + n:
+            hi = min((lo // size + 1) * size, start + n)
+            yield lo - start, hi - start, (dtype, lo // size)
+            lo = hi
+
+    def _copy(self, stream, dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+        """``dst.copy_(src)`` on a copy stream (a plain copy, timed, without streams)."""
+        def copy(dst=dst, src=src):
+            dst.copy_(src, non_blocking=True)
+
+        if self.streams.eager:
+            start = time.perf_counter()
+            copy()
+            self.stats.stall_seconds += time.perf_counter() - start
+            return
+        self.streams.run(stream, copy, reads=(src,), writes=(dst,), what=what)
 
     def _arena_size(self) -> dict[torch.dtype, int]:
         """Elements per dtype the two slots need: the largest sum over the pairs of groups
@@ -386,29 +477,37 @@ class GroupStateStore:
                    for dt, n in need.items())
         if not fits and other is not None:
             # A layout that was not predicted, beside a group in the other slot: a buffer of
-            # its own this once (freed when the group leaves; its copies keep it alive).
+            # its own this once (freed when the group leaves; the copy streams keep it).
             slot = {dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in need.items()}
             self._fill_after_compute(slot)
+            self.at[g] = None
             return slot
         if not fits:
-            self.synchronize()  # no copy may still read the arena being replaced
+            if self.arena:
+                self.synchronize()  # no copy may still use the arena being replaced
+                self.streams.forget(self.arena.values())
             size = self._arena_size()
             self.arena = {dt: torch.empty(max(size.get(dt, 0), need.get(dt, 0)), dtype=dt,
                                           device=self.device) for dt in {*size, *need}}
+            self.drained.clear()  # events of the old arena's chunks
             self._fill_after_compute(self.arena)
         if index == 0:
-            return {dt: self.arena[dt][:n] for dt, n in need.items()}
-        return {dt: self.arena[dt][self.arena[dt].numel() - n:] for dt, n in need.items()}
+            self.at[g] = {dt: 0 for dt in need}
+        else:
+            self.at[g] = {dt: self.arena[dt].numel() - n for dt, n in need.items()}
+        return {dt: self.arena[dt][self.at[g][dt]:][:n] for dt, n in need.items()}
 
     def _fill_after_compute(self, buffers: dict[torch.dtype, torch.Tensor]) -> None:
-        """New device memory is about to be written on the side stream: it was allocated on
-        the compute stream, whose queued work (a deterministic-mode fill, or kernels still
-        using the block the allocator handed out) must come first; and its memory must not
-        go back to the compute stream before the side stream's copies are done."""
-        if self.cuda:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            for b in buffers.values():
-                b.record_stream(self.stream)
+        """New device memory is about to be written on the copy streams: it was allocated
+        on the compute stream, whose queued work (a deterministic-mode fill, or kernels
+        still using the block the allocator handed out) must come first; and its memory
+        must not go back to the allocator before the copy streams are done with it."""
+        s = self.streams
+        s.allocated(buffers.values())
+        s.after(s.h2d, s.compute)
+        for b in buffers.values():
+            s.keep(b, s.h2d)
+            s.keep(b, s.d2h)
 
     def wait(self, g: int) -> None:
         """Before group g's state is used: make sure it has arrived on the device."""
@@ -418,22 +517,32 @@ class GroupStateStore:
         if not ahead:
             self.prefetch(g)  # nothing fetched it ahead: fetch now (not counted as stall)
         if g in self.unbound:
-            if self.cuda:
-                compute = torch.cuda.current_stream(self.device)
-                if ahead:  # time what the compute stream waits: the stall
-                    arrive = torch.cuda.Event(enable_timing=True)
-                    resume = torch.cuda.Event(enable_timing=True)
-                    arrive.record(compute)
-                    compute.wait_event(self.ready.pop(g))
-                    resume.record(compute)
-                    self._stall_events.append((arrive, resume))
-                else:
-                    compute.wait_event(self.ready.pop(g))
-            self._drain(self._marks.pop(g, 0))
+            s, ready = self.streams, self.ready.pop(g)
+            if self.cuda and ahead:  # time what the compute stream waits: the stall
+                compute = s.compute
+                arrive = torch.cuda.Event(enable_timing=True)
+                resume = torch.cuda.Event(enable_timing=True)
+                arrive.record(compute)
+                compute.wait_event(ready)
+                resume.record(compute)
+                self._stall_events.append((arrive, resume))
+            else:
+                s.wait(s.compute, ready)
             self._bind(g, self.in_slot[g])
             self.unbound.discard(g)
+
+    @contextlib.contextmanager
+    def updating(self, g: int):
+        """Around group g's update (the optimizer step, the masters' write-back into the
+        weights) on the compute stream: its write-back waits for all of it. The GPU
+        check's ``compute_delay`` runs here, right before the update: a write-back that
+        did not wait for the update would copy the state before it."""
         if self.compute_delay is not None:
             self.compute_delay()
+        yield
+        if self.enabled and g in self.layouts:
+            self.streams.use(self.streams.compute, writes=[self._get(h) for h in self._handles(g)],
+                             what=f"group {g}'s update")
 
     def offload(self, g: int, keep: bool = False) -> None:
         """After group g's update: send its state to the host.
@@ -452,70 +561,59 @@ class GroupStateStore:
             return
         index = self.resident.pop(g, None)
         self.unbound.discard(g)
-        host, layout = self.host[g], self.layouts[g]
+        host, layout, s = self.host[g], self.layouts[g], self.streams
         slot = self.in_slot.pop(g, None)
+        s.after(s.d2h, s.compute)  # the update comes first
         flat = slot is not None and all(
             self._get(h).data_ptr() == slot[dtype].data_ptr() + off * dtype.itemsize
             for h, (dtype, off, _) in ((h, layout.entries[h]) for h in handles))
-        if flat:  # every tensor is a view of the slot: one copy per dtype
-            def copy():
-                for dtype, n in layout.numel.items():
-                    host[dtype].copy_(slot[dtype][:n], non_blocking=True)
-            moved = layout.nbytes
+        if flat:  # every tensor is a view of the slot: a copy per dtype and chunk
+            for dtype, n in layout.numel.items():
+                for lo, hi, chunk in self._chunks(g, dtype, n):
+                    self._copy(s.d2h, host[dtype][lo:hi], slot[dtype][lo:hi],
+                               f"group {g}'s write-back")
+                    if chunk is not None:
+                        self.drained[chunk] = s.record(s.d2h)
+            self.stats.d2h_bytes += layout.nbytes
             self.writebacks["flat"] += 1
         else:  # the group's first update created its state outside the slot
-            tensors = [(self._host_view(g, h), self._get(h)) for h in handles]
-
-            def copy():
-                for dst, src in tensors:
-                    dst.copy_(src, non_blocking=True)
-                    if self.cuda and src.is_cuda:
-                        src.record_stream(self.stream)  # keep its memory until copied
-            moved = sum(src.nbytes for _, src in tensors)
+            for h in handles:
+                src = self._get(h)
+                self._copy(s.d2h, self._host_view(g, h), src, f"group {g}'s write-back")
+                if src.device.type == "cuda":
+                    s.keep(src, s.d2h)  # its memory stays until copied
+                self.stats.d2h_bytes += src.nbytes
+            if slot is not None:  # the masters came from the slot: its chunks drain now
+                done = s.record(s.d2h)
+                for dtype, n in layout.numel.items():
+                    for _, _, chunk in self._chunks(g, dtype, n):
+                        if chunk is not None:
+                            self.drained[chunk] = done
             self.writebacks["per_tensor"] += 1
-        self._on_side(copy, wait_for_compute=True)
-        self.stats.d2h_bytes += moved
+        self.landed[g] = s.record(s.d2h)
+        self.at.pop(g, None)
         self._bind_away(g)
         if index is not None:
             self.slot_owner[index] = None
 
-    def _on_side(self, copy: Callable[[], None], wait_for_compute: bool = False) -> None:
-        """Run ``copy`` on the side stream (CUDA), queue it (strict), or run it now."""
-        if self.strict:
-            self._queue.append(copy)
-            self._enqueued += 1
-            return
-        if self.cuda:
-            if wait_for_compute:
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                if self.side_delay is not None:
-                    self.side_delay()
-                copy()
-            return
-        start = time.perf_counter()
-        copy()
-        self.stats.stall_seconds += time.perf_counter() - start
+    @property
+    def side_delay(self) -> Callable[[], None] | None:
+        """Race amplifier for the GPU check: runs on a copy stream before each copy."""
+        return self.streams.delay
 
-    def _drain(self, upto: int) -> None:
-        """Strict mode: run queued copies up to position ``upto`` (what a wait would see)."""
-        while self._executed < upto and self._queue:
-            if self.side_delay is not None:
-                self.side_delay()
-            self._queue.popleft()()
-            self._executed += 1
+    @side_delay.setter
+    def side_delay(self, fn: Callable[[], None] | None) -> None:
+        self.streams.delay = fn
 
     # ------------------------------------------------------------------ bookkeeping
     def synchronize(self) -> None:
         """Wait for every transfer (before reading host copies, e.g. to save them)."""
-        if self.stream is not None:
-            self.stream.synchronize()
-        self._drain(self._enqueued)
+        self.streams.synchronize()
 
     @property
     def pending(self) -> int:
         """Strict mode: copies queued and not yet done."""
-        return len(self._queue)
+        return self.streams.pending
 
     @contextlib.contextmanager
     def readable(self):
@@ -532,6 +630,8 @@ class GroupStateStore:
         away = [g for g in self.layouts if g not in self.resident or g in self.unbound]
         for g in away:
             self._bind(g, self.host[g])
+        self.streams.use(HOST, reads=[b for g in away for b in self.host[g].values()],
+                         what="host buffers, read by the host")
         self._reading += 1
         try:
             yield
@@ -546,12 +646,15 @@ class GroupStateStore:
         if not self.enabled:
             return
         self.synchronize()
+        # The compute stream may still be using the slots: the next fill waits for it.
+        self.streams.after(self.streams.h2d, self.streams.compute)
+        for events in (self.ready, self.drained, self.landed):
+            events.clear()  # all done (synchronized)
         self.resident.clear()
         self.unbound.clear()
-        self.ready.clear()
-        self._marks.clear()
         self.slot_owner = [None, None]
         self.in_slot.clear()
+        self.at.clear()
         for g in self.layouts:
             self._bind(g, self.host[g])
 
@@ -568,6 +671,8 @@ class GroupStateStore:
                 view, t = self._host_view(g, h), self._get(h)
                 if view.data_ptr() != t.data_ptr():
                     view.copy_(t)
+            self.streams.use(HOST, writes=self.host[g].values(),
+                             what=f"group {g}'s host buffers, restored")
             self._bind_away(g)
 
     def host_bytes(self) -> int:
