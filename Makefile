@@ -39,10 +39,13 @@ bench: install  ## fpft vs HiFT, quality per epoch, and HiFT vs LoRA/BAdam/GaLor
 	$(OFFLINE) $(PY) bench/compare.py
 
 # The lent GPU machine (bench/gpu_check.py's docstring has the whole recipe): its python3
-# has torch, transformers, pandas, pyarrow and xxhash but not the packages below, and no
-# PyPI. Same versions as .venv; cp312 manylinux x86_64 (pure-python wheels match too).
-# antlr4-python3-runtime 4.9.3 (omegaconf's runtime) is an sdist only, so it is built here.
-GPU_WHEELS := ^(hydra-core|omegaconf|datasets|dill|multiprocess)==
+# has torch, transformers, pandas, pyarrow and xxhash but not hydra-core, omegaconf,
+# datasets, dill, multiprocess, and no PyPI. Same versions as .venv; cp312 manylinux x86_64
+# (pure-python wheels match too). pyarrow and fsspec come too (~54 MiB), in the versions
+# datasets requires (its wheel is installed without dependencies; the image's may be out
+# of its range). antlr4-python3-runtime 4.9.3 (omegaconf's runtime) is an sdist only, so it
+# is built here.
+GPU_WHEELS := ^(hydra-core|omegaconf|datasets|dill|multiprocess|pyarrow|fsspec)==
 GPU_TAGS   := --only-binary=:all: --python-version 3.12 --implementation cp \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 gpu-wheels: install  ## wheels the GPU machine lacks, into .whl/ (carry it there)
@@ -54,17 +57,18 @@ gpu-wheels: install  ## wheels the GPU machine lacks, into .whl/ (carry it there
 
 # GPU_PY: the python to run with (python3 on the GPU machine); GPU_OUT: where results go
 # ($$OUT there, so they come back). Missing hydra/datasets come from .whl/ into GPU_SITE.
+# The time budget (gpu_check.py --budget) counts from --started: before that install.
 GPU_PY   ?= $(PY)
 GPU_OUT  ?= bench/results
 GPU_SITE ?= /tmp/hift-site
 gpu-check: $(if $(filter $(PY),$(GPU_PY)),install)  ## GPU measurements into bench/results/ (says so and exits 0 without CUDA)
-	@site=; if ! $(GPU_PY) -c "import hydra, datasets" 2>/dev/null; then \
+	@start=$$(date +%s); site=; if ! $(GPU_PY) -c "import hydra, datasets" 2>/dev/null; then \
 	  if [ ! -d .whl ]; then echo "$(GPU_PY) lacks hydra/datasets and there is no .whl/:"\
 	    "run make gpu-wheels where PyPI is reachable and carry .whl"; exit 1; fi; \
 	  $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade \
 	    --target $(GPU_SITE) .whl/*.whl || exit 1; site=$(GPU_SITE):; fi; \
 	PYTHONPATH=$$site$(CURDIR) PYTHONUNBUFFERED=1 $(OFFLINE) \
-	  $(GPU_PY) bench/gpu_check.py --out $(GPU_OUT)
+	  $(GPU_PY) bench/gpu_check.py --out $(GPU_OUT) --started $$start
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,12 +1,22 @@
 """``make gpu-check``: what only a GPU can show, in one call of at most 9 minutes.
 
+First it prints one line with the versions of the packages it runs on (recorded in the
+results as ``packages``) and checks them: hift's own requirements on what the stages
+import, and those of transformers, datasets, hydra-core and omegaconf (the carried
+wheels are installed without their dependencies), then that each imports. A problem
+ends it there, exit code 2, with one line naming the package, e.g. ``gpu-check:
+datasets 3.6.0 needs pyarrow>=15.0.0, found 14.0.2``.
+
 Stages, highest priority first, each in its own process (``--stage NAME``); the
 orchestrator (no ``--stage``) rewrites ``<out>/gpu-<date>.json`` and ``.md`` after every
-stage, so a crash, an out-of-memory kill or a timeout of a later stage keeps what
-finished. A failed stage is recorded with the end of its stderr and the next one runs;
-the exit code is 1 if any stage failed. Nothing is needed from the Hub: models are built
-from their config with random weights (``model.random_init``), fed the tiny instruction
-set (stages 1-3) or random token ids of a fixed shape (4-6).
+stage, and every few seconds while one runs with what it has measured so far (marked
+``running``), so a crash, an out-of-memory kill or a timeout of a stage, or a kill of the
+whole command, keeps what was measured. A failed stage is recorded with the end of its
+stderr and the next one runs; a part of a stage that ran out of device memory is recorded
+with ``oom: true`` (``bench/gpu_stages.py``). The exit code is 1 if any stage failed.
+Nothing is needed from the Hub: models are built from their config with random weights
+(``model.random_init``), fed the tiny instruction set (stages 1-3) or random token ids of
+a fixed shape (4-6).
 
 The stages and what each measures: ``bench/gpu_stages.py``, in priority order
 ``equality``, ``races``, ``resume`` (correctness on CUDA), then ``overlap``,
@@ -16,24 +26,29 @@ What it costs: each stage process pays ~5-10 s of imports and CUDA start. The mo
 stages 4-6 are initialised on the GPU (on the host CPU a 7B fp32 init takes a minute or
 more); peaks are reset after the warm-up cycle, so this changes setup time only. The
 orchestrator skips a stage whose estimated cost does not fit the budget left
-(``--budget``, default 540 s) and kills one that outruns its timeout.
+(``--budget``, default 540 s, counted from ``--started``: ``make gpu-check`` passes the
+time it started, before installing the carried wheels; default this process's start)
+and kills one that outruns its timeout or the budget.
 
 On the lent GPU machine (python3 with torch; no PyPI; lacks hydra-core, omegaconf,
 antlr4-python3-runtime, datasets, dill, multiprocess):
 
-    make gpu-wheels                            # here: those wheels into .whl/ (~1.3 MiB)
+    make gpu-wheels                            # here: those wheels (and pyarrow, fsspec) into .whl/ (~56 MiB)
     # the device call carries .whl, runs with timeout_s=600 and writes into $OUT:
     make gpu-check GPU_PY=python3 GPU_OUT=$OUT
     # the same without make:
+    start=$(date +%s)
     python3 -c "import hydra, datasets" 2>/dev/null || python3 -m pip install -q \\
         --no-index --no-deps --no-compile --upgrade --target /tmp/hift-site .whl/*.whl
     PYTHONPATH=/tmp/hift-site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \\
-        python3 bench/gpu_check.py --out $OUT
+        python3 bench/gpu_check.py --out $OUT --started $start
 
     python bench/gpu_check.py --smoke    # every stage on CPU, tiny model (the tests)
     python bench/gpu_check.py --stages equality,races   # a subset, in priority order
 
-Test hook: ``GPU_CHECK_FAIL_STAGE=<name>`` makes that stage raise at its start.
+Test hooks: ``GPU_CHECK_FAIL_STAGE=<name>`` makes that stage raise at its start;
+``GPU_CHECK_OOM=<stage>/<run>`` makes that run's training raise ``OutOfMemoryError`` at
+its first step (the performance stages name their runs as their parts: ``overlap/fpft``).
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -49,7 +65,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 _STARTED = time.time()  # before torch and hift_cli: a stage's startup cost is measured
 
@@ -67,6 +85,85 @@ from gpu_stages import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+POLL_S = 3  # how often a running stage's record is merged into the results
+
+
+# --------------------------------------------------------------------- packages
+# What the stages import (distribution: module), hift's requirements on which are
+# checked; the packages whose own requirements are checked (the carried wheels are
+# installed without their dependencies); and what else the version line shows.
+IMPORTED = {"torch": "torch", "transformers": "transformers", "datasets": "datasets",
+            "hydra-core": "hydra", "omegaconf": "omegaconf", "safetensors": "safetensors",
+            "rich": "rich"}
+CHECKED = ("transformers", "datasets", "hydra-core", "omegaconf")
+SHOWN = (*IMPORTED, "antlr4-python3-runtime", "dill", "multiprocess", "pyarrow", "fsspec",
+         "huggingface-hub", "tokenizers", "accelerate", "numpy", "packaging")
+
+
+def installed(name: str) -> str | None:
+    """The installed version of distribution ``name``; None if it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def requirements(name: str) -> list[str]:
+    """Distribution ``name``'s declared requirements (hift-cli: from this checkout's
+    pyproject.toml, as the lent machine does not install it)."""
+    if name == "hift-cli":
+        import tomllib
+
+        with open(ROOT / "pyproject.toml", "rb") as f:
+            return tomllib.load(f)["project"]["dependencies"]
+    return metadata.requires(name) or []
+
+
+def unmet(name: str, version: str, only: set[str] | None = None) -> list[str]:
+    """What ``name`` (at ``version``) requires and is not installed in a version it
+    accepts; extras and requirements whose markers exclude this machine are left out,
+    and with ``only``, requirements on other distributions."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import InvalidVersion
+
+    problems = []
+    for line in requirements(name):
+        req = Requirement(line)
+        if only is not None and canonicalize_name(req.name) not in only:
+            continue
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        found = installed(req.name)
+        spec = req.name + (f"[{','.join(sorted(req.extras))}]" if req.extras else "") \
+            + str(req.specifier)
+        try:
+            if found is None:
+                problems.append(f"{name} {version} needs {spec}, not installed")
+            elif not req.specifier.contains(found, prereleases=True):
+                problems.append(f"{name} {version} needs {spec}, found {found}")
+        except InvalidVersion:  # not PEP 440: no telling; the imports will show
+            pass
+    return problems
+
+
+def package_problem(versions: dict) -> str | None:
+    """What is wrong with the packages (``versions``: as found, None if not installed),
+    in one line; None if nothing is. Requirements first, then the imports."""
+    missing = [name for name in IMPORTED if versions[name] is None]
+    if missing:
+        return f"not installed: {', '.join(missing)} (make gpu-wheels, and carry .whl)"
+    problems = unmet("hift-cli", "(this checkout)", set(IMPORTED))
+    for name in CHECKED:
+        problems += unmet(name, versions[name])
+    if not problems:
+        for name, module in IMPORTED.items():
+            try:
+                importlib.import_module(module)
+            except Exception as e:
+                problems.append(f"{name} {versions[name]} does not import:"
+                                f" {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+    return "; ".join(problems) or None
 
 
 # --------------------------------------------------------------------- orchestrator
@@ -116,11 +213,26 @@ def gate(name: str, results: dict, smoke: bool, left: float) -> tuple[str | None
     return None, cost
 
 
+def stage_command(name: str, smoke: bool, work: Path, deadline: float) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--out", str(work),
+            "--deadline", f"{deadline:.1f}"] + (["--smoke"] if smoke else [])
+
+
+def read_record(path: Path) -> dict:
+    """A stage's record as it last wrote it (whole: it writes atomically); {} if none."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text())
+    return {}
+
+
 def launch(name: str, smoke: bool, work: Path, deadline: float, timeout: float,
-           log: Path) -> dict:
-    """Run one stage in its own process; its result, or what is known of its failure."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--out", str(work),
-           "--deadline", f"{deadline:.1f}"] + (["--smoke"] if smoke else [])
+           log: Path, progress: Callable[[dict], None] | None = None) -> dict:
+    """Run one stage in its own process; its result, or what is known of its failure.
+
+    While it runs, ``progress`` gets its record (with ``seconds`` so far) whenever that
+    changed, checked every ``POLL_S`` seconds.
+    """
+    cmd = stage_command(name, smoke, work, deadline)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if STAGES[name].deterministic:
@@ -128,19 +240,27 @@ def launch(name: str, smoke: bool, work: Path, deadline: float, timeout: float,
     if smoke:  # the store's GPU simulation on the CPU (hift_cli/offload.py)
         env.setdefault("HIFT_STRICT_OFFLOAD", "1")
     out, err = work / f"{name}.out", work / f"{name}.err"
+    path = work / f"{name}.json"
     start = time.perf_counter()
+    seen: dict = {}
     with open(out, "w") as stdout, open(err, "w") as stderr:
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=work)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = None
-    path = work / f"{name}.json"
-    entry = {}
-    with contextlib.suppress(OSError, ValueError):
-        entry = json.loads(path.read_text())
+        while True:
+            left = timeout - (time.perf_counter() - start)
+            try:
+                rc = proc.wait(timeout=max(0.0, min(POLL_S, left)))
+                break
+            except subprocess.TimeoutExpired:
+                if left <= POLL_S:
+                    proc.kill()
+                    proc.wait()
+                    rc = None
+                    break
+            record = read_record(path)
+            if progress is not None and record and record != seen:
+                seen = record
+                progress({**record, "seconds": round(time.perf_counter() - start, 1)})
+    entry = read_record(path)
     entry["seconds"] = round(time.perf_counter() - start, 1)
     if rc != 0:
         entry["returncode"] = rc
@@ -155,18 +275,22 @@ def launch(name: str, smoke: bool, work: Path, deadline: float, timeout: float,
     return entry
 
 
-def orchestrate(smoke: bool, out: Path, budget: float, names: list[str]) -> int:
+def orchestrate(smoke: bool, out: Path, budget: float, names: list[str],
+                started: float = _STARTED, packages: dict | None = None) -> int:
+    """Run ``names`` in order within ``budget`` seconds of ``started`` (the command's
+    start); the results go to ``<out>/gpu-<date>.json``, ``.md`` and ``.log``."""
     import hift_cli
 
-    start = time.time()
-    deadline = start + budget
+    deadline = started + budget
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"gpu-{dt.date.today().isoformat()}"
     log = stem.with_suffix(".log")
     log.write_text("")
     results = {"date": dt.date.today().isoformat(), "smoke": smoke, "device": None,
                "torch": torch.__version__, "cuda": torch.version.cuda, "machine": machine(),
-               "hift_cli": hift_cli.__file__, "budget_seconds": budget, "stages": {}}
+               "packages": packages, "hift_cli": hift_cli.__file__, "budget_seconds": budget,
+               # before the first stage: installing the carried wheels, imports, the checks
+               "setup_seconds": round(time.time() - started, 1), "stages": {}}
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     failed = []
     try:
@@ -183,7 +307,15 @@ def orchestrate(smoke: bool, out: Path, budget: float, names: list[str]) -> int:
                 timeout = min(SMOKE_TIMEOUT_S if smoke else STAGES[name].timeout_s, left)
                 print(f"[{i}/{len(names)}] {name}: running (estimated {cost:.0f} s,"
                       f" timeout {timeout:.0f} s)", flush=True)
-                entry = launch(name, smoke, work, deadline, timeout, log)
+
+                def progress(record: dict, name=name, cost=cost) -> None:
+                    # What it measured so far is in <out> even if everything is killed.
+                    results["stages"][name] = {**record, "running": True,
+                                               "estimated_seconds": round(cost, 1)}
+                    results["seconds"] = round(time.time() - started, 1)
+                    save(results, stem)
+
+                entry = launch(name, smoke, work, deadline, timeout, log, progress)
                 entry["estimated_seconds"] = round(cost, 1)
                 if "trace" in entry and entry["trace"].get("trace_file"):
                     kept = Path(entry["trace"]["trace_file"])
@@ -194,7 +326,7 @@ def orchestrate(smoke: bool, out: Path, budget: float, names: list[str]) -> int:
                 results["device"] = results["device"] or entry.get("device")
                 if "returncode" in entry:
                     failed.append(name)
-            results["seconds"] = round(time.time() - start, 1)
+            results["seconds"] = round(time.time() - started, 1)
             save(results, stem)
             print(f"[{i}/{len(names)}] {name}: {summary(results['stages'][name])}", flush=True)
     finally:
@@ -227,7 +359,8 @@ def summary(stage: dict) -> str:
     if "skipped" in stage:
         return f"skipped ({stage['skipped']})"
     if stage.get("running"):
-        return "running (or killed while running)"
+        return "running (or killed while running)" + (
+            f" after {stage['seconds']:.0f} s" if "seconds" in stage else "")
     head = (f"FAILED (exit {stage['returncode']}): {stage['error'].splitlines()[-1]}"
             if "returncode" in stage else "ok")
     facts = [f"{stage.get('seconds', 0):.0f} s"]
@@ -279,7 +412,8 @@ def _render_checks(stage: dict, key: str) -> list[str]:
 
 def _render_perf(stage: dict) -> list[str]:
     lines = [f"{stage.get('model', '')}, batch {stage.get('batch')} x {stage.get('seq_len')}:"
-             " means over the measured cycles, peaks since the last warm-up step.", "",
+             " means over the measured cycles, peaks since the last warm-up step's write-back.",
+             "",
              "| run | groups | step s | stall | H2D GiB/step | peak alloc GiB |"
              " peak reserved GiB | estimated GiB | host GiB | exact host GiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -305,6 +439,12 @@ def _render_perf(stage: dict) -> list[str]:
         lines += ["", f"Profiler ({trace.get('steps')} steps, `{trace.get('trace_file', '-')}`):"
                   f" {h2d['copies']} host-to-device copies, {h2d['copy_us'] / 1e3:.1f} ms, of"
                   f" which {_num(h2d['overlap_fraction'])} overlapped compute kernels."]
+        duplex = trace.get("d2h_during_h2d") or {}
+        if duplex.get("copies"):
+            lines[-1] += (f" {duplex['copies']} device-to-host copies,"
+                          f" {duplex['copy_us'] / 1e3:.1f} ms, of which"
+                          f" {_num(duplex['overlap_fraction'])} ran beside host-to-device"
+                          " copies (the two copy streams).")
     on = stage.get("runs", {}).get("offload_on", {})
     if "measured_reserve_gib" in on:
         lines += ["", f"Peak allocated / estimated: {1 + on['estimate_error']:.3f}. Measured"
@@ -334,16 +474,23 @@ def render(results: dict) -> str:
              f" {m['system']} {m['kernel']}, Python {m['python']}."
              + (f" GPU: {'; '.join(m['gpus'])}." if m.get("gpus") else "")
              + f" {results.get('seconds', 0):.0f} s of a {results['budget_seconds']:.0f} s"
-             " budget."]
+             " budget (from the command's start)."]
+    if results.get("packages"):
+        lines += ["", "Packages: " + versions_line(results["packages"]) + "."]
     for name, stage in results["stages"].items():
         lines += ["", f"## {name}", "", summary(stage)]
-        if "skipped" in stage or stage.get("running"):
+        # A running stage has tables once it recorded its start (every stage does first).
+        if "skipped" in stage or (stage.get("running") and "startup_seconds" not in stage):
             continue
         try:
             lines += ["", *RENDERERS[name](stage)]
         except Exception as e:  # a partial result must not cost the report
             lines += ["", f"(cannot render: {e!r})"]
     return "\n".join(lines) + "\n"
+
+
+def versions_line(versions: dict) -> str:
+    return ", ".join(f"{name} {version or 'not installed'}" for name, version in versions.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,7 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: bench/results; --smoke: a temp dir)")
     parser.add_argument("--budget", type=float, default=540,
-                        help="seconds for all stages (default 540)")
+                        help="seconds for the whole check from --started (default 540)")
+    parser.add_argument("--started", type=float, default=_STARTED,
+                        help="when the command started, seconds since the epoch (make"
+                        " gpu-check: before installing the carried wheels; default now)")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help="comma-separated subset to run (priority order is kept)")
     parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)
@@ -366,16 +516,23 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--stage needs --out (the folder its result goes to)")
         deadline = args.deadline or time.time() + args.budget
         return run_stage(args.stage, args.smoke, args.out, deadline, _STARTED)
-    if not args.smoke and not torch.cuda.is_available():
-        print("gpu-check needs CUDA: no GPU on this machine, nothing was measured.")
-        return 0
     unknown = set(args.stages.split(",")) - set(STAGES)
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGES)}")
     names = [n for n in STAGES if n in args.stages.split(",")]
+    versions = {name: installed(name) for name in SHOWN}
+    print(f"gpu-check: Python {platform.python_version()}; {versions_line(versions)}",
+          flush=True)
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu-check needs CUDA: no GPU on this machine, nothing was measured.")
+        return 0
+    problem = package_problem(versions)
+    if problem is not None:
+        print(f"gpu-check: {problem}", flush=True)
+        return 2
     out = args.out or (Path(tempfile.mkdtemp(prefix="gpu-check-smoke-")) if args.smoke
                        else RESULTS)
-    return orchestrate(args.smoke, out, args.budget, names)
+    return orchestrate(args.smoke, out, args.budget, names, args.started, versions)
 
 
 if __name__ == "__main__":

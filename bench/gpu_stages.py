@@ -19,7 +19,7 @@ token ids of a fixed shape (4-6).
    host-to-device copy time that overlaps compute kernels on another stream.
 5. ``llama7b_wide``: LLaMA-7B's layers, 8 of them (10 groups at m=1), bf16-mixed, gradient
    checkpointing, batch 8 x 512: the same figures over a cycle after a warm-up cycle. It
-   also projects stage 6's cost from what it measured.
+   also projects stage 7's cost from what it measured (its full-size estimates timed).
 6. ``llama3_vocab``: Llama-3-8B's shape with 4 of its layers and its whole 128,256-token
    vocabulary (embeddings and head cut into 3 sub-units each, the chunked loss), bf16-mixed,
    checkpointing, m=1, batch 8 x 512: allocated and reserved peaks beside the estimate, and
@@ -28,6 +28,11 @@ token ids of a fixed shape (4-6).
 7. ``llama7b_full``: all 32 layers, offload on (75 GiB of host buffers): runs only if
    stage 5's host bytes are within 5% of exact and the projection fits the time left;
    then fpft at that shape if time is left (its OOM is a result).
+
+Running out of device memory, raised or turned by the trainer into a stop
+(``TrainingStopped``), is recorded in the part's entry as ``oom: true`` with its one-line
+message; so is a stop after non-finite steps (by its message). Either fails only that
+part, and the stage goes on; an OOM where it is a result (fpft) fails nothing.
 
 Every stage runs with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless it is
 set, as ``hift train`` does.
@@ -53,6 +58,7 @@ import torch
 
 GIB = 2**30
 FAIL_ENV = "GPU_CHECK_FAIL_STAGE"
+OOM_ENV = "GPU_CHECK_OOM"  # <stage>/<run>: that run's first step raises OutOfMemoryError
 TRACE_LIMIT = 5_000_000  # bytes of gzipped trace kept
 # The tiny LLaMA's shape (hift_cli/assets/tiny_llama) stands in for the big ones in --smoke.
 TINY_SHAPE = dict(model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=128,
@@ -82,17 +88,32 @@ class StageContext:
     @contextlib.contextmanager
     def part(self, key: str, into: dict | None = None, oom_ok: bool = False):
         """One measurement: its error is recorded under ``into[key]`` and the stage goes
-        on (an OOM is a result where ``oom_ok``); the record is saved either way."""
+        on; the record is saved either way.
+
+        Running out of device memory (``torch.cuda.OutOfMemoryError``, or the trainer's
+        ``TrainingStopped`` it becomes inside ``train()``) is recorded as ``oom: true``
+        and its one-line message, a result where ``oom_ok`` and a failed part otherwise.
+        Any other stop of the training (non-finite steps, out of host memory) is a failed
+        part with its message; any other exception, one with the end of its traceback.
+        """
+        from hift_cli.engine import TrainingStopped  # a SystemExit: not an Exception
+
         into = self.record if into is None else into
         try:
             yield
-        except Exception as e:  # record and carry on: later parts still measure
-            oom = isinstance(e, torch.cuda.OutOfMemoryError)
+        except (Exception, TrainingStopped) as e:  # record and carry on
+            stopped = isinstance(e, TrainingStopped)
+            oom = isinstance(e, torch.cuda.OutOfMemoryError) or (
+                stopped and e.out_of_memory == "device")
             entry = into[key] if isinstance(into.get(key), dict) else {}
-            if oom and oom_ok:
-                entry.update(oom=True, error=(str(e) or "out of memory").splitlines()[0])
+            if oom:
+                entry["oom"] = True
+            if stopped or oom:
+                message = e.message if stopped else str(e)
+                entry["error"] = (message or "out of memory").splitlines()[0]
             else:
                 entry["error"] = _tail(traceback.format_exc(), 12)
+            if not (oom and oom_ok):
                 self.record.setdefault("failed_parts", []).append(key)
                 print(f"{self.name}/{key} failed:\n{traceback.format_exc()}", file=sys.stderr)
             into[key] = entry
@@ -200,11 +221,23 @@ def models_built_on(device: str):
 
 @contextlib.contextmanager
 def built(ctx: StageContext, cfg, name: str):
-    """A set-up trainer in ``<work>/<stage>/<name>``, released (host buffers too) afterwards."""
+    """A set-up trainer in ``<work>/<stage>/<name>``, released (host buffers too) afterwards.
+
+    Its out-of-memory stop leaves out the estimated peak (a 7B estimate takes ~15 s; the
+    stages record their own). With ``GPU_CHECK_OOM=<stage>/<name>`` (a test hook) its
+    first training step raises ``torch.OutOfMemoryError``.
+    """
     from hift_cli.engine import HiftTrainer
 
     free()  # what a failed part left behind (its traceback held it until now)
     trainer = HiftTrainer(cfg, ctx.runs / name)
+    trainer.explain_out_of_memory = False
+    if os.environ.get(OOM_ENV) == f"{ctx.name}/{name}":
+        def out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError(
+                f"{OOM_ENV}={ctx.name}/{name}: out of memory on purpose (test hook)")
+
+        trainer._step = out_of_memory
     try:
         trainer.setup()
         yield trainer  # train(evaluate=False) throughout: time training only
@@ -426,26 +459,33 @@ def measure(ctx: StageContext, trainer, shape: tuple[int, int], warm_cycles: int
             cycles: int) -> dict:
     """Train ``warm_cycles`` (every group's state gets created) then ``cycles`` more
     whole cycles in one ``train()`` call; figures are over the measured cycles, and the
-    CUDA peaks are reset at the last warm-up step."""
+    CUDA peaks are reset after the last warm-up step's write-back (``peaks_reset``: at
+    which step, after how many write-backs)."""
     from hift_cli.memory import fixed_shape_batches
 
     k = len(trainer.groups)
     warm, steps = warm_cycles * k, cycles * k
     batches = fixed_shape_batches(*shape, trainer.model.config.vocab_size)
-    reset = []
+    reset: dict = {}
+    last_warm = trainer.global_step + warm
 
     def reset_peaks(tr, group) -> None:
-        if tr.global_step == warm - 1:
+        # The last warm-up step's write-back is queued: the state its group's first
+        # update created outside the slots is no longer referenced. Its copies done, the
+        # peaks from here on are the measured cycles' own.
+        if tr.global_step == last_warm:
+            tr.store.synchronize()
             if ctx.cuda:
+                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            reset.append(tr.global_step)
+            reset.update(step=tr.global_step, writebacks=sum(tr.store.writebacks.values()))
 
     free()  # setup's leftovers (e.g. the fp32 init) are not the run's
-    trainer.after_update.append(reset_peaks)
+    trainer.after_step.append(reset_peaks)
     start = time.perf_counter()
     trainer.train(warm + steps, evaluate=False, batches=batches)
     seconds = time.perf_counter() - start
-    trainer.after_update.remove(reset_peaks)
+    trainer.after_step.remove(reset_peaks)
     rows = [json.loads(line) for line in
             (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step_seconds" in r]
@@ -454,7 +494,7 @@ def measure(ctx: StageContext, trainer, shape: tuple[int, int], warm_cycles: int
     store = trainer.store
     result = {
         "groups": k, "offload": store.enabled, "warm_steps": warm, "measured_steps": steps,
-        "train_seconds": seconds, "peaks_reset": bool(reset),
+        "train_seconds": seconds, "peaks_reset": reset or None,
         "mean_step_seconds": statistics.mean(step_seconds),
         "warm_step_seconds": statistics.mean(r["step_seconds"] for r in warm_rows),
         "tokens_per_second": statistics.mean(r["tokens_per_second"] for r in rows),
@@ -496,7 +536,9 @@ def perf_run(ctx: StageContext, runs: dict, name: str, overrides: list[str],
              then: Callable | None = None) -> None:
     """One measured configuration into ``runs[name]`` (setup time included)."""
     cfg = compose(*base(ctx), f"trainer.batch_size={shape[0]}", *overrides)
+    start = time.perf_counter()
     runs[name] = estimated(cfg, shape[1])
+    runs[name]["estimate_seconds"] = time.perf_counter() - start
     ctx.save()
     start = time.perf_counter()
     with models_built_on(ctx.device) as init, built(ctx, cfg, name) as trainer:
@@ -515,8 +557,10 @@ def ratio(runs: dict) -> float | None:
     return None
 
 
-def copy_overlap(trace: dict, direction: str = "HtoD") -> dict:
-    """How much of the ``direction`` copy time overlaps compute kernels on another stream.
+def copy_overlap(trace: dict, direction: str = "HtoD", against: str | None = None) -> dict:
+    """How much of the ``direction`` copy time overlaps work on another stream: compute
+    kernels, or (``against="DtoH"`` etc.) copies the other way, which the store issues on
+    a stream of their own so that the link carries both directions at once.
 
     ``trace`` is a chrome trace as ``torch.profiler`` exports it: complete events with
     ``ts``/``dur`` in microseconds, copies in category ``gpu_memcpy`` (named e.g.
@@ -524,18 +568,24 @@ def copy_overlap(trace: dict, direction: str = "HtoD") -> dict:
     device and ``tid`` the stream.
     """
     events = [e for e in trace.get("traceEvents", []) if e.get("ph", "X") == "X"]
-    kernels: dict = {}
-    for e in events:
-        if e.get("cat") == "kernel":
-            kernels.setdefault(e.get("pid"), []).append(
-                (float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("tid")))
-    copies = [e for e in events if e.get("cat") == "gpu_memcpy" and direction in e.get("name", "")]
+
+    def copies_of(way: str) -> list:
+        return [e for e in events if e.get("cat") == "gpu_memcpy" and way in e.get("name", "")]
+
+    others = [e for e in events if e.get("cat") == "kernel"] if against is None \
+        else copies_of(against)
+    spans_by_device: dict = {}
+    for e in others:
+        spans_by_device.setdefault(e.get("pid"), []).append(
+            (float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("tid")))
+    copies = copies_of(direction)
     total = overlapped = 0.0
     for c in copies:
         start, end = float(c["ts"]), float(c["ts"]) + float(c["dur"])
-        spans = sorted((max(s, start), min(t, end)) for s, t, tid in kernels.get(c.get("pid"), [])
+        spans = sorted((max(s, start), min(t, end)) for s, t, tid in
+                       spans_by_device.get(c.get("pid"), [])
                        if tid != c.get("tid") and s < end and t > start)
-        reach = start  # union of the clipped kernel spans
+        reach = start  # union of the clipped spans
         for s, t in spans:
             overlapped += max(0.0, t - max(s, reach))
             reach = max(reach, t)
@@ -557,7 +607,9 @@ def profile(ctx: StageContext, trainer, steps: int) -> dict:
     prof.export_chrome_trace(str(raw))
     trace = json.loads(raw.read_text())
     result = {"steps": steps, "h2d": copy_overlap(trace, "HtoD"),
-              "d2h": copy_overlap(trace, "DtoH")}
+              "d2h": copy_overlap(trace, "DtoH"),
+              # the two copy streams side by side: write-backs during fills
+              "d2h_during_h2d": copy_overlap(trace, "DtoH", against="HtoD")}
     path = ctx.runs / f"{ctx.name}-trace.json.gz"
     data = gzip.compress(raw.read_bytes())
     if len(data) > TRACE_LIMIT:
@@ -614,19 +666,22 @@ def project_full(ctx: StageContext, on: dict, layers: int, full_layers: int,
 
     Setup (host buffers, masters) scales with the parameters; a step with the depth (the
     forward pass runs every layer, backward down to the active group); the first cycle's
-    extra per step (state creation) is per group. Padded by a quarter.
+    extra per step (state creation) is per group. Each of that stage's runs (offload_on,
+    fpft) starts with a memory estimate at full size: this one, timed. Padded by a quarter.
     """
     folder = shape_dir(ctx, "llama-7b-full", llama_shape(ctx, full_layers))
+    start = time.perf_counter()
     full = estimated(compose(*base(ctx), f"model.name_or_path={folder}",
                              f"trainer.batch_size={shape[0]}", *BIG), shape[1])
+    estimate = time.perf_counter() - start
     scale, depth = full["params"] / on["params"], full_layers / layers
     groups = full["estimated_groups"]
     extra = max(on["warm_step_seconds"] - on["mean_step_seconds"], 0.0)
-    seconds = (ctx.record["startup_seconds"] + on["setup_seconds"] * scale
+    seconds = (ctx.record["startup_seconds"] + 2 * estimate + on["setup_seconds"] * scale
                + groups * (2 * depth * on["mean_step_seconds"] + extra))
     return {"seconds": 1.25 * seconds + 10, "params": full["params"], "groups": groups,
             "host_gib": full["estimated_state_gib"], "estimated_peak_gib":
-            full["estimated_peak_gib"], "scale": scale}
+            full["estimated_peak_gib"], "scale": scale, "estimate_seconds": estimate}
 
 
 def llama_runs(ctx: StageContext, layers: int) -> tuple[dict, list[str], tuple[int, int]]:
@@ -684,9 +739,10 @@ def stage_llama7b_full(ctx: StageContext) -> None:
     runs, common, shape = llama_runs(ctx, 4 if ctx.smoke else 32)
     with ctx.part("offload_on", into=runs):
         perf_run(ctx, runs, "offload_on", [*common, "hift.offload=true"], shape, 1, 1)
-    need = 0 if ctx.smoke else 45  # build on the GPU, one step, maybe an OOM
+    # Its estimate (as long as offload_on's), a build on the GPU, one step, maybe an OOM.
+    need = 0 if ctx.smoke else 45 + runs.get("offload_on", {}).get("estimate_seconds", 15)
     if ctx.left() < need:
-        runs["fpft"] = {"skipped": f"{ctx.left():.0f} s left, fpft needs ~{need} s"}
+        runs["fpft"] = {"skipped": f"{ctx.left():.0f} s left, fpft needs ~{need:.0f} s"}
         return
     with ctx.part("fpft", into=runs, oom_ok=True):
         perf_run(ctx, runs, "fpft", [*common, "hift.strategy=fpft"], shape, 1, 1)

@@ -75,13 +75,16 @@ def test_plain_checkout_smoke_run_keeps_every_stage_but_the_failed_one(tmp_path)
     (site / "sitecustomize.py").write_text(FORGET_CHECKOUT.format(repo=str(ROOT.resolve())))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(site), GPU_CHECK_FAIL_STAGE="resume", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1")
+               HF_DATASETS_OFFLINE="1", GPU_CHECK_OOM="overlap/fpft")
     code = BOOTSTRAP.format(repo=str(ROOT.resolve()), copy=str(copy))
     proc = subprocess.run([sys.executable, "-c", code, "--smoke", "--out", str(out)], cwd=copy,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("gpu-check: Python ") and " datasets " in \
+        proc.stdout.splitlines()[0]
     [path] = out.glob("gpu-*.json")
     results = json.loads(path.read_text())
+    assert results["packages"]["torch"] == torch.__version__
     stages = results["stages"]
     assert list(stages) == list(gpu_check.STAGES)
 
@@ -101,9 +104,18 @@ def test_plain_checkout_smoke_run_keeps_every_stage_but_the_failed_one(tmp_path)
     assert stages["races"]["all_equal"] and len(stages["races"]["runs"]) == 2
 
     on, off, fpft = (stages["overlap"]["runs"][k] for k in ("offload_on", "offload_off", "fpft"))
-    for run in (on, off, fpft):
-        assert run["mean_step_seconds"] > 0 and run["final_loss"] > 0 and run["peaks_reset"]
-    assert on["offload"] and not off["offload"] and (on["groups"], fpft["groups"]) == (3, 1)
+    for run in (on, off):
+        assert run["mean_step_seconds"] > 0 and run["final_loss"] > 0
+    # After the last warm-up step's write-back (none with offload off).
+    assert on["peaks_reset"] == {"step": on["warm_steps"], "writebacks": on["warm_steps"]}
+    assert off["peaks_reset"] == {"step": off["warm_steps"], "writebacks": 0}
+    assert on["offload"] and not off["offload"] and on["groups"] == 3
+    # GPU_CHECK_OOM: fpft's first step ran out of memory, inside train() (the trainer's
+    # stop, without its estimate): a result, and the stage went on.
+    assert fpft["oom"] and "mean_step_seconds" not in fpft and fpft["estimated_peak_gib"] > 0
+    assert fpft["error"].startswith("out of device memory at step 1")
+    assert "estimated peak unknown" in fpft["error"]
+    assert stages["overlap"]["step_time_ratio"] > 0
     assert on["init_device"] == "cpu" and "init_fallback" not in on
     assert on["h2d_gib_per_step"] > 0 and off["h2d_gib_per_step"] == 0
     assert on["host_gib"] == on["exact_host_gib"] == on["estimated_state_gib"] > 0
@@ -122,7 +134,99 @@ def test_plain_checkout_smoke_run_keeps_every_stage_but_the_failed_one(tmp_path)
 
     report = path.with_suffix(".md").read_text()
     assert "## resume" in report and "FAILED (exit 1)" in report and "| offload_on |" in report
+    assert "| fpft | OOM |" in report
     assert not list((copy / "bench" / "results").glob("gpu-*"))  # smoke never writes there
+
+
+def test_a_stopped_training_is_recorded_and_the_stage_goes_on(tmp_path):
+    from hift_cli.engine import TrainingStopped
+
+    ctx = gpu_stages.StageContext("overlap", True, tmp_path, time.time() + 60)
+    runs = ctx.record.setdefault("runs", {"fpft": {"estimated_peak_gib": 2.0}})
+    oom = "out of device memory at step 1 (group 0): estimated peak unknown"
+    with ctx.part("fpft", into=runs, oom_ok=True):  # a result
+        raise TrainingStopped(oom + "\nsecond line", 1, out_of_memory="device")
+    with ctx.part("offload_on", into=runs):
+        raise TrainingStopped(oom, 1, out_of_memory="device")
+    with ctx.part("offload_off", into=runs):
+        raise TrainingStopped("stopping: 3 steps in a row with a non-finite loss", 1)
+    with ctx.part("raw", into=runs, oom_ok=True):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+    assert runs["fpft"] == {"estimated_peak_gib": 2.0, "oom": True, "error": oom}
+    assert runs["offload_on"] == {"oom": True, "error": oom}
+    assert runs["offload_off"] == {"error": "stopping: 3 steps in a row with a non-finite loss"}
+    assert runs["raw"] == {"oom": True, "error": "CUDA out of memory. Tried to allocate 2 GiB"}
+    assert ctx.record["failed_parts"] == ["offload_on", "offload_off"]
+    assert json.loads(ctx.path.read_text()) == ctx.record
+
+
+def test_peaks_are_reset_after_the_last_warm_up_steps_write_back(tmp_path):
+    ctx = gpu_stages.StageContext("overlap", True, tmp_path, time.time() + 60)
+    cfg = gpu_stages.compose(*gpu_stages.base(ctx), "hift.offload=true")
+    with gpu_stages.built(ctx, cfg, "run") as trainer:
+        result = gpu_stages.measure(ctx, trainer, (2, 16), 1, 1)
+    assert (result["groups"], result["warm_steps"], result["measured_steps"]) == (3, 3, 3)
+    # Every warm-up step's write-back, the last one's included, came before the reset.
+    assert result["peaks_reset"] == {"step": 3, "writebacks": 3}
+
+
+def test_a_running_stage_record_is_saved_while_it_runs(tmp_path, monkeypatch):
+    """A kill of the whole command keeps what a running stage measured: the fake stage
+    writes its record, then waits until the orchestrator's results show it, running."""
+    out = tmp_path / "out"
+    fake = f"""
+import json, os, pathlib, sys, time
+work = pathlib.Path.cwd()
+(work / "equality.json.tmp").write_text(json.dumps({{"startup_seconds": 1.5, "steps": 6}}))
+os.replace(work / "equality.json.tmp", work / "equality.json")
+end = time.time() + 30
+while time.time() < end:
+    for path in pathlib.Path({str(out)!r}).glob("gpu-*.json"):
+        stage = json.loads(path.read_text())["stages"].get("equality", {{}})
+        if stage.get("running") and stage.get("steps") == 6:
+            sys.exit(0)
+    time.sleep(0.05)
+sys.exit(3)
+"""
+    monkeypatch.setattr(gpu_check, "stage_command", lambda *a: [sys.executable, "-c", fake])
+    monkeypatch.setattr(gpu_check, "POLL_S", 0.05)
+    saved = []
+    real_save = gpu_check.save
+    monkeypatch.setattr(gpu_check, "save", lambda results, stem: (
+        saved.append(json.loads(json.dumps(results["stages"]))), real_save(results, stem)))
+    started = time.time() - 100  # the command began 100 s ago: 60 s of a 160 s budget left
+    assert gpu_check.orchestrate(True, out, 160, ["equality"], started, {"torch": "2"}) == 0
+    running = [s["equality"] for s in saved if s.get("equality", {}).get("steps") == 6
+               and s["equality"].get("running")]
+    assert running and running[0]["startup_seconds"] == 1.5
+    [path] = out.glob("gpu-*.json")
+    results = json.loads(path.read_text())
+    stage = results["stages"]["equality"]
+    assert stage["steps"] == 6 and "running" not in stage and "returncode" not in stage
+    assert results["packages"] == {"torch": "2"} and results["setup_seconds"] >= 100
+    assert results["seconds"] >= 100
+
+
+def test_an_unmet_requirement_stops_it_in_one_line_before_any_stage(capsys, tmp_path,
+                                                                   monkeypatch):
+    real = gpu_check.installed
+    monkeypatch.setattr(gpu_check, "installed",
+                        lambda name: "14.0.2" if name == "pyarrow" else real(name))
+    monkeypatch.setattr(gpu_check, "orchestrate", lambda *a, **k: pytest.fail("a stage ran"))
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 2
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("gpu-check: Python ") and "pyarrow 14.0.2" in first
+    datasets = gpu_check.installed("datasets")
+    assert second.startswith(f"gpu-check: datasets {datasets} needs pyarrow>=")
+    assert second.endswith(", found 14.0.2")
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(gpu_check, "installed",
+                        lambda name: None if name == "fsspec" else real(name))
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 2
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith(f"gpu-check: datasets {datasets} needs fsspec")
+    assert line.endswith(", not installed")
 
 
 def test_copy_overlap_counts_kernel_time_on_other_streams_once():
@@ -145,6 +249,11 @@ def test_copy_overlap_counts_kernel_time_on_other_streams_once():
     assert h2d == {"copies": 2, "copy_us": 160.0, "overlapped_us": 80.0,
                    "overlap_fraction": 0.5}
     assert gpu_stages.copy_overlap(trace, "DtoH")["overlapped_us"] == 50.0
+    # Against the other direction's copies (on another stream; tid 20's own do not count).
+    trace["traceEvents"].append(event("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 120, 100,
+                                      tid=21))
+    assert gpu_stages.copy_overlap(trace, "DtoH", against="HtoD") == {
+        "copies": 1, "copy_us": 50.0, "overlapped_us": 30.0, "overlap_fraction": 0.6}
     assert gpu_stages.copy_overlap({"traceEvents": []})["overlap_fraction"] is None
 
 
