@@ -1,7 +1,9 @@
-"""The ``hift`` command: one dispatcher over three Hydra apps.
+"""The ``hift`` command: one dispatcher over five Hydra apps.
 
     hift train [overrides]        fine-tune (recipe=demo by default)
     hift eval [overrides]         loss / perplexity of a model or checkpoint
+    hift generate [overrides]     answer prompts with a model or checkpoint
+    hift export [overrides]       a model folder with its model card, pushed to the Hub
     hift memprofile [overrides]   parameters and bytes per group
 
 Nothing heavy is imported here: torch and transformers load inside the task functions,
@@ -11,16 +13,18 @@ so ``hift --help`` and bad-config errors return at once.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from typing import Callable
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hift_cli import __version__
 from hift_cli.config import Config, ConfigError, recipes_dir, to_config
 
+log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://hift_cli.recipes"
 USAGE = f"""\
 hift {__version__}: hierarchical full-parameter fine-tuning (HiFT) of language models
@@ -30,6 +34,8 @@ usage: hift <command> [key=value ...] [recipe=<name>] [-m] [--cfg job] [--help]
 commands:
   train        fine-tune a model; writes metrics.jsonl, config.yaml and model/ to the run dir
   eval         loss and perplexity of a model or checkpoint (checkpoint=<dir>) on a data split
+  generate     answer prompt=<text>, or each line typed, with a model or checkpoint
+  export       the model folder with a model card (README.md); pushed to export.repo_id
   memprofile   parameter counts and bytes per HiFT group
 
 examples:
@@ -37,6 +43,8 @@ examples:
   hift train recipe=tiny hift.strategy=top2down hift.k=3 trainer.max_steps=12
   hift train -m recipe=tiny hift.k=2,4 trainer.max_steps=4
   hift eval recipe=tiny checkpoint=outputs/train/<run>/model
+  hift generate checkpoint=outputs/train/<run> prompt="What is 12 times 7?"
+  hift export checkpoint=outputs/train/<run> export.repo_id=<user>/<name>
   hift memprofile recipe=demo hift.k=4
   hift train --cfg job                          # print the composed config and exit
   hift train --help                             # config groups and every key
@@ -71,6 +79,33 @@ def _validated(cfg: DictConfig, estimate_only: bool = False) -> Config:
     return to_config(cfg, HydraConfig.get().overrides.task, estimate_only)
 
 
+def _as_trained(cfg: DictConfig) -> DictConfig:
+    """``hift eval checkpoint=<a run's model or checkpoint>``: the run's own config (its
+    model and data settings), with this command line's ``key=value`` on top. A config
+    group on the command line (``recipe=``, ``data=``...) means the recipe's: as given."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hift_cli.runs import trained_model
+
+    if not cfg.get("checkpoint"):
+        return cfg
+    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    groups = {o.key_or_group for o in overrides if "." not in o.key_or_group} - {
+        "checkpoint", "resume"}
+    run = trained_model(cfg.checkpoint)
+    if groups or run.config is None:
+        return cfg
+    saved = OmegaConf.merge(OmegaConf.structured(Config), run.config)  # the schema's types
+    for o in overrides:
+        if "." in o.key_or_group or o.key_or_group == "checkpoint":
+            OmegaConf.update(saved, o.key_or_group, o.value())
+    saved.resume = None
+    log.info(f"hift eval: the settings of the run {run.run} (its config.yaml), with this"
+             " command line's on top")
+    return saved
+
+
 def _remove_if_empty(run_dir: str) -> None:
     """A run stopped by bad input leaves no folder behind (only if it holds nothing but
     Hydra's records, the log and the config)."""
@@ -100,7 +135,8 @@ def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig],
             say(f"{command}: error: {e}")
             if os.environ.get("RANK", "0") == "0":
                 _remove_if_empty(_output_dir())
-            raise SystemExit(2) from None
+            # Bad input: 2; a write that failed (a full disk): the error's own code.
+            raise SystemExit(getattr(e, "exit_code", 2)) from None
         except SystemExit as e:  # TrainingStopped: a deliberate stop with its own message
             if getattr(e, "message", None):
                 say(f"{command}: {e.message}")
@@ -122,7 +158,7 @@ def train_app(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 @_user_errors
 def eval_app(cfg: DictConfig) -> float | None:
-    config = _validated(cfg)
+    config = _validated(_as_trained(cfg))
     from hift_cli.evaluate import run_eval
 
     return run_eval(config, _output_dir()).get("eval/loss")
@@ -138,8 +174,47 @@ def memprofile_app(cfg: DictConfig) -> None:
     run_memprofile(config, _output_dir())
 
 
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+@_user_errors
+def generate_app(cfg: DictConfig) -> None:
+    config = _validated(cfg)
+    from hift_cli.generate import run_generate
+
+    try:
+        run_generate(config)
+    finally:
+        _remove_if_empty(_output_dir())  # a conversation leaves no run folder
+
+
+def generate() -> None:
+    """``hift generate``: ``prompt=`` is taken as typed (to Hydra, commas would make a
+    sweep, and quotes and ``${`` syntax), and logs go to stderr: stdout is the answers."""
+    import re
+
+    args = []
+    for arg in sys.argv[1:]:
+        if arg.startswith("prompt="):
+            # A Hydra quoted string: backslashes before a quote, ${ or the end doubled.
+            text = re.sub(r"(\\+)(?='|\$\{|$)", r"\1\1", arg[len("prompt="):])
+            arg = "prompt='" + text.replace("'", "\\'").replace("${", "\\${") + "'"
+        args.append(arg)
+    sys.argv[1:] = _with_overrides(
+        args, ["hydra.job_logging.handlers.console.stream=ext://sys.stderr"])
+    generate_app()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+@_user_errors
+def export_app(cfg: DictConfig) -> None:
+    config = _validated(cfg)
+    from hift_cli.export import run_export
+
+    run_export(config, _output_dir())
+
+
 APPS: dict[str, Callable[[], None]] = {
-    "train": train_app, "eval": eval_app, "memprofile": memprofile_app,
+    "train": train_app, "eval": eval_app, "generate": generate, "export": export_app,
+    "memprofile": memprofile_app,
 }
 
 
@@ -185,7 +260,7 @@ def _main(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in APPS:
-        say(f"hift: error: unknown command {command!r} (choose from train, eval, memprofile)")
+        say(f"hift: error: unknown command {command!r} (choose from {', '.join(APPS)})")
         return 2
     # Let exceptions reach us instead of Hydra's multi-line report with a stack.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
@@ -214,6 +289,12 @@ def _main(argv: list[str]) -> int:
     except Exception as e:
         if _is_user_error(e):
             say(f"hift {command}: error: {one_line(e)}")
+            return 2
+        if isinstance(e, OSError) and e.filename and _in_hydra(e):
+            # Hydra creates the run folder (hydra.run.dir / hydra.sweep.dir) before our code.
+            say(f"hift {command}: error: cannot create the output folder {e.filename}:"
+                f" {e.strerror or e} (give a folder you can write: hydra.run.dir, or"
+                " hydra.sweep.dir with -m)")
             return 2
         raise
     finally:
@@ -263,11 +344,20 @@ def _is_user_error(e: BaseException) -> bool:
     if isinstance(e, (ConfigError, HydraException, OmegaConfBaseException)):
         return True
     # Hydra rejects bad command lines (e.g. -m with --cfg) with a plain ValueError.
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    return isinstance(e, ValueError) and _in_hydra(e)
+
+
+def _in_hydra(e: BaseException) -> bool:
+    """Raised by Hydra's own code (the innermost frame outside the standard library)."""
+    import sysconfig
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    frames, tb = [], e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
         tb = tb.tb_next
-    return isinstance(e, ValueError) and tb is not None and \
-        "/hydra/" in tb.tb_frame.f_code.co_filename
+    ours = [f for f in frames if not f.startswith(stdlib)]
+    return bool(ours) and "/hydra/" in ours[-1]
 
 
 if __name__ == "__main__":

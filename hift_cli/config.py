@@ -117,6 +117,8 @@ def _one_of(key: str, value: Any, allowed) -> None:
 def _positive(key: str, value: Optional[float], allow_zero: bool = False) -> None:
     if value is None:
         return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number (got {value!r})")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'} (got {value})")
 
@@ -340,6 +342,10 @@ class TrainerConfig:
     """Evaluate once before the first step."""
     save_model: bool = True
     """Write model/ and a final checkpoint at the end."""
+    save_final_state: bool = True
+    """With save_model: the final checkpoint keeps the optimizer state and fp32 masters
+    (to train on later). false: only model/ is kept at the end, and the run's
+    checkpoints are deleted once it is written (a fraction of the disk)."""
     save_every: Any = None
     """Write a resumable checkpoint every N steps, or ``epoch`` (as eval_every), and at
     the end; null: only at the end."""
@@ -434,6 +440,48 @@ class MemprofileConfig:
 
 
 @dataclass
+class GenerateConfig:
+    max_new_tokens: int = 256
+    """Longest answer, in tokens (fewer when prompt and answer would pass the model's
+    context)."""
+    temperature: float = 0.0
+    """0: greedy, the most likely token each time (the same answer every time); > 0:
+    sample at this temperature (below 1 more focused, above 1 more varied)."""
+    top_p: float = 1.0
+    """Sampling: draw from the most likely tokens that together hold this probability
+    (nucleus sampling); 1: from all."""
+    top_k: int = 0
+    """Sampling: draw from the k most likely tokens only; 0: no limit."""
+    seed: int = 0
+    """Sampling: seeds each answer, so a prompt gives the same answer with the same
+    settings."""
+
+    def __post_init__(self) -> None:
+        _positive("generate.max_new_tokens", self.max_new_tokens)
+        _positive("generate.temperature", self.temperature, allow_zero=True)
+        _positive("generate.top_k", self.top_k, allow_zero=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p must be in (0, 1] (got {self.top_p})")
+        if self.temperature == 0 and (self.top_p < 1 or self.top_k):
+            raise ConfigError("generate.top_p and generate.top_k shape sampling: set"
+                              " generate.temperature > 0 too (0 is greedy)")
+
+
+@dataclass
+class ExportConfig:
+    repo_id: Optional[str] = None
+    """The Hub repo, ``<user or org>/<name>``: where export.push uploads, and the model's
+    name in its card. Required to push."""
+    push: bool = True
+    """Upload the folder with huggingface_hub (needs a write token: ``hf auth login`` or
+    HF_TOKEN); false: only write the folder."""
+    dir: Optional[str] = None
+    """The folder to write (new or empty); null: ``model/`` in the export's run dir."""
+    private: bool = False
+    """Create the repo private (a repo that exists keeps its visibility)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -443,8 +491,14 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     memprofile: MemprofileConfig = field(default_factory=MemprofileConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     checkpoint: Optional[str] = None
-    """hift eval / memprofile: a saved model folder or a run dir (uses its ``model/``)."""
+    """hift eval / generate / export / memprofile: a saved model folder or a run dir (uses
+    its ``model/``)."""
+    prompt: Optional[str] = None
+    """hift generate: the text to answer, taken as typed; null: read prompts from stdin,
+    one a line."""
     resume: Optional[str] = None
     """hift train: ``latest`` (newest run with a complete checkpoint), a run dir, or a
     checkpoint dir. The resumed run continues in the original run dir."""
@@ -526,9 +580,41 @@ def _check_components(cfg: Config, estimate_only: bool = False) -> None:
             raise ConfigError(f"optimizer {target} needs a CUDA device (bitsandbytes 8-bit"
                               " optimizers run on the GPU)")
     try:
-        get_class(target)
+        cls = get_class(target)
     except Exception:
         raise ConfigError(f"optimizer._target_: cannot import {target!r}") from None
+    _check_optimizer_types(cfg.optimizer, cls)
+
+
+def _check_optimizer_types(options: dict, cls: type) -> None:
+    """Each optimizer keyword of the kind its default is (a number, true/false, a list of
+    numbers), so ``optimizer.eps=abc`` names the key instead of failing in the optimizer."""
+    import inspect
+
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to go by
+        return
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for key, value in options.items():
+        if key.startswith("_") or key not in params or value is None:
+            continue
+        default = params[key].default
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif number(default):
+            ok, kind = number(value), "a number"
+        elif isinstance(default, tuple) and default and all(number(d) for d in default):
+            ok = isinstance(value, (list, tuple)) and len(value) == len(default) \
+                and all(number(v) for v in value)
+            kind = f"a list of {len(default)} numbers"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"optimizer.{key} must be {kind} (got {value!r})")
 
 
 def _looks_local(path: str) -> bool:

@@ -15,7 +15,8 @@ from hift_cli import config
 
 SECTIONS = [("model", config.ModelConfig), ("data", config.DataConfig),
             ("hift", config.HiftConfig), ("trainer", config.TrainerConfig),
-            ("eval", config.EvalConfig), ("memprofile", config.MemprofileConfig)]
+            ("eval", config.EvalConfig), ("memprofile", config.MemprofileConfig),
+            ("generate", config.GenerateConfig), ("export", config.ExportConfig)]
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -59,8 +60,9 @@ def markdown() -> str:
         + ", ".join(f"`{n}`" for n in ("adamw", "sgd", "adafactor", "adamw8bit",
                                        "paged_adamw8bit")) + ".",
         "",
-        "Top level: `recipe=<name>`; `checkpoint=<dir>` (hift eval: a model or run folder);"
-        " `resume=latest|<run>|<checkpoint>` (hift train).",
+        "Top level: `recipe=<name>`; `checkpoint=<dir>` (hift eval, generate, export: a model"
+        " or run folder); `prompt=<text>` (hift generate); `resume=latest|<run>|<checkpoint>`"
+        " (hift train).",
     ]
     for name, cls in SECTIONS:
         docs = field_docs(cls)
