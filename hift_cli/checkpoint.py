@@ -43,6 +43,45 @@ class CheckpointError(ConfigError):
     """The checkpoint could not be written or read (reported in one line)."""
 
 
+class DiskSpaceError(CheckpointError):
+    """Writing failed, or would: an I/O error's exit code, not bad input's."""
+
+    exit_code = 74  # EX_IOERR (sysexits.h)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds ``path`` (or would: its nearest existing
+    parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def require_space(path: Path, need: int, what: str) -> None:
+    """Raise :class:`DiskSpaceError` if ``path``'s file system has less than ``need``
+    bytes free (plus 1% and 256 KiB: tokenizer and config files, file system overhead)."""
+    free = free_bytes(path)
+    if free < need * 1.01 + 2**18:
+        raise DiskSpaceError(f"{what} needs ~{_size(need)} and {path} has {_size(free)} free:"
+                             " free some space or put the run elsewhere (hydra.run.dir=...)")
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -146,7 +185,7 @@ def stage_shard(run_dir: Path, step: int, rank: int, world: int, shard: dict) ->
 
 def save_checkpoint(run_dir: Path, step: int, state: dict,
                     write_model: Callable[[Path], None], keep_last: int,
-                    shards: Path | None = None) -> Path:
+                    shards: Path | None = None, model_bytes: int = 0) -> Path:
     """Write ``<run_dir>/checkpoints/step-<step>`` atomically and rotate old ones.
 
     Args:
@@ -154,15 +193,26 @@ def save_checkpoint(run_dir: Path, step: int, state: dict,
         write_model: writes the model's files (a Hugging Face folder) into a directory.
         keep_last: how many complete checkpoints to keep, this one included.
         shards: the folder :func:`stage_shard` filled (sharded weights), moved in.
+        model_bytes: what ``write_model`` writes (the free space is checked first).
 
     Raises:
-        CheckpointError: the run dir cannot be written; earlier checkpoints are untouched.
+        DiskSpaceError: not enough free space, or writing failed; no partial folder is
+            left and earlier checkpoints are untouched.
     """
+    from safetensors import SafetensorError
+
     root = checkpoints_dir(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}"
+    need = tensor_bytes(state) + model_bytes
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt's
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
+        require_space(root, need, f"checkpoint {final}")
+    except DiskSpaceError:
+        if shards is not None:
+            shutil.rmtree(shards, ignore_errors=True)
+        raise
+    try:
         tmp.mkdir(parents=True)
         write_model(tmp)
         torch.save(state, tmp / STATE_FILE)
@@ -177,14 +227,18 @@ def save_checkpoint(run_dir: Path, step: int, state: dict,
             f.flush()
             os.fsync(f.fileno())
         _fsync_tree(root)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # torch.save reports a full disk as a RuntimeError ("iostream error"): the same.
         shutil.rmtree(tmp, ignore_errors=True)
         if shards is not None:
             shutil.rmtree(shards, ignore_errors=True)
         previous = complete_checkpoints(run_dir)
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{kept}"
-                              ) from None
+        reason = (getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+                  if str(e).strip() else type(e).__name__)
+        raise DiskSpaceError(f"cannot write checkpoint {final}: {reason} (it needs"
+                             f" ~{_size(need)}, {_size(free_bytes(root))} free){kept}"
+                             ) from None
     for old in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -128,6 +128,29 @@ def _require(ds: Dataset, fields: set[str], cfg: DataConfig, what: str) -> None:
                 f" e.g. {example if len(example) <= 80 else example[:77] + '...'}")
 
 
+def _as_text(ds: Dataset, fields: set[str], cfg: DataConfig, what: str) -> Dataset:
+    """The text ``fields`` as strings: numbers and booleans (``"output": 42``, common in
+    math data) are read as their text, saying so; lists and objects are refused."""
+    from datasets import Value
+
+    source = cfg.eval_path if what == "eval" and cfg.eval_path else cfg.path
+    for name in sorted(fields):
+        feature = ds.features[name]
+        if isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null"):
+            continue  # null: an optional field no record has (required ones were checked)
+        if isinstance(feature, Value) and (feature.dtype.startswith(("int", "uint", "float"))
+                                           or feature.dtype == "bool"):
+            log.warning(f"data: {source}: {what} field {name!r} holds {feature.dtype} values;"
+                        " read as text")
+            ds = ds.cast_column(name, Value("string"))
+            continue
+        kind = type(ds[0][name]).__name__
+        raise ConfigError(f"data: {source}: {what} record 0 field {name!r} is a {kind}"
+                          f" ({feature.dtype if isinstance(feature, Value) else 'nested'}),"
+                          " not text")
+    return ds
+
+
 # ------------------------------------------------------------------ prompts
 class PromptBuilder:
     """Turns one record into (prompt token ids, response token ids) for the LM formats."""
@@ -209,6 +232,7 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig, max_samples: int | None, w
                           f" alone ({template} tokens): raise data.max_length")
     if cfg.format == "math":
         _require(ds, {"question", "answer"}, cfg, what)
+        ds = _as_text(ds, {"question", "answer"}, cfg, what)
 
         def encode(row):
             return builder.single_turn(row["question"], "", row["answer"])
@@ -217,6 +241,8 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig, max_samples: int | None, w
             return builder.conversation(row["messages"])
     else:
         _require(ds, {"instruction", "output"}, cfg, what)
+        ds = _as_text(ds, {"instruction", "output"} | ({"input"} & set(ds.column_names)),
+                      cfg, what)
 
         def encode(row):
             return builder.single_turn(row["instruction"], (row.get("input") or "").strip(),
@@ -243,6 +269,7 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig, max_samples: int | None, w
 
 def _tokenize_text(ds: Dataset, tokenizer, cfg: DataConfig, what: str) -> Dataset:
     _require(ds, {cfg.text_field}, cfg, what)
+    ds = _as_text(ds, {cfg.text_field}, cfg, what)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prefix = PromptBuilder(tokenizer, cfg).prefix  # BOS, if the tokenizer adds one itself
 

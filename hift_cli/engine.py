@@ -45,12 +45,16 @@ from hift_cli.checkpoint import (
     SHARDS,
     STATE_FILE,
     CheckpointError,
+    DiskSpaceError,
+    checkpoints_dir,
     clear_staged_shards,
     load_checkpoint,
+    require_space,
     rng_state,
     save_checkpoint,
     set_rng_state,
     stage_shard,
+    tensor_bytes,
 )
 from hift_cli.config import Config, ConfigError
 from hift_cli.evaluate import build_evaluator
@@ -66,7 +70,8 @@ from hift_cli.models import (
     pick_device,
     resolve,
 )
-from hift_cli.offload import GroupStateStore, TransferStats, load_optimizer_state, offload_enabled
+from hift_cli.offload import (GroupStateStore, TransferStats, load_optimizer_state,
+                              offload_enabled, state_shapes)
 from hift_cli.progress import RunLog
 
 log = logging.getLogger(__name__)
@@ -484,6 +489,12 @@ class HiftTrainer:
         evaluate = evaluate and len(self.eval_set) > 0
         eval_before = evaluate and (tcfg.eval_before if eval_before is None else eval_before)
         first, summary, totals = self.global_step, {}, collections.Counter()
+        if self.dist.main and (tcfg.save_model or tcfg.save_every):
+            # Stop before training, not after it, if not even one checkpoint would fit.
+            model_only = not tcfg.save_every and not tcfg.save_final_state
+            require_space(self.output_dir, self._weight_bytes() if model_only
+                          else self.checkpoint_bytes(),
+                          "the model" if model_only else "a checkpoint of this run")
         with self._stop_when_out_of_memory(), RunLog(
                 self.output_dir, self.cfg, start_step=first, total_steps=stop,
                 enabled=self.dist.main) as out:
@@ -781,6 +792,7 @@ class HiftTrainer:
                 "sharded_over": self.dist.world if self.sharded else 1,
                 "always_active": [u.name for u in self.always],
                 "pieces": self._pieces(),
+                "settings": self._resume_settings(),
                 "rng": rng_state(),
                 "rng_ranks": rngs,
             }
@@ -814,6 +826,13 @@ class HiftTrainer:
         if saved_always != [u.name for u in self.always]:
             raise CheckpointError(f"{source} was saved with hift.always_active="
                                   f"[{','.join(saved_always)}]: resume with the same setting")
+        # What the saved state and counters mean (older checkpoints: not recorded).
+        for key, saved in state.get("settings", {}).items():
+            now = self._resume_settings().get(key)
+            if saved != now:
+                raise CheckpointError(f"{source} was saved with {_setting(key, saved)}, this run"
+                                      f" has {_setting(key, now)}: resume with the same"
+                                      f" {RESUME_KEYS.get(key, key)}")
         # Sub-units: the optimizer's tensors are rows of parameters, as hift.k / hift.m and
         # hift.max_unit_params cut them (older checkpoints: every parameter whole).
         same = (state["pieces"] == self._pieces() if "pieces" in state
@@ -849,6 +868,15 @@ class HiftTrainer:
             for name, p in params.items():
                 distributed.local(p).copy_(weights[name])
 
+    def _resume_settings(self) -> dict:
+        """The settings a checkpoint's state is only valid under: which units train
+        together (the optimizer's groups, the steps per cycle the LR schedule counts), in
+        which order, at which precision (masters), by which optimizer."""
+        return {"groups": [[u.name for u in g.units] for g in self.groups],
+                "hift.strategy": self.cfg.hift.strategy,
+                "trainer.precision": self.cfg.trainer.precision,
+                "optimizer._target_": self.cfg.optimizer.get("_target_")}
+
     def _all_pieces(self) -> list[list]:
         """Every group's pieces, then the always-active units': the optimizer's order."""
         return [*(g.pieces for g in self.groups), self.always_pieces]
@@ -874,6 +902,12 @@ class HiftTrainer:
         finally:
             self.model.config.use_cache = False
         self.tokenizer.save_pretrained(path)
+        # Some writers create private (0600) files: every file as the umask says, like
+        # the rest of the run (shared clusters read each other's models).
+        mode = 0o666 & ~_UMASK
+        for f in Path(path).iterdir():
+            if f.is_file():
+                os.chmod(f, mode)
 
     def checkpoint(self, keep_last: int | None = None) -> Path:
         """A resumable checkpoint of this step (the newest ``keep_last``, default
@@ -901,11 +935,32 @@ class HiftTrainer:
                      "masters": state.pop("masters")}
             staged = self._on_every_rank(lambda: stage_shard(
                 self.output_dir, self.global_step, self.dist.rank, self.dist.world, shard))
+        model_bytes = tensor_bytes(weights) if weights else self._weight_bytes()
         path = self._on_every_rank(lambda: save_checkpoint(
             self.output_dir, self.global_step, state,
             functools.partial(self.write_model, weights=weights),
-            keep_last or self.cfg.trainer.keep_last, shards=staged), here=self.dist.main)
+            keep_last or self.cfg.trainer.keep_last, shards=staged, model_bytes=model_bytes),
+            here=self.dist.main)
         return distributed.broadcast_object(path)
+
+    def _weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def checkpoint_bytes(self) -> int:
+        """About what one checkpoint of this run takes on disk: the weights, the fp32
+        masters and every group's optimizer state (its layout learnt as the offload store
+        learns it, by stepping a fresh optimizer on meta tensors of each shape)."""
+        shapes: dict = {}
+        total = self._weight_bytes() + sum(m.numel() * 4 for m in self._all_masters())
+        for p in [p for ps in self.opt_params for p in ps] + self.always_opt:
+            key = (tuple(distributed.local(p).shape), p.dtype)
+            if key not in shapes:
+                try:
+                    shapes[key] = state_shapes(self.optimizer_factory, *key)
+                except RuntimeError:  # no telling in advance: the weights' size again
+                    shapes[key] = {"guess": (torch.Size(key[0]), key[1])}
+            total += sum(s.numel() * dt.itemsize for s, dt in shapes[key].values())
+        return total
 
     def _check_finite(self) -> None:
         if not all(bool(torch.isfinite(distributed.local(p)).all())
@@ -921,8 +976,10 @@ class HiftTrainer:
             try:
                 result = fn()
             except CheckpointError as e:
-                error = str(e)
-        errors = [e for e in distributed.gather_objects(error) if e]
+                error = e
+        errors = [e for e in distributed.gather_objects(str(error) if error else None) if e]
+        if error is not None:
+            raise error  # its own kind (and exit code)
         if errors:
             raise CheckpointError(errors[0])
         return result
@@ -933,9 +990,13 @@ class HiftTrainer:
                              source=f"checkpoint {path}")
 
     def save(self) -> Path | None:
-        """A last resumable checkpoint, and its model as ``<output_dir>/model``."""
-        if not self.cfg.trainer.save_model:
+        """A last resumable checkpoint, and its model as ``<output_dir>/model``
+        (``trainer.save_final_state=false``: the model alone, and no checkpoints)."""
+        tcfg = self.cfg.trainer
+        if not tcfg.save_model:
             return None
+        if not tcfg.save_final_state and not self.sharded:
+            return self._save_model_only()
         checkpoint = self.checkpoint()
         if not self.dist.main:
             return self.output_dir / "model"
@@ -952,7 +1013,37 @@ class HiftTrainer:
         except OSError as e:
             raise CheckpointError(f"cannot write the model to {path}: {e.strerror or e}"
                                   ) from None
+        if not tcfg.save_final_state:  # sharded: gathered through the checkpoint
+            self._drop_checkpoints(path)
         return path
+
+    def _save_model_only(self) -> Path:
+        """``<output_dir>/model`` written on its own (atomically), the checkpoints dropped."""
+        from safetensors import SafetensorError
+
+        path = self.output_dir / "model"
+        if not self.dist.main:
+            return path
+        self._check_finite()
+        require_space(self.output_dir, self._weight_bytes(), f"the model {path}")
+        tmp = self.output_dir / ".tmp-model"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            self.write_model(tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+            raise DiskSpaceError(f"cannot write the model to {path}: {reason}") from None
+        self._drop_checkpoints(path)
+        return path
+
+    def _drop_checkpoints(self, model: Path) -> None:
+        shutil.rmtree(checkpoints_dir(self.output_dir), ignore_errors=True)
+        log.info(f"trainer.save_final_state=false: kept {model} only (no optimizer state, no"
+                 " checkpoints: this run cannot be resumed)")
 
 
 class TrainingStopped(SystemExit):
@@ -963,6 +1054,19 @@ class TrainingStopped(SystemExit):
         super().__init__(code)
         self.message = message
         self.out_of_memory = out_of_memory
+
+
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only read by setting)
+os.umask(_UMASK)
+
+# What to keep the same for each setting a checkpoint records (_resume_settings).
+RESUME_KEYS = {"groups": "hift.k / hift.m, hift.grouping, hift.max_unit_params and model"}
+
+
+def _setting(key: str, value) -> str:
+    if key == "groups":
+        return f"{len(value)} group(s) ({'; '.join(','.join(g) for g in value)})"[:160]
+    return f"{key}={value}"
 
 
 def _describe(metrics: dict[str, float]) -> str:

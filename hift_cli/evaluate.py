@@ -407,7 +407,11 @@ def run_eval(cfg: Config, output_dir: str | Path) -> dict[str, float]:
         else Labels()
     # A checkpoint always has weights, whatever the recipe says about random_init.
     model_cfg = dataclasses.replace(cfg.model, random_init=cfg.model.random_init and not checkpoint,
-                                    num_labels=len(labels.names) or cfg.model.num_labels)
+                                    num_labels=len(labels.names) or cfg.model.num_labels,
+                                    name_or_path=path)
+    if model_cfg.random_init:
+        log.warning(f"hift eval: scoring {path} with random weights (model.random_init=true and"
+                    " no checkpoint=): an untrained model")
     model = load_model(model_cfg, path, tokenizer.pad_token_id).to(device)
     evaluator = build_evaluator(cfg, tokenizer, splits, labels, device)
     if len(evaluator.ds) == 0:

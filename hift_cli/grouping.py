@@ -324,6 +324,19 @@ def split_always_active(units: list[Unit], names) -> tuple[list[Unit], list[Unit
     return always, rest
 
 
+def _listing(units: list[Unit]) -> str:
+    """``embeddings, 3 blocks, head``: the units by kind, in order (sub-units counted)."""
+    parts: list[list] = []
+    for u in units:
+        kind = "block" if u.name.startswith("block.") else (u.parent or u.name)
+        if parts and parts[-1][0] == kind:
+            parts[-1][1] += 1
+        else:
+            parts.append([kind, 1])
+    return ", ".join(kind if count == 1 else f"{count} blocks" if kind == "block"
+                     else f"{kind} ({count} sub-units)" for kind, count in parts)
+
+
 def make_groups(units: list[Unit], strategy: str, k: int | None, m: int | None,
                 grouping: str | None = None) -> list[Group]:
     """Partition units (bottom to top) into contiguous groups.
@@ -339,9 +352,8 @@ def make_groups(units: list[Unit], strategy: str, k: int | None, m: int | None,
     if k is not None:
         if k > n:
             raise ConfigError(
-                f"hift.k={k} but the model has only {n} units"
-                f" (embeddings, {n - 2} blocks, head); use hift.k <= {n}"
-            )
+                f"hift.k={k} but there are only {n} units to group"
+                f" ({_listing(units)}); use hift.k <= {n}")
         if grouping == "balanced":
             sizes = balanced_sizes([u.numel for u in units], k)
         else:
@@ -349,7 +361,8 @@ def make_groups(units: list[Unit], strategy: str, k: int | None, m: int | None,
     else:
         assert m is not None
         if m > n:
-            raise ConfigError(f"hift.m={m} but the model has only {n} units; use hift.m <= {n}")
+            raise ConfigError(f"hift.m={m} but there are only {n} units to group"
+                              f" ({_listing(units)}); use hift.m <= {n}")
         sizes = [m] * (n // m) + ([n % m] if n % m else [])
     groups, start = [], 0
     for i, size in enumerate(sizes):

@@ -662,7 +662,7 @@ class Estimator:
         ) + [
             f"a smaller trainer.batch_size (now {s.batch_size}) or data.max_length"
             f" (now {s.seq_len})"]
-        raise ConfigError(
+        raise NoGroupingFits(n,
             f"hift.memory_budget={self.cfg.hift.memory_budget:g} GiB: no grouping fits in"
             f" its {gib(self.cfg.usable_bytes())} GiB left after the"
             f" {self.cfg.memory_reserve_gib():g} GiB reserve; the smallest peak, one unit per"
@@ -703,15 +703,24 @@ class Estimator:
         return batch
 
 
+class NoGroupingFits(ConfigError):
+    """``hift.k=auto`` found no grouping under the budget; ``k``: the smallest peak's."""
+
+    def __init__(self, k: int, message: str):
+        super().__init__(message)
+        self.k = k
+
+
 def gib(n: float) -> str:
     """Bytes in GiB for a message: 2 decimals, 3 significant digits below 1 GiB."""
     return f"{n / GIB:.2f}" if abs(n) >= GIB else f"{n / GIB:.3g}"
 
 
-def resolve_grouping(cfg: Config, estimator: Estimator | None = None
+def resolve_grouping(cfg: Config, estimator: Estimator | None = None, list_groups: bool = True
                      ) -> tuple[int, list[list[str]], dict]:
     """``hift.k=auto``: the fewest balanced groups whose estimated peak fits
-    ``hift.memory_budget``, as ``(k, each group's unit names, report)``; logs the choice.
+    ``hift.memory_budget``, as ``(k, each group's unit names, report)``; logs the choice
+    (and each group, with ``list_groups``).
 
     Raises:
         ConfigError: no grouping fits (one line: the smallest peak, what would fit).
@@ -742,7 +751,7 @@ def resolve_grouping(cfg: Config, estimator: Estimator | None = None
     if k == 1:
         log.info("hift.k=auto: the budget holds full fine-tuning's peak; one group of every"
                  " unit is full fine-tuning (hift.strategy=fpft)")
-    for g, r in zip(groups, rows):
+    for g, r in zip(groups, rows) if list_groups else ():
         log.info(f"  group {g.index}: {g.name} ({g.numel / 1e6:.2f}M params), estimated peak"
                  f" {gib(r['total'])} GiB")
     return k, [[u.name for u in g.units] for g in groups], report
@@ -780,7 +789,8 @@ def estimate(cfg: Config, largest_batch: bool = False) -> dict:
     budget = cfg.usable_bytes() if hcfg.memory_budget else None
     resolution = None
     if hcfg.k == "auto" and budget is not None:
-        k, _, resolution = resolve_grouping(cfg, est)
+        # The report lists the groups (hift memprofile's table): not the log too.
+        k, _, resolution = resolve_grouping(cfg, est, list_groups=False)
         grouping = "balanced"
         hift_groups = est.groups(k, grouping=grouping)
     elif hcfg.k == "auto":  # fpft with k=auto and no budget: one unit per group

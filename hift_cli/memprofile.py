@@ -12,31 +12,47 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from hift_cli.config import Config
+from hift_cli.config import Config, ConfigError
 from hift_cli.engine import HiftTrainer
 from hift_cli.grouping import Group
-from hift_cli.memory import (CATEGORIES, SavedBytes, Settings, budget_lines, estimate,
-                             fixed_shape_batches, render, render_groups)
+from hift_cli.memory import (CATEGORIES, NoGroupingFits, SavedBytes, Settings, budget_lines,
+                             estimate, fixed_shape_batches, render, render_groups)
 
 log = logging.getLogger(__name__)
 
 
 def run_memprofile(cfg: Config, output_dir: str | Path) -> dict:
-    # With a budget: also the largest batch that fits (a few more activation passes).
-    report = estimate(cfg, largest_batch=cfg.hift.memory_budget is not None)
+    """Print the estimate (and, with ``memprofile.measure``, the measurement).
+
+    Raises:
+        ConfigError: ``hift.k=auto`` and no grouping fits the budget, after printing the
+            breakdown of the one with the smallest peak (one unit per group).
+    """
+    try:
+        # With a budget: also the largest batch that fits (a few more activation passes).
+        report = estimate(cfg, largest_batch=cfg.hift.memory_budget is not None)
+    except NoGroupingFits as e:
+        smallest = dataclasses.replace(cfg, hift=dataclasses.replace(cfg.hift, k=e.k, m=None))
+        show(smallest, estimate(smallest), None)
+        raise ConfigError(str(e)) from None
     measured = measure(cfg, output_dir) if cfg.memprofile.measure else None
     if measured:
         report["measured"] = measured
+    show(cfg, report, measured)
+    return report
+
+
+def show(cfg: Config, report: dict, measured: dict | None) -> None:
+    """The report as tables and lines (or JSON, ``memprofile.format=json``) on stdout."""
     if cfg.memprofile.format == "json":
         print(json.dumps(report, indent=2))
-    else:
-        console = Console()
-        console.print(render(report, measured))
-        if cfg.hift.strategy != "fpft":
-            console.print(render_groups(report))
-        for line in budget_lines(report):
-            console.print(line, highlight=False, soft_wrap=True)
-    return report
+        return
+    console = Console()
+    console.print(render(report, measured))
+    if cfg.hift.strategy != "fpft":
+        console.print(render_groups(report))
+    for line in budget_lines(report):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 class Probe:

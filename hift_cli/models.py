@@ -106,11 +106,31 @@ def pick_device(name: str) -> torch.device:
 @contextlib.contextmanager
 def _loading(name: str):
     """A model that cannot be read (no such hub id, offline, bad folder) is bad input."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        broken = _broken_weights(name) if isinstance(e, SafetensorError) else None
+        if broken is not None:
+            raise ConfigError(f"{broken} is incomplete or corrupt ({first}): download or save"
+                              " it again") from None
         raise ConfigError(f"model.name_or_path: cannot load {name!r}: {first}") from None
+
+
+def _broken_weights(path: str) -> str | None:
+    """The first ``*.safetensors`` file in a local folder whose header cannot be read."""
+    from safetensors import safe_open
+
+    folder = Path(path).expanduser()
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception:
+            return str(f)
+    return None
 
 
 def load_config(path: str, trust_remote_code: bool = False, **kwargs):

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import resource
 import signal
 import threading
@@ -33,10 +34,12 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     """The task function behind ``hift train``: set up, train, save; returns final metrics."""
     output_dir = Path(output_dir)
     resume = find_resume(cfg.resume, output_dir.parent) if cfg.resume else None
-    if resume is not None:
-        output_dir = resume.parent.parent  # continue in the run that wrote the checkpoint
-        log.info(f"Resuming from {resume}")
     main = distributed.current().main  # data parallel: rank 0 alone writes files
+    if resume is not None:
+        stray, output_dir = output_dir, resume.parent.parent  # on in the run that wrote it
+        if main and stray.resolve() != output_dir.resolve():
+            _move_log(stray, output_dir)
+        log.info(f"Resuming from {resume}")
     resolved = OmegaConf.structured(cfg)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,27 @@ def _truncate_metrics(path: Path, step: int) -> None:
     rows = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in rows))
+
+
+def _move_log(stray: Path, run: Path) -> None:
+    """A resumed run logs on in its own ``train.log`` (appended), and the folder Hydra
+    made for this command goes: its ``.hydra/`` records move to ``<run>/.hydra/resumed-
+    <name>/``."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and \
+                Path(handler.baseFilename).parent == stray.resolve():
+            moved = logging.FileHandler(run / Path(handler.baseFilename).name, mode="a")
+            moved.setFormatter(handler.formatter)
+            moved.setLevel(handler.level)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(moved)
+    records = stray / ".hydra"
+    if records.is_dir():
+        shutil.move(str(records), str(run / ".hydra" / f"resumed-{stray.name}"))
+    if all(p.suffix == ".log" for p in stray.rglob("*") if p.is_file()):
+        shutil.rmtree(stray, ignore_errors=True)
 
 
 def write_memory_report(cfg: Config, trainer: HiftTrainer, output_dir: Path) -> None:

@@ -209,7 +209,7 @@ def test_hydra_command_line_misuse_is_one_line(capsys):
     (["hift.kk=3"], "hift train: error: Could not override 'hift.kk'."
                     " Key 'kk' not in 'HiftConfig'"),
     (["data.path=/no/such.jsonl"], "hift train: error: data.path: no such file: /no/such.jsonl"),
-    (["hift.k=7"], "hift train: error: hift.k=7 but the model has only 6 units"
+    (["hift.k=7"], "hift train: error: hift.k=7 but there are only 6 units to group"
                    " (embeddings, 4 blocks, head); use hift.k <= 6"),
     (["hift.k=2", "hift.m=2"], "hift train: error: set exactly one of hift.k"),
     (["trainer.precision=bf16", "model.dtype=float32"],

@@ -128,9 +128,9 @@ def test_fpft_is_one_group_of_everything():
 
 
 def test_too_many_groups_is_a_clear_error():
-    with pytest.raises(ConfigError, match=r"hift.k=9 but the model has only 5 units"):
+    with pytest.raises(ConfigError, match=r"hift.k=9 but there are only 5 units to group"):
         make_groups(_units(5), "bottom2up", 9, None)
-    with pytest.raises(ConfigError, match=r"hift.m=6 but the model has only 5 units"):
+    with pytest.raises(ConfigError, match=r"hift.m=6 but there are only 5 units to group"):
         make_groups(_units(5), "bottom2up", None, 6)
 
 

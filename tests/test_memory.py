@@ -141,7 +141,7 @@ def test_memprofile_table_names_the_peak_group(capsys):
 @pytest.mark.parametrize("args,message", [
     (["memprofile.shape=llama-99b"], "memprofile.shape must be one of llama-7b, llama-13b,"
      " llama-70b, llama-3-8b, qwen2.5-7b, mistral-7b, smollm2-135m (got 'llama-99b')"),
-    (["hift.k=9"], "hift.k=9 but the model has only 6 units"),
+    (["hift.k=9"], "hift.k=9 but there are only 6 units to group"),
     (["memprofile.seq_len=0"], "memprofile.seq_len must be > 0 (got 0)"),
     (["memprofile.world_size=0"], "memprofile.world_size must be > 0 (got 0)"),
     (["memprofile.world_size=2", "memprofile.measure=true"],
