@@ -288,6 +288,7 @@ class HiftTrainer:
                                            "train", self.labels)
         self.evaluator = build_evaluator(self.cfg, self.tokenizer, splits, self.labels,
                                          self.device)
+        self.evaluator.should_stop = lambda: self.stop_signal is not None  # Ctrl-C
         self.pad_id = self.tokenizer.pad_token_id
         self.restart_batches()
         log.info(f"Data ({cfg.format}): {len(self.train_set)} train / {len(self.eval_set)}"

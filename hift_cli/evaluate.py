@@ -13,6 +13,7 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Callable
 
 import torch
 from datasets import Dataset
@@ -31,6 +32,7 @@ from hift_cli.data import (
     tokenize,
 )
 from hift_cli.models import autocast, load_model, load_tokenizer, pick_device, resolve
+from hift_cli.progress import FILE_WIDTH, console
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,8 @@ class Evaluator:
         self.precision = precision
         # Where the causal-LM loss is computed (the trainer's chunked loss, if it has one).
         self.loss_context = contextlib.nullcontext
+        # True once the run is asked to stop (Ctrl-C): shown samples end early.
+        self.should_stop: Callable[[], bool] = lambda: False
 
     def _autocast(self):
         return autocast(self.precision, self.device)
@@ -191,14 +195,27 @@ class Evaluator:
         return self.records.select(range(count))
 
     def _generate(self, model, prompts: list[list[int]], max_new_tokens: int,
-                  batch_size: int) -> list[str]:
-        """Greedy continuations of token-id prompts, decoded without special tokens."""
+                  batch_size: int, interruptible: bool = False) -> list[str]:
+        """Greedy continuations of token-id prompts, decoded without special tokens;
+        ``interruptible``: they end where they are once :attr:`should_stop` (samples to
+        show, not scores)."""
+        from transformers import StoppingCriteria
+
+        class Stopped(StoppingCriteria):
+            def __call__(criterion, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        stop = [Stopped()] if interruptible else None
         texts, pad = [], self.tok.pad_token_id
         # Models with learnt absolute positions (GPT-2, OPT) index past their table and
         # crash: fit prompt + generation into max_position_embeddings (prompts lose their
         # start first).
         positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         for start in range(0, len(prompts), batch_size):
+            if interruptible and self.should_stop():
+                texts += ["(stopped)"] * (len(prompts) - start)
+                break
             chunk = prompts[start: start + batch_size]
             width = max(map(len, chunk))
             new_tokens = max_new_tokens
@@ -213,7 +230,8 @@ class Evaluator:
             with self._autocast():
                 out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                      max_new_tokens=new_tokens, pad_token_id=pad,
-                                     eos_token_id=self.tok.eos_token_id, use_cache=True)
+                                     eos_token_id=self.tok.eos_token_id, use_cache=True,
+                                     stopping_criteria=stop)
             texts += self.tok.batch_decode(out[:, width:], skip_special_tokens=True)
         return texts
 
@@ -318,7 +336,8 @@ class Evaluator:
                 prompts.append(builder.prompt_ids(record["instruction"], extra))
                 shown.append(record["instruction"] + (f"\n\n{extra}" if extra else ""))
                 references.append(record["output"])
-        texts = self._generate(model, prompts, limit, self.eval_cfg.batch_size)
+        texts = self._generate(model, prompts, limit, self.eval_cfg.batch_size,
+                               interruptible=True)
         return [{"prompt": p, "reference": r, "generation": g}
                 for p, r, g in zip(shown, references, texts)]
 
@@ -329,7 +348,7 @@ class Evaluator:
         if rows:
             table = samples_table(rows, f"eval samples {when} training")
             if note is None:
-                Console().print(table)
+                console().print(table)
             else:
                 note(render(table))
         return {f"samples_{when}": rows} if rows else {}
@@ -363,9 +382,10 @@ def samples_table(rows: list[dict], title: str) -> Table:
 
 def render(table: Table) -> str:
     """A rich table as plain text (for log lines and the run's log file)."""
-    console = Console()
+    terminal = Console()
     text = io.StringIO()
-    Console(file=text, width=console.width if console.is_terminal else 120).print(table)
+    Console(file=text, width=terminal.width if terminal.is_terminal else FILE_WIDTH
+            ).print(table)
     return text.getvalue().rstrip()
 
 
@@ -436,8 +456,8 @@ def run_eval(cfg: Config, output_dir: str | Path) -> dict[str, float]:
         table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
     for key, value in evaluator.info().items():
         table.add_row(key.removeprefix("eval/"), value)
-    Console().print(table)
+    console().print(table)
     if shown:
-        Console().print(samples_table(shown, f"eval samples (first {len(shown)} eval records)"))
+        console().print(samples_table(shown, f"eval samples (first {len(shown)} eval records)"))
     log.info(f"Wrote {output_dir / 'eval.json'}")
     return metrics

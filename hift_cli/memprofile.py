@@ -10,13 +10,13 @@ import logging
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from hift_cli.config import Config, ConfigError
 from hift_cli.engine import HiftTrainer
 from hift_cli.grouping import Group
 from hift_cli.memory import (CATEGORIES, NoGroupingFits, SavedBytes, Settings, budget_lines,
                              estimate, fixed_shape_batches, render, render_groups)
+from hift_cli.progress import console
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,12 @@ def show(cfg: Config, report: dict, measured: dict | None) -> None:
     if cfg.memprofile.format == "json":
         print(json.dumps(report, indent=2))
         return
-    console = Console()
-    console.print(render(report, measured))
+    out = console()
+    out.print(render(report, measured))
     if cfg.hift.strategy != "fpft":
-        console.print(render_groups(report))
+        out.print(render_groups(report))
     for line in budget_lines(report):
-        console.print(line, highlight=False, soft_wrap=True)
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 class Probe:

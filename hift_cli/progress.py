@@ -15,22 +15,41 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hift_cli.trackers import Trackers
 
 log = logging.getLogger("hift_cli.engine")
+FILE_WIDTH = 200  # columns of rich output that goes to a file or a pipe (not a terminal)
 
 
-def format_row(row: dict) -> str:
-    return (f"step {row['step']} cycle {row['cycle']} group {row['group']}"
+def console(**kwargs) -> Console:
+    """A rich console: the terminal's width, or, printing to a file or a pipe (a log, CI),
+    wide enough that tables are not cut at rich's default of 80 columns."""
+    out = Console(**kwargs)
+    return out if out.is_terminal else Console(width=FILE_WIDTH, **kwargs)
+
+
+def format_row(row: dict, total: int | None = None, eta: float | None = None) -> str:
+    """A step's log line (no progress bar): ``step 12/40``, loss, LR, speed, ETA."""
+    step = f"{row['step']}/{total}" if total else f"{row['step']}"
+    return (f"step {step} cycle {row['cycle']} group {row['group']}"
             f" | loss {row['train/loss']:.4f} | lr {row['lr']:.2e}"
-            f" | {row['tokens_per_second']:.0f} tok/s")
+            f" | {row['tokens_per_second']:.0f} tok/s"
+            + (f" | ETA {_duration(eta)}" if eta is not None else ""))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 class TrainProgress:
     """``update(row)`` after every step; ``note(text)`` for one-off messages."""
 
-    def __init__(self, total_steps: int, console: Console | None = None, enabled: bool = True):
+    def __init__(self, total_steps: int, console: Console | None = None, enabled: bool = True,
+                 start_step: int = 0):
         self.console = console or Console()
         self.total = total_steps
         self.enabled = enabled  # data parallel: only rank 0 shows progress
         self.bar: Progress | None = None
+        self.start_step, self.step_seconds = start_step, 0.0  # this run's steps' time
 
     def __enter__(self) -> "TrainProgress":
         if self.enabled and self.console.is_terminal:
@@ -47,12 +66,16 @@ class TrainProgress:
         return self
 
     def update(self, row: dict, log_line: bool) -> None:
+        self.step_seconds += row["step_seconds"]
         if self.bar is not None:
             stats = (f"loss {row['train/loss']:.4f}  lr {row['lr']:.2e}"
                      f"  {row['tokens_per_second']:.0f} tok/s")
             self.bar.update(self.task, completed=row["step"], stats=stats)
         elif log_line and self.enabled:
-            log.info(format_row(row))
+            # The steps left at this run's mean step time (evaluations not counted).
+            done = row["step"] - self.start_step
+            eta = self.step_seconds / done * (self.total - row["step"]) if done > 0 else None
+            log.info(format_row(row, self.total, eta))
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -91,8 +114,8 @@ class RunLog:
             self.trackers = stack.enter_context(Trackers(
                 self.cfg.trainer.loggers, self.output_dir, self.cfg, enabled=self.enabled,
                 start_step=self.start_step))
-            self.progress = stack.enter_context(TrainProgress(self.total_steps,
-                                                              enabled=self.enabled))
+            self.progress = stack.enter_context(TrainProgress(
+                self.total_steps, enabled=self.enabled, start_step=self.start_step))
             self._stack = stack.pop_all()
         return self
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from hift_cli.progress import console
+
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("train/loss", "eval/loss", "eval/accuracy", "eval/exact_match",
@@ -84,7 +86,6 @@ class MultirunSummary(Callback):
     """After ``hift train -m ...``: a table of every job and ``summary.csv`` in the sweep dir."""
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        from rich.console import Console
         from rich.table import Table
 
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -101,5 +102,5 @@ class MultirunSummary(Callback):
         for r in rows:
             table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
                             for c in columns])
-        Console().print(table)
+        console().print(table)
         log.info(f"Wrote {sweep_dir / 'summary.csv'}")

@@ -2,10 +2,12 @@
 samples ``hift eval`` / ``hift train`` show and store (eval.show_samples)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from conftest import build_trainer
 from hift_cli.cli import main
 from hift_cli.evaluate import (
     RULE_GSM,
@@ -161,7 +163,7 @@ def test_hift_eval_stores_classification_samples(tmp_path, tiny_bert):  # noqa: 
 @pytest.mark.integration
 def test_hift_train_stores_samples_before_and_after(capsys):
     assert main(["train", "recipe=tiny", "trainer.max_steps=3", "eval.show_samples=2",
-                 "trainer.save_model=false"]) == 0
+                 "trainer.save_model=false", "trainer.log_every=1"]) == 0
     summary = json.load(open(only_run("train") / "summary.json"))
     before, after = summary["samples_before"], summary["samples_after"]
     assert len(before) == len(after) == 2
@@ -172,6 +174,24 @@ def test_hift_train_stores_samples_before_and_after(capsys):
     assert "eval samples before training" in out and "eval samples after training" in out
     log = next(only_run("train").glob("*.log")).read_text()
     assert "eval samples after training" in log  # in the run's log file too
+    # Without a terminal (no progress bar), step lines say how far and how long to go.
+    assert re.search(r"step 2/3 cycle 0 group 1 \| loss .* tok/s \| ETA 0:\d\d\n", log), log
+
+
+def test_ctrl_c_ends_shown_samples_early(tmp_path):
+    trainer = build_trainer(tmp_path, "eval.show_samples=3")
+    calls = []
+
+    def stop_after_two_tokens() -> bool:  # asked once per generated token
+        calls.append(1)
+        return len(calls) > 2
+
+    trainer.evaluator.should_stop = stop_after_two_tokens
+    rows = trainer.evaluator.samples(trainer.model)
+    assert len(rows) == 3 and len(calls) == 3  # one batch: generation ended after 2 tokens
+    assert all(len(trainer.tokenizer(r["generation"]).input_ids) <= 4 for r in rows)
+    trainer.evaluator.should_stop = lambda: True  # already stopped: nothing generated
+    assert {r["generation"] for r in trainer.evaluator.samples(trainer.model)} == {"(stopped)"}
 
 
 def test_show_samples_zero_stores_none(capsys):
