@@ -112,11 +112,20 @@ def _remove_if_empty(run_dir: str) -> None:
     import shutil
     from pathlib import Path
 
-    root = Path(run_dir)
+    root = Path(run_dir).absolute()
     files = [p for p in root.rglob("*") if p.is_file()]
     if all(p.name.endswith(".log") or p.name == "config.yaml" or ".hydra" in p.parts
            for p in files):
         shutil.rmtree(root, ignore_errors=True)
+        # And the folders Hydra made above it (outputs/<command>/), if nothing else is there.
+        here = Path.cwd()
+        for parent in root.parents:
+            if parent == here or here not in parent.parents:
+                break
+            try:
+                parent.rmdir()  # only if empty
+            except OSError:
+                break
 
 
 def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
