@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from hift_cli.config import ConfigError
 
@@ -76,6 +77,17 @@ def require_space(path: Path, need: int, what: str) -> None:
     if free < need * 1.01 + 2**18:
         raise DiskSpaceError(f"{what} needs ~{_size(need)} and {path} has {_size(free)} free:"
                              " free some space or put the run elsewhere (hydra.run.dir=...)")
+
+
+# What writing a model or a checkpoint raises when it fails (torch.save reports a full
+# disk as a RuntimeError: "iostream error", "unexpected pos").
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def write_failure(e: BaseException) -> str:
+    """One line saying why a write failed."""
+    text = str(e).strip()
+    return getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
 
 
 def _size(n: float) -> str:
@@ -199,8 +211,6 @@ def save_checkpoint(run_dir: Path, step: int, state: dict,
         DiskSpaceError: not enough free space, or writing failed; no partial folder is
             left and earlier checkpoints are untouched.
     """
-    from safetensors import SafetensorError
-
     root = checkpoints_dir(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -227,16 +237,13 @@ def save_checkpoint(run_dir: Path, step: int, state: dict,
             f.flush()
             os.fsync(f.fileno())
         _fsync_tree(root)
-    except (OSError, RuntimeError, SafetensorError) as e:
-        # torch.save reports a full disk as a RuntimeError ("iostream error"): the same.
+    except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if shards is not None:
             shutil.rmtree(shards, ignore_errors=True)
         previous = complete_checkpoints(run_dir)
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        reason = (getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
-                  if str(e).strip() else type(e).__name__)
-        raise DiskSpaceError(f"cannot write checkpoint {final}: {reason} (it needs"
+        raise DiskSpaceError(f"cannot write checkpoint {final}: {write_failure(e)} (it needs"
                              f" ~{_size(need)}, {_size(free_bytes(root))} free){kept}"
                              ) from None
     for old in complete_checkpoints(run_dir)[:-keep_last]:

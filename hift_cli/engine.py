@@ -44,6 +44,7 @@ from hift_cli.checkpoint import (
     MARKER,
     SHARDS,
     STATE_FILE,
+    WRITE_ERRORS,
     CheckpointError,
     DiskSpaceError,
     checkpoints_dir,
@@ -55,6 +56,7 @@ from hift_cli.checkpoint import (
     set_rng_state,
     stage_shard,
     tensor_bytes,
+    write_failure,
 )
 from hift_cli.config import Config, ConfigError
 from hift_cli.evaluate import build_evaluator
@@ -828,8 +830,9 @@ class HiftTrainer:
             raise CheckpointError(f"{source} was saved with hift.always_active="
                                   f"[{','.join(saved_always)}]: resume with the same setting")
         # What the saved state and counters mean (older checkpoints: not recorded).
+        settings = self._resume_settings()
         for key, saved in state.get("settings", {}).items():
-            now = self._resume_settings().get(key)
+            now = settings.get(key)
             if saved != now:
                 raise CheckpointError(f"{source} was saved with {_setting(key, saved)}, this run"
                                       f" has {_setting(key, now)}: resume with the same"
@@ -1020,8 +1023,6 @@ class HiftTrainer:
 
     def _save_model_only(self) -> Path:
         """``<output_dir>/model`` written on its own (atomically), the checkpoints dropped."""
-        from safetensors import SafetensorError
-
         path = self.output_dir / "model"
         if not self.dist.main:
             return path
@@ -1034,10 +1035,10 @@ class HiftTrainer:
             self.write_model(tmp)
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
-        except (OSError, RuntimeError, SafetensorError) as e:
+        except WRITE_ERRORS as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
-            raise DiskSpaceError(f"cannot write the model to {path}: {reason}") from None
+            raise DiskSpaceError(f"cannot write the model to {path}: {write_failure(e)}"
+                                 ) from None
         self._drop_checkpoints(path)
         return path
 

@@ -110,3 +110,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def store_by_hand(sizes, strategy: str, seed: int, steps: int, **store_kwargs):
+    """A GroupStateStore over one SGD-with-momentum parameter per group (``sizes``
+    elements), trained ``steps`` steps by hand in ``strategy``'s order beside an identical
+    optimizer that keeps everything in place. Returns ``(store, groups, twins, opt,
+    reference)``: the store's parameters and the reference's twins, and both optimizers."""
+    import functools
+
+    from hift_cli.grouping import GroupSchedule
+    from hift_cli.offload import GroupStateStore
+
+    torch.manual_seed(0)
+    groups = [[torch.nn.Parameter(torch.randn(n))] for n in sizes]
+    twins = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in groups]
+    factory = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt, reference = (factory([p for ps in gs for p in ps]) for gs in (groups, twins))
+    schedule = GroupSchedule(strategy, len(sizes), seed=seed)
+    store = GroupStateStore(opt, groups, torch.device("cpu"), True, factory=factory,
+                            pairs=schedule.pairs(), **store_kwargs)
+    for step in range(steps):
+        g, nxt = schedule.group_at(step), schedule.group_at(step + 1)
+        store.prefetch(g)
+        store.prefetch(nxt)
+        for p, twin in zip(groups[g], twins[g]):
+            p.grad, twin.grad = torch.full_like(p, step + 1.0), torch.full_like(p, step + 1.0)
+        store.wait(g)
+        with store.updating(g):
+            opt.step()
+        reference.step()
+        opt.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        store.offload(g, keep=nxt == g)
+    return store, groups, twins, opt, reference

@@ -7,14 +7,13 @@ race fails here too.
 """
 
 import dataclasses
-import functools
 import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import assert_same, build_trainer, snapshot, stop_and_resume
+from conftest import assert_same, build_trainer, snapshot, stop_and_resume, store_by_hand
 from hift_cli import offload
 from hift_cli.config import ConfigError
 from hift_cli.grouping import GroupSchedule
@@ -313,28 +312,8 @@ def test_the_slots_hold_the_largest_pair_of_groups_that_follow_each_other(strate
     # Groups of 64, 640, 64 and 640 elements: in bottom2up order a large group always
     # follows a small one (two slots of the largest group would be 1280 elements); in a
     # random order any two can follow each other.
-    torch.manual_seed(0)
-    sizes = [64, 640, 64, 640]
-    groups = [[torch.nn.Parameter(torch.randn(n))] for n in sizes]
-    twins = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in groups]
-    factory = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
-    opt, reference = (factory([p for ps in gs for p in ps]) for gs in (groups, twins))
-    schedule = GroupSchedule(strategy, len(sizes), seed=1)
-    store = offload.GroupStateStore(opt, groups, torch.device("cpu"), True, factory=factory,
-                                    strict=strict, pairs=schedule.pairs())
-    for step in range(12):
-        g, nxt = schedule.group_at(step), schedule.group_at(step + 1)
-        store.prefetch(g)
-        store.prefetch(nxt)
-        for p, twin in zip(groups[g], twins[g]):
-            p.grad, twin.grad = torch.full_like(p, step + 1.0), torch.full_like(p, step + 1.0)
-        store.wait(g)
-        with store.updating(g):
-            opt.step()
-        reference.step()
-        opt.zero_grad(set_to_none=True)
-        reference.zero_grad(set_to_none=True)
-        store.offload(g, keep=nxt == g)
+    store, groups, twins, opt, reference = store_by_hand([64, 640, 64, 640], strategy, 1, 12,
+                                                         strict=strict)
     assert {dt: b.numel() for dt, b in store.arena.items()} == {torch.float32: elements}
     assert store.device_bytes() == 4 * elements
     with store.readable():

@@ -5,15 +5,12 @@ race it was there to prevent. The copies run on one stream per direction, and a 
 write-back and the next fill of the same slot run side by side, one chunk apart.
 """
 
-import functools
-
 import pytest
 import torch
 
-from conftest import build_trainer
+from conftest import build_trainer, store_by_hand
 from hift_cli import offload
 from hift_cli.engine import HiftTrainer
-from hift_cli.grouping import GroupSchedule
 from hift_cli.offload import GroupStateStore
 from hift_cli.streams import COMPUTE, D2H, StreamModel, StreamRace
 
@@ -135,29 +132,10 @@ def test_the_compute_delay_runs_after_the_finite_check_right_before_the_update(t
 
 # --------------------------------------------------------------------- item 5: two streams
 def test_each_direction_has_its_stream_and_a_refill_follows_the_write_back_chunk_by_chunk():
-    torch.manual_seed(0)
-    sizes = [640, 640, 640]  # fp32 momentum: 2560 bytes each, 10 chunks of 256 bytes
-    groups = [[torch.nn.Parameter(torch.randn(n))] for n in sizes]
-    twins = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in groups]
-    factory = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
-    opt, reference = (factory([p for ps in gs for p in ps]) for gs in (groups, twins))
-    schedule = GroupSchedule("bottom2up", 3, seed=0)
-    store = GroupStateStore(opt, groups, torch.device("cpu"), True, factory=factory,
-                            strict=True, pairs=schedule.pairs(), chunk_bytes=256)
+    # fp32 momentum of 640 elements: 2560 bytes a group, 10 chunks of 256 bytes
+    store, groups, twins, opt, reference = store_by_hand([640, 640, 640], "bottom2up", 0, 9,
+                                                         strict=True, chunk_bytes=256)
     model = store.streams
-    for step in range(9):
-        g, nxt = schedule.group_at(step), schedule.group_at(step + 1)
-        store.prefetch(g)
-        store.prefetch(nxt)
-        for p, twin in zip(groups[g], twins[g]):
-            p.grad, twin.grad = torch.full_like(p, step + 1.0), torch.full_like(p, step + 1.0)
-        store.wait(g)
-        with store.updating(g):
-            opt.step()
-        reference.step()
-        opt.zero_grad(set_to_none=True)
-        reference.zero_grad(set_to_none=True)
-        store.offload(g)
     with store.readable():  # the data came through every late copy intact
         for ps, ts in zip(groups, twins):
             assert torch.equal(opt.state[ps[0]]["momentum_buffer"],
