@@ -221,6 +221,9 @@ class DataConfig:
     """Generators: seed of the training problems."""
     eval_seed: int = 1
     """Generators: seed of the eval problems."""
+    task_options: Dict[str, Any] = field(default_factory=dict)
+    """Generators: the reasoning-gym task's own settings, e.g. ``{max_family_size: 4}``
+    for family_relationships (smaller families: shorter, easier questions)."""
 
     def __post_init__(self) -> None:
         _one_of("data.format", self.format, DATA_FORMATS)
@@ -251,6 +254,10 @@ class HiftConfig:
     """How k groups are cut, units kept in order and never split: balanced (the largest
     group as small as possible in parameters) | contiguous (unit counts differ by at most
     one). null: balanced with k=auto, else contiguous. hift.m is always m units a group."""
+    steps_per_group: int = 1
+    """K: steps the active group stays active before the strategy moves on (BAdam's
+    switch_block_every, LISA's interval_steps). A cycle is k x K steps; the LR schedule
+    still steps once per cycle and the store moves state only at switches. Ignored by fpft."""
     memory_budget: Optional[float] = None
     """GiB of device memory, the card's (24 for a 24 GB card): with k=auto, pick the fewest
     groups whose estimated peak fits it less hift.memory_reserve; with a fixed k or m,
@@ -275,6 +282,7 @@ class HiftConfig:
 
     def __post_init__(self) -> None:
         _one_of("hift.strategy", self.strategy, STRATEGIES)
+        _positive("hift.steps_per_group", self.steps_per_group)
         self.max_unit_params = _word_or_count("hift.max_unit_params", self.max_unit_params,
                                               "block", "parameters")
         if self.strategy == "fpft":
@@ -324,6 +332,10 @@ class TrainerConfig:
     """transformers.get_scheduler name; stepped once per cycle (delayed LR update)."""
     warmup_cycles: int = 0
     """Linear warmup length, in cycles."""
+    warmup_ratio: Optional[float] = None
+    """Linear warmup as a share of the run's cycles (e.g. 0.1), whatever k and
+    steps_per_group make a cycle; or warmup_cycles, not both (warmup_cycles on the command
+    line clears a recipe's ratio)."""
     max_grad_norm: Optional[float] = 1.0
     """Clip the active group's gradient norm; null: no clipping."""
     precision: str = "fp32"
@@ -382,6 +394,15 @@ class TrainerConfig:
                                   f" (got {value!r})")
             _positive(f"trainer.{key}", value)
         _positive("trainer.warmup_cycles", self.warmup_cycles, allow_zero=True)
+        if self.warmup_ratio is not None and (
+                isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio,
+                                                                      (int, float))
+                or not 0 <= self.warmup_ratio < 1):
+            raise ConfigError(f"trainer.warmup_ratio must be in [0, 1) (got"
+                              f" {self.warmup_ratio!r})")
+        if self.warmup_ratio is not None and self.warmup_cycles:
+            raise ConfigError("set one of trainer.warmup_cycles and trainer.warmup_ratio (got"
+                              f" {self.warmup_cycles} and {self.warmup_ratio})")
         _positive("trainer.max_grad_norm", self.max_grad_norm)
         _one_of("trainer.precision", self.precision, tuple(PRECISIONS))
         _one_of("trainer.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
@@ -639,6 +660,9 @@ def command_line_wins(cfg: DictConfig, overrides) -> None:
     for a, b in EXCLUSIVE:
         if (a in given) != (b in given):
             OmegaConf.update(cfg, b if a in given else a, None)
+    # Warmup in cycles typed by the user replaces a recipe's warmup ratio.
+    if "trainer.warmup_cycles" in given and "trainer.warmup_ratio" not in given:
+        OmegaConf.update(cfg, "trainer.warmup_ratio", None)
     # A model named on the command line is the one to estimate, not the recipe's preset.
     if {"model", "model.name_or_path"} & given and "memprofile.shape" not in given:
         OmegaConf.update(cfg, "memprofile.shape", None)

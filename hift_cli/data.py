@@ -50,8 +50,9 @@ def load_splits(cfg: DataConfig) -> Splits:
     """Raw train / eval records (before tokenization)."""
     if cfg.path.startswith("reasoning_gym:"):
         name = cfg.path.split(":", 1)[1]
-        train = _generate(name, cfg.num_train, cfg.train_seed)
-        evaluation = _generate(name, cfg.num_eval, cfg.eval_seed)
+        options = dict(cfg.task_options)
+        train = _generate(name, cfg.num_train, cfg.train_seed, options)
+        evaluation = _generate(name, cfg.num_eval, cfg.eval_seed, options)
         # Different seeds can still draw the same problem: keep eval truly held out.
         held_out = set(evaluation["question"])
         kept = train.filter(lambda r: r["question"] not in held_out)
@@ -94,7 +95,7 @@ def _load(path: str, split: str, config: str | None, key: str) -> Dataset:
     return ds
 
 
-def _generate(name: str, size: int, seed: int) -> Dataset:
+def _generate(name: str, size: int, seed: int, options: dict | None = None) -> Dataset:
     try:
         import reasoning_gym
     except ImportError:
@@ -104,7 +105,11 @@ def _generate(name: str, size: int, seed: int) -> Dataset:
     if name not in DATASETS:
         raise ConfigError(f"data.path=reasoning_gym:{name}: reasoning-gym has no task {name!r}"
                           " (e.g. gsm_symbolic, family_relationships)")
-    items = reasoning_gym.create_dataset(name, size=size, seed=seed)
+    try:
+        items = reasoning_gym.create_dataset(name, size=size, seed=seed, **(options or {}))
+    except (TypeError, ValueError, AssertionError) as e:  # its config's own checks
+        raise ConfigError(f"data.task_options={options}: reasoning-gym's {name} refuses them"
+                          f" ({_reason(e)})") from None
     # gsm_symbolic carries GSM8K's own shape, a worked solution ending in "#### <number>";
     # other tasks have only the short answer (a label, for the classification format).
     return Dataset.from_list([{"question": it["question"],

@@ -342,7 +342,8 @@ class HiftTrainer:
         # hift.k=auto: the fewest balanced groups that fit hift.memory_budget (memory.py).
         self.groups: list[Group] = build_groups(self.estimate_config(), rest,
                                                 self.device.type)
-        self.schedule = GroupSchedule(hcfg.strategy, len(self.groups), self.cfg.trainer.seed)
+        self.schedule = GroupSchedule(hcfg.strategy, len(self.groups), self.cfg.trainer.seed,
+                                      1 if hcfg.strategy == "fpft" else hcfg.steps_per_group)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.always_params = [p for u in self.always for p in u.params.values()]
@@ -355,8 +356,10 @@ class HiftTrainer:
         # cross the wire (sharded: FSDP reduce-scatters them instead).
         self.grad_sync = (distributed.GradSync() if self.dist.enabled and not self.sharded
                           else None)
+        per = self.schedule.steps_per_group
         log.info(f"HiFT: {len(self.units)} units in {len(self.groups)} groups, strategy "
-                 f"{hcfg.strategy}: " + ", ".join(
+                 f"{hcfg.strategy}" + (f", {per} steps per group" if per > 1 else "") + ": "
+                 + ", ".join(
                      f"{g.name} ({g.numel / 1e6:.2f}M)" for g in self.groups)
                  + "".join(f"; always active: {u.name} ({u.numel / 1e6:.2f}M)"
                            for u in self.always))
@@ -387,7 +390,7 @@ class HiftTrainer:
 
     def _resolve_steps(self) -> None:
         """``trainer.epochs`` -> ``trainer.max_steps`` (whole cycles), and epoch lengths."""
-        tcfg, k = self.cfg.trainer, len(self.groups)
+        tcfg, k = self.cfg.trainer, self.schedule.cycle_steps
         # Micro-batches per epoch on each rank; grad_accum of them make a step.
         n, world = len(self.train_set), self.dist.world
         self.epoch_batches = data_lib.batches_per_epoch(n, tcfg.batch_size, world)
@@ -402,7 +405,9 @@ class HiftTrainer:
                      " batches" + (f" / grad_accum {tcfg.grad_accum}" if tcfg.grad_accum > 1
                                    else "") + f" = {steps} steps"
                      + (f", rounded up to {tcfg.max_steps}" if tcfg.max_steps != steps else "")
-                     + f" ({tcfg.max_steps // k} cycles of {k} groups)")
+                     + f" ({tcfg.max_steps // k} cycles of {len(self.groups)} groups"
+                     + (f" x {self.schedule.steps_per_group} steps" if k > len(self.groups)
+                        else "") + ")")
         if "epoch" in (tcfg.eval_every, tcfg.save_every):
             ends = [math.ceil(e * self.epoch_batches / tcfg.grad_accum) for e in (1, 2, 3)]
             log.info(f"Epoch ends ({self.epoch_batches} batches each): steps"
@@ -463,9 +468,14 @@ class HiftTrainer:
     def _setup_scheduler(self) -> None:
         tcfg = self.cfg.trainer
         self.num_cycles = self.schedule.num_cycles(tcfg.max_steps)
+        warmup = (tcfg.warmup_cycles if tcfg.warmup_ratio is None
+                  else round(tcfg.warmup_ratio * self.num_cycles))
+        if tcfg.warmup_ratio is not None:
+            log.info(f"trainer.warmup_ratio={tcfg.warmup_ratio}: {warmup} of"
+                     f" {self.num_cycles} cycles")
         self.scheduler = get_scheduler(
             tcfg.lr_scheduler, self.optimizer,
-            num_warmup_steps=tcfg.warmup_cycles, num_training_steps=self.num_cycles)
+            num_warmup_steps=warmup, num_training_steps=self.num_cycles)
 
     # ------------------------------------------------------------------ train
     def train(self, num_steps: int | None = None, *, eval_before: bool | None = None,
@@ -507,7 +517,7 @@ class HiftTrainer:
             train_start = time.perf_counter()
             for step in range(first, stop):
                 done = self._step(step, stop)
-                row = self._row(done, cycle=step // len(self.groups))
+                row = self._row(done, cycle=self.schedule.cycle_of(step))
                 self._agree_on_stop()
                 totals.update({k: v for k, v in row.items() if k in SUMMED},
                               tokens=done.tokens, updated=done.updated)
@@ -878,6 +888,7 @@ class HiftTrainer:
         which order, at which precision (masters), by which optimizer."""
         return {"groups": [[u.name for u in g.units] for g in self.groups],
                 "hift.strategy": self.cfg.hift.strategy,
+                "hift.steps_per_group": self.schedule.steps_per_group,
                 "trainer.precision": self.cfg.trainer.precision,
                 "optimizer._target_": self.cfg.optimizer.get("_target_")}
 

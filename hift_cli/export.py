@@ -178,7 +178,9 @@ def _training(trained: TrainedModel, architecture: str) -> list[tuple[str, str]]
         task = data[len(DATA_GENERATOR_PREFIX):]
         data_text = (f"reasoning-gym `{task}`: {s('data.num_train')} training problems"
                      f" (seed {s('data.train_seed')}), {s('data.num_eval')} eval problems"
-                     f" (seed {s('data.eval_seed')})")
+                     f" (seed {s('data.eval_seed')})"
+                     + (f", options {dict(s('data.task_options'))}" if s("data.task_options")
+                        else ""))
     else:
         data_text = f"`{_shown(data)}`"
     samples = summary.get("data/train_samples")
@@ -193,13 +195,17 @@ def _training(trained: TrainedModel, architecture: str) -> list[tuple[str, str]]
         size = f"k={s('hift.k')}" if s("hift.k") is not None else f"m={s('hift.m')} units a group"
         units = f" of {mem['units']} units" if mem.get("units") else ""
         always = s("hift.always_active") or []
+        per = s("hift.steps_per_group") or 1
         rows.append(("HiFT", f"strategy {strategy}, {size}"
                              + (f": {groups} groups{units}" if groups else "")
+                             + (f", {per} steps per group" if per > 1 else "")
                              + (f"; always active: {', '.join(always)}" if always else "")))
     rows.append(("optimizer", f"`{s('optimizer._target_')}`, lr {s('optimizer.lr'):g},"
                               f" weight decay {s('optimizer.weight_decay', 0):g}"))
     rows.append(("LR schedule", f"{s('trainer.lr_scheduler')}, stepped once per cycle,"
-                                f" warmup {s('trainer.warmup_cycles')} cycles"))
+                                + (f" warmup {s('trainer.warmup_ratio'):g} of the cycles"
+                                   if s("trainer.warmup_ratio") is not None else
+                                   f" warmup {s('trainer.warmup_cycles')} cycles")))
     step = trained.path.name.removeprefix("step-")
     length = f"{s('trainer.epochs')} epochs" if s("trainer.epochs") else \
         f"{s('trainer.max_steps')} steps"

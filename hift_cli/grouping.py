@@ -414,15 +414,23 @@ def balanced_sizes(sizes: list[int], k: int) -> list[int]:
 class GroupSchedule:
     """Which group trains at each step.
 
-    Step ``t`` is position ``t % k`` of cycle ``t // k``. ``random`` draws a fresh
-    permutation per cycle from ``(seed, cycle)`` alone, so any step's group can be
-    recomputed (resume needs no saved order).
+    A group stays active for ``steps_per_group`` (K) consecutive steps; a cycle is
+    ``num_groups`` x K steps. Step ``t`` is in cycle ``t // (k K)``, at position
+    ``(t % (k K)) // K`` of its order. ``random`` draws a fresh permutation per cycle from
+    ``(seed, cycle)`` alone, so any step's group can be recomputed (resume needs no saved
+    order).
     """
 
-    def __init__(self, strategy: str, num_groups: int, seed: int):
+    def __init__(self, strategy: str, num_groups: int, seed: int, steps_per_group: int = 1):
         self.strategy = strategy
         self.num_groups = num_groups
         self.seed = seed
+        self.steps_per_group = steps_per_group
+
+    @property
+    def cycle_steps(self) -> int:
+        """Steps in one cycle: every group active for its K steps."""
+        return self.num_groups * self.steps_per_group
 
     def order(self, cycle: int) -> list[int]:
         k = self.num_groups
@@ -443,12 +451,15 @@ class GroupSchedule:
         order = self.order(0)
         return {(order[i], order[(i + 1) % k]) for i in range(k) if k > 1}
 
+    def cycle_of(self, step: int) -> int:
+        return step // self.cycle_steps
+
     def group_at(self, step: int) -> int:
-        cycle, pos = divmod(step, self.num_groups)
-        return self.order(cycle)[pos]
+        cycle, at = divmod(step, self.cycle_steps)
+        return self.order(cycle)[at // self.steps_per_group]
 
     def num_cycles(self, max_steps: int) -> int:
-        return math.ceil(max_steps / self.num_groups)
+        return math.ceil(max_steps / self.cycle_steps)
 
     def ends_cycle(self, step: int) -> bool:
-        return (step + 1) % self.num_groups == 0
+        return (step + 1) % self.cycle_steps == 0

@@ -621,6 +621,8 @@ class Estimator:
                 row["unsharded_gradient"] = unsharded_grad
             row["total"] = sum(row[c] for c in CATEGORIES)
             row["params"] = g.numel
+            # Offload: the bytes a switch to (and away from) this group copies each way.
+            row["moved"] = own[i] if offload else 0
             rows.append(row)
         return rows
 
@@ -805,6 +807,12 @@ def estimate(cfg: Config, largest_batch: bool = False) -> dict:
                         est.total_numel), **est.methods}
     report["grouping"] = grouping
     report["always_active"] = [u.name for u in est.always]
+    per = 1 if hcfg.strategy == "fpft" else hcfg.steps_per_group
+    report["steps_per_group"] = per
+    if offload:  # host <-> device traffic: each group's state in and out once per cycle
+        cycle = sum(row["moved"] for row in per_group)
+        report["transfer"] = {"bytes_per_cycle": cycle,
+                              "bytes_per_step": cycle / (len(per_group) * per)}
     for row, g in zip(per_group, hift_groups):
         row["units"] = [u.name for u in g.units]
     if est.world_size > 1:
@@ -947,6 +955,12 @@ def render(report: dict, measured: dict | None = None):
         table.add_row(*cells, style="bold" if cat == "total" else None)
     table.caption = (f"hift rows: the largest over groups; hift total: the peak group"
                      f" ({report['hift_peak_group']})\n{_methods_line(report)}")
+    if report.get("transfer"):
+        per, moved = report.get("steps_per_group", 1), report["transfer"]
+        table.caption += (
+            f"\noffload: {moved['bytes_per_cycle'] / scale:.3f} {unit} each way per cycle,"
+            f" {moved['bytes_per_step'] / scale:.3f} {unit} per step"
+            f" ({report['groups']} groups x {per} step{'s' if per > 1 else ''})")
     if sharding:
         n = sharding["world_size"]
         table.caption += (

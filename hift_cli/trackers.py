@@ -51,6 +51,8 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
             out.update(flatten(value, name + "."))
+        elif isinstance(value, dict):  # an empty mapping (data.task_options): nothing set
+            out[name] = None
         else:
             out[name] = value
     return out
