@@ -265,7 +265,7 @@ def markdown(result: dict, name: str, plots: str = "") -> str:
              f" after another in one invocation. Raw numbers: `{name}.json` beside the plots.", ""]
     for suite, s in result["suites"].items():
         if s.get("kind") == "quality":
-            lines += quality.markdown(suite, s)
+            lines += quality.markdown(suite, s, plots)
             continue
         if s.get("kind") == "peers":
             continue  # their own block (peers_markdown)
@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((args.out / f"{args.render}.json").read_text())
         for suite, s in result["suites"].items():
             if s.get("kind") == "quality":
-                quality.compare(s["runs"])
+                quality.compare(s["runs"], s["higher_is_better"])
+                quality.plot(suite, s, args.out / s["plot"])
             elif s.get("kind") == "peers":
                 s["comparison"] = peers.compare(s["runs"])
                 peers.plot(suite, s, args.out / s["plot"])
@@ -398,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             write_results(result, args.out, name, not args.no_docs)
             continue
         if "metric" in spec:  # a quality suite
-            result["suites"][suite] = run_quality(spec, runs_dir / suite, start)
+            result["suites"][suite] = run_quality(spec, runs_dir / suite, start,
+                                                  args.out / f"{name}-{suite}.png")
             result["suites"][suite]["minutes"] = (time.perf_counter() - suite_start) / 60
             write_results(result, args.out, name, not args.no_docs)
             continue
@@ -425,26 +427,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_quality(spec: dict, runs_dir: Path, start: float) -> dict:
-    """One quality suite: the budget for k=auto, every configuration, ratios to fpft."""
-    budget = quality.budget_gib(spec["base"], ENV, ROOT, spec.get("budget", "halfway"))
-    runs = {}
-    for config, overrides in quality.configs(spec, budget).items():
-        run_dir = runs_dir / config
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[{time.perf_counter() - start:6.0f} s] {runs_dir.name}/{config}", flush=True)
-        train(run_dir, merge(spec["base"], overrides))
-        runs[config] = r = quality.collect(run_dir, spec["metric"], spec["higher_is_better"])
-        print(f"         {r['groups']} groups, best {r['best']['value']:.4f} at epoch"
-              f" {r['best']['epoch']}, final {r['final']['value']:.4f},"
-              f" {r['train_seconds']:.0f} s", flush=True)
-    quality.compare(runs)
-    return {"kind": "quality", "title": spec["title"], "base": spec["base"],
-            "metric": spec["metric"], "higher_is_better": spec["higher_is_better"],
-            "epochs": spec["epochs"], "budget_gib": budget,
-            "budget_rule": spec.get("budget", "halfway"), "runs": runs,
-            "date": dt.date.today().isoformat()}
+def run_quality(spec: dict, runs_dir: Path, start: float, plot_path: Path) -> dict:
+    """One quality suite: the budget for k=auto, every configuration on every seed, means
+    and spreads, ratios to fpft."""
+    names = spec["configs"]
+    budget = (quality.budget_gib(spec["base"], ENV, ROOT)
+              if any(n.startswith("auto") for n in names) else None)
+    higher, runs, fpft = spec["higher_is_better"], {}, None
+    for config in names:
+        by_seed = {}
+        for seed in spec["seeds"]:
+            run_dir = runs_dir / config / f"seed{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[{time.perf_counter() - start:6.0f} s] {runs_dir.name}/{config}/seed{seed}",
+                  flush=True)
+            train(run_dir, merge(spec["base"], quality.overrides(config, spec, budget),
+                                 [f"trainer.seed={seed}"]))
+            by_seed[seed] = r = quality.collect(run_dir, spec["metric"], higher)
+            print(f"         {r['groups']} groups, {r['cycles']} cycles, best"
+                  f" {r['best']['value']:.4f} at epoch {r['best']['epoch']}, final"
+                  f" {r['final']['value']:.4f}, {r['train_seconds']:.0f} s", flush=True)
+        if config == "fpft":  # its own time: within fpft's time is its best
+            fpft = by_seed
+        runs[config] = quality.aggregate(by_seed, fpft, higher)
+    quality.compare(runs, higher)
+    s = {"kind": "quality", "title": spec["title"], "base": spec["base"],
+         "metric": spec["metric"], "higher_is_better": higher, "epochs": spec["epochs"],
+         "seeds": list(spec["seeds"]), "budget_gib": budget, "runs": runs,
+         "date": dt.date.today().isoformat(), "plot": plot_path.name}
+    quality.plot(runs_dir.name, s, plot_path)
+    return s
 
 
 def write_results(result: dict, out: Path, name: str, docs: bool) -> None:

@@ -1,178 +1,279 @@
-"""The ``quality`` suites of ``make bench``: quality per epoch, judged as the HiFT paper's
-scripts judge it.
+"""The ``quality`` suites of ``make bench``: does HiFT reach full fine-tuning's quality, and
+with which settings? Judged as the HiFT paper's scripts judge it, in the regime of real runs.
 
-Every configuration trains the same number of epochs (``trainer.epochs``) on the same data
-in the same order and is evaluated after every epoch (``trainer.eval_every=epoch``); a
-configuration's result is its best epoch (the metric, the epoch it came at and the training
-time it took to get there) and its final epoch. Configurations:
+- Every configuration trains the same number of epochs (``trainer.epochs``) on the same data
+  and is evaluated after every epoch (``trainer.eval_every=epoch``).
+- Enough steps that every group is updated ~50 times or more (a real run gives each group
+  hundreds of updates): short sequences and small eval sets instead of few steps. The
+  tables say each configuration's cycles and updates per group.
+- Every configuration on three seeds (weights of the new head, data order, the random
+  strategy's orders): mean and standard deviation over seeds. A difference counts as real
+  only when the means differ by more than the two standard deviations together
+  (``verdict``: ``≈`` within the spread, ``+`` / ``−`` better / worse beyond it).
+- Per configuration: the best epoch (mean over seeds of each seed's best), the final epoch,
+  the training time to the best epoch, and the best reached within fpft's training time of
+  the same seed (equal wall-clock); each as a ratio to fpft's from the same invocation.
+- The LR schedule warms up over the first 10% of each run's cycles
+  (``trainer.warmup_ratio``): without it fpft on MiniLM stays at the majority class on two
+  seeds of three (it learns or not by the new head's initialisation).
 
-- ``fpft``: full fine-tuning, the yardstick every ratio is taken to;
-- ``auto``: ``hift.k=auto`` under a memory budget that full fine-tuning does not fit
-  (halfway between the estimated peak of the smallest grouping and fpft's, both from
-  ``hift memprofile`` on the suite's own settings);
-- ``k4`` and ``m1`` (one unit per group);
-- each HiFT one again with ``hift.always_active=[head]``;
-- ``k4-x4``: ``k4`` given 4 times the epochs (each parameter then gets as many updates as
-  under fpft), where the suite lists it.
+Configurations (names): ``fpft``; ``auto`` (``hift.k=auto`` under a budget fpft does not fit:
+halfway between the smallest grouping's estimated peak and fpft's, from ``hift memprofile``);
+``k4``; ``m1`` (one unit per group); ``+head``: with the head always active; ``-lr2x`` /
+``-lr4x``: HiFT's LR at 2x / 4x fpft's; ``-K4`` / ``-K16``: ``hift.steps_per_group``.
 
-``quality-subunits`` puts ``auto`` with units cut into sub-units (the default) beside
-``auto`` with whole units (``hift.max_unit_params=null``), on two seeds.
-
-Used by ``bench/compare.py`` (``--suite quality-minilm``, ``--suite quality-smollm2``,
-``--suite quality-subunits``).
+``-x<n>``: n times the epochs. Used by ``bench/compare.py`` (``--suite quality-minilm``,
+``--suite quality-minilm-settings``, ``--suite quality-minilm-time``). A generative suite in
+this regime (SmolLM2) is not here yet: three seeds of fpft alone at ~50 cycles of k=4 take
+most of the 30 minutes a suite may take on 2 CPU cores; it needs sizing first.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 HEAD = ["hift.always_active=[head]"]
+SEEDS = (42, 1, 2)
+
+# all-MiniLM-L6-v2 names the relation in kinship questions about two couples (7 labels,
+# majority 24.6% of the eval set): 800 questions, batch 8 = 100 steps an epoch; 7 epochs =
+# 700 steps = 50 cycles of m=1's 14 groups (the embeddings are 7 sub-units).
+MINILM = ["recipe=minilm_family", "+data.task_options.max_family_size=4", "data.num_train=800",
+          "data.num_eval=256", "data.max_eval_samples=256", "data.max_length=64",
+          "trainer.batch_size=8", "trainer.max_steps=null", "trainer.epochs=7",
+          "trainer.eval_every=epoch", "trainer.eval_batch_size=64", "trainer.lr_scheduler=linear",
+          "trainer.warmup_ratio=0.1", "optimizer.lr=1e-4", "trainer.log_every=100",
+          "eval.show_samples=0"]
+MINILM_SPEC = {"metric": "eval/accuracy", "higher_is_better": True, "epochs": 7, "lr": 1e-4,
+               "seeds": SEEDS, "base": MINILM}
 
 SUITES = {
     "quality-minilm": {
-        "title": "all-MiniLM-L6-v2, kinship-relation classification (12 labels), per epoch",
-        "metric": "eval/accuracy", "higher_is_better": True, "epochs": 3,
-        # 1,600 questions / batch 16 = 100 steps per epoch.
-        "base": ["recipe=minilm_family", "data.num_train=1600", "trainer.batch_size=16",
-                 "trainer.max_steps=null", "trainer.epochs=3", "trainer.eval_every=epoch",
-                 "trainer.lr_scheduler=linear", "trainer.warmup_cycles=0",
-                 "optimizer.lr=1e-4", "trainer.log_every=50"],
-        "x4": True,
+        **MINILM_SPEC,
+        "title": "all-MiniLM-L6-v2, kinship relation of two couples (7 labels): groupings",
+        "configs": ("fpft", "auto", "k4", "m1", "m1+head"),
     },
-    "quality-smollm2": {
-        "title": "SmolLM2-135M-Instruct, GSM-style math (answer tokens), per epoch",
-        "metric": "eval/loss", "higher_is_better": False, "epochs": 2,
-        # 128 problems / batch 4 = 32 steps per epoch: m=1's 32 groups each train once.
-        "base": ["recipe=demo", "data.num_train=128", "data.num_eval=32",
-                 "data.max_eval_samples=32", "trainer.batch_size=4", "trainer.max_steps=null",
-                 "trainer.epochs=2", "trainer.eval_every=epoch", "trainer.eval_batch_size=16",
-                 "trainer.lr_scheduler=linear", "optimizer.lr=1e-4", "eval.show_samples=0"],
-        "x4": False,  # 4x the epochs of SmolLM2 does not fit the suite's 30 minutes here
+    "quality-minilm-settings": {
+        **MINILM_SPEC,
+        "title": "all-MiniLM-L6-v2, kinship relation of two couples (7 labels): HiFT's LR and"
+                 " steps per group at k=4",
+        "configs": ("fpft", "k4-lr2x", "k4-lr4x", "k4-K4", "k4-K16"),
     },
-}
-# Sub-units (hift.max_unit_params): SmolLM2's tied embeddings are 8 blocks. k=auto under
-# one budget with them cut into sub-units (the default) and whole, two seeds each, with
-# offload on (the GPU's memory model, run on the CPU). The budget is the tightest whole
-# units fit at all (their smallest peak, one unit per group, plus 2%): the case sub-units
-# are for. A budget that leaves every sub-unit of the embeddings in one group trains
-# exactly as whole units do (tests/test_subunits.py), so it would show nothing.
-SUITES["quality-subunits"] = {
-    **SUITES["quality-smollm2"],
-    "base": [*SUITES["quality-smollm2"]["base"], "hift.offload=true"],
-    "title": "SmolLM2-135M-Instruct, GSM-style math: k=auto with and without sub-units under"
-             " the tightest budget whole units fit, per epoch",
-    "units": True, "seeds": (42, 7), "budget": "whole-smallest",
+    "quality-minilm-time": {
+        **MINILM_SPEC,
+        "title": "all-MiniLM-L6-v2, kinship relation of two couples (7 labels): k=auto given"
+                 " k times the epochs",
+        # auto is 3 groups here: 3 x 7 epochs, 1.6x fpft's training time; the best within
+        # fpft's time is the equal wall-clock comparison.
+        "configs": ("fpft", "auto-x3"),
+    },
 }
 QUICK = {  # the same code path on the random-init tiny LLaMA: seconds (tests)
     "quality-tiny": {
         "title": "tiny random-init LLaMA (smoke test of the quality suite itself)",
-        "metric": "eval/loss", "higher_is_better": False, "epochs": 2,
+        "metric": "eval/loss", "higher_is_better": False, "epochs": 2, "lr": 1e-4,
+        "seeds": (42, 7),
         "base": ["recipe=tiny", "data.max_samples=48", "trainer.batch_size=8",
                  "trainer.max_steps=null", "trainer.epochs=2", "trainer.eval_every=epoch",
-                 "eval.show_samples=0"],
-        "x4": True, "only": ("fpft", "auto", "k4+head", "k4-x4"),
+                 "trainer.warmup_ratio=0.1", "optimizer.lr=1e-4", "eval.show_samples=0"],
+        "configs": ("fpft", "auto", "k4+head", "k4-lr2x", "k4-K2"),
     },
 }
 
 
-def budget_gib(base: list[str], env: dict, cwd: Path, rule: str = "halfway") -> float:
+def budget_gib(base: list[str], env: dict, cwd: Path) -> float:
     """Halfway between the smallest grouping's estimated peak (one unit per group) and
     full fine-tuning's, for the suite's own settings, on the device the runs will use (the
-    offload rule differs: on with CUDA, off on a CPU); ``whole-smallest``: the smallest
-    peak with whole units, plus 2%."""
+    offload rule differs: on with CUDA, off on a CPU)."""
     import torch
 
     device = [] if torch.cuda.is_available() else ["trainer.device=cpu"]
-
-    def peak(*overrides: str) -> tuple[float, float]:
-        out = subprocess.run(
-            [sys.executable, "-c", "import sys; from hift_cli.cli import main; sys.exit(main())",
-             "memprofile", *base, *device, *overrides, "memprofile.format=json"],
-            capture_output=True, text=True, env=env, cwd=cwd, check=True).stdout
-        report = json.loads(out[out.index("{"):])
-        return report["fpft"]["total"], report["hift"]["total"]
-
-    if rule == "whole-smallest":  # the tightest budget whole units fit (+2%)
-        _, whole = peak("hift.k=null", "hift.m=1", "hift.max_unit_params=null")
-        return round(whole * 1.02 / 2**30, 4)
-    fpft, smallest = peak("hift.k=null", "hift.m=1")
-    return round((fpft + smallest) / 2 / 2**30, 4)
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from hift_cli.cli import main; sys.exit(main())",
+         "memprofile", *base, *device, "hift.k=null", "hift.m=1", "memprofile.format=json"],
+        capture_output=True, text=True, env=env, cwd=cwd, check=True).stdout
+    report = json.loads(out[out.index("{"):])
+    return round((report["fpft"]["total"] + report["hift"]["total"]) / 2 / 2**30, 4)
 
 
-def configs(spec: dict, budget: float) -> dict[str, list[str]]:
-    out = {"fpft": ["hift.strategy=fpft"]}
-    if spec.get("units"):  # k=auto, units cut into sub-units or whole, per seed
-        auto = ["hift.strategy=bottom2up", "hift.k=auto", f"hift.memory_budget={budget}"]
-        for seed in spec["seeds"]:
-            out[f"auto-seed{seed}"] = [*auto, f"trainer.seed={seed}"]
-            out[f"auto-whole-seed{seed}"] = [*auto, "hift.max_unit_params=null",
-                                             f"trainer.seed={seed}"]
-        return out
-    for name, shape in (("auto", ["hift.k=auto", f"hift.memory_budget={budget}"]),
-                        ("k4", ["hift.k=4"]), ("m1", ["hift.m=1"])):
-        out[name] = ["hift.strategy=bottom2up", *shape]
-        out[f"{name}+head"] = ["hift.strategy=bottom2up", *shape, *HEAD]
-    if spec["x4"]:
-        out["k4-x4"] = ["hift.strategy=bottom2up", "hift.k=4",
-                        f"trainer.epochs={4 * spec['epochs']}"]
-    return {k: v for k, v in out.items() if k in spec.get("only", out)}
+def overrides(name: str, spec: dict, budget: float | None) -> list[str]:
+    """A configuration's overrides from its name: ``fpft``, or a shape (``auto``, ``k<n>``,
+    ``m<n>``) then any of ``+head``, ``-lr<x>x``, ``-K<n>``, ``-x<n>`` (n x the epochs)."""
+    if name == "fpft":
+        return ["hift.strategy=fpft"]
+    shape, *mods = name.replace("+head", "-+head").split("-")
+    out = ["hift.strategy=bottom2up"]
+    if shape == "auto":
+        out += ["hift.k=auto", f"hift.memory_budget={budget}"]
+    elif shape[0] in "km" and shape[1:].isdigit():
+        out += [f"hift.{shape[0]}={shape[1:]}"]
+    else:
+        raise ValueError(f"quality: unknown configuration {name!r}")
+    for mod in mods:
+        if mod == "+head":
+            out += HEAD
+        elif mod.startswith("lr") and mod.endswith("x"):
+            out += [f"optimizer.lr={spec['lr'] * float(mod[2:-1]):g}"]
+        elif mod.startswith("K"):
+            out += [f"hift.steps_per_group={int(mod[1:])}"]
+        elif mod.startswith("x"):
+            out += [f"trainer.epochs={int(mod[1:]) * spec['epochs']}"]
+        else:
+            raise ValueError(f"quality: unknown modifier {mod!r} in {name!r}")
+    return out
 
 
 def collect(run_dir: Path, metric: str, higher_is_better: bool) -> dict:
-    """Every epoch's metric with the training seconds spent until then; best and final."""
+    """One seed's run: every epoch's metric with the training seconds spent until then;
+    best and final; cycles and updates per group."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     seconds, at_step = 0.0, {0: 0.0}
+    cycles = 0
     for r in rows:
         if "step_seconds" in r:
             seconds += r["step_seconds"]
             at_step[r["step"]] = seconds
+            cycles = max(cycles, r.get("cycle", 0) + 1)
     epochs = [{"step": r["step"], "epoch": r.get("epoch"), "value": r[metric],
                "seconds": at_step.get(r["step"], seconds)}
               for r in rows if metric in r and r["step"] > 0]
     pick = max if higher_is_better else min
     best = pick(epochs, key=lambda e: e["value"])
-    return {"groups": summary["groups"], "steps": max(at_step), "train_seconds": seconds,
+    steps = max(at_step)
+    return {"groups": summary["groups"], "steps": steps, "cycles": cycles,
+            "updates_per_group": steps / summary["groups"], "train_seconds": seconds,
             "epochs": epochs, "best": best, "final": epochs[-1],
             "before": next((r[metric] for r in rows if metric in r and r["step"] == 0), None)}
 
 
-def compare(runs: dict[str, dict]) -> None:
-    """Ratios to fpft's from the same invocation, written into each run."""
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+
+
+def within(run: dict, seconds: float, higher_is_better: bool) -> float | None:
+    """The best epoch a seed's run reached within ``seconds`` of training (None: none)."""
+    done = [e["value"] for e in run["epochs"] if e["seconds"] <= seconds * (1 + 1e-9)]
+    return (max if higher_is_better else min)(done) if done else None
+
+
+def aggregate(seeds: dict[int, dict], fpft: dict[int, dict] | None, higher: bool) -> dict:
+    """A configuration over its seeds (``fpft``: fpft's runs by seed, for equal time)."""
+    runs = list(seeds.values())
+    first = runs[0]
+    out = {"seeds": sorted(seeds), "groups": first["groups"], "steps": first["steps"],
+           "cycles": first["cycles"], "updates_per_group": first["updates_per_group"],
+           "best": _stats([r["best"]["value"] for r in runs]),
+           "final": _stats([r["final"]["value"] for r in runs]),
+           "best_epoch": statistics.fmean(r["best"]["epoch"] or 0 for r in runs),
+           "seconds_to_best": statistics.fmean(r["best"]["seconds"] for r in runs),
+           "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+           "curve": [_stats([r["epochs"][i]["value"] for r in runs])
+                     | {"epoch": first["epochs"][i]["epoch"],
+                        "seconds": statistics.fmean(r["epochs"][i]["seconds"] for r in runs)}
+                     for i in range(min(len(r["epochs"]) for r in runs))],
+           "by_seed": seeds}
+    if fpft:
+        # A seed with no epoch done in fpft's time: the metric before training.
+        at = [within(r, fpft[s]["train_seconds"], higher) if s in fpft else None
+              for s, r in seeds.items()]
+        at = [r["before"] if v is None else v for v, r in zip(at, runs)]
+        if all(v is not None for v in at):
+            out["at_fpft_time"] = _stats(at)
+    return out
+
+
+def verdict(a: dict, b: dict, higher_is_better: bool) -> str:
+    """``≈`` when the means differ by no more than the two standard deviations together,
+    else ``+`` (``a`` better than ``b``) or ``−``."""
+    gap = a["mean"] - b["mean"]
+    if abs(gap) <= a["std"] + b["std"]:
+        return "≈"
+    return "+" if (gap > 0) == higher_is_better else "−"
+
+
+def compare(runs: dict[str, dict], higher_is_better: bool) -> None:
+    """Ratios of means to fpft's from the same invocation, and the verdicts, into each run."""
     base = runs["fpft"]
     for r in runs.values():
-        r["ratio_to_fpft"] = {
-            "best": r["best"]["value"] / base["best"]["value"],
-            "final": r["final"]["value"] / base["final"]["value"],
-            "seconds_to_best": r["best"]["seconds"] / base["best"]["seconds"],
-            "train_seconds": r["train_seconds"] / base["train_seconds"],
-        }
+        r["ratio_to_fpft"] = {key: r[key]["mean"] / base[key]["mean"]
+                              for key in ("best", "final", "at_fpft_time")
+                              if key in r and key in base and base[key]["mean"]}
+        r["ratio_to_fpft"].update(seconds_to_best=r["seconds_to_best"] / base["seconds_to_best"],
+                                  train_seconds=r["train_seconds"] / base["train_seconds"])
+        r["verdict_vs_fpft"] = {key: verdict(r[key], base[key], higher_is_better)
+                                for key in ("best", "final", "at_fpft_time")
+                                if key in r and key in base}
 
 
-def markdown(suite: str, s: dict) -> list[str]:
+def _pm(s: dict, digits: int = 3) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def markdown(suite: str, s: dict, plots: str = "") -> list[str]:
     metric = s["metric"].removeprefix("eval/")
     better = "higher" if s["higher_is_better"] else "lower"
     lines = [f"### {suite}: {s['title']}", "",
-             f"Measured {s['date']}, {s['minutes']:.0f} min for the suite. `{' '.join(s['base'])}`;"
-             f" {s['epochs']} epochs for every configuration (k4-x4: 4x), eval after every epoch;"
-             f" {metric}, {better} is better. `auto`: `hift.k=auto"
-             f" hift.memory_budget={s['budget_gib']}` (GiB, "
-             + ("the smallest peak of whole units, one per group, plus 2%"
-                if s.get("budget_rule") == "whole-smallest" else
-                "halfway between the smallest grouping's estimated peak and fpft's, which does"
-                " not fit it") + "). Ratios are to fpft in the same invocation.", "",
-             f"| config | groups | steps | best {metric} | ×fpft | at epoch | train s to best"
-             f" | ×fpft | final {metric} | ×fpft | train s | ×fpft |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Measured {s['date']}, {s['minutes']:.0f} min for the suite, every run in its own"
+             f" process, one after another. `{' '.join(s['base'])}`: {s['epochs']} epochs for"
+             f" every configuration (`-x<n>`: n times as many), eval after every epoch; {metric}, {better} is better;"
+             f" seeds {', '.join(map(str, s['seeds']))}: mean ± standard deviation over"
+             f" seeds. `vs`: ≈ within the spread (means closer than the two standard"
+             f" deviations together), + / − better / worse than fpft beyond it. `within fpft's"
+             f" time`: the best epoch reached in the training seconds fpft took, seed by seed."
+             + (f" `auto`: `hift.k=auto hift.memory_budget={s['budget_gib']}` (GiB, halfway"
+                " between the smallest grouping's estimated peak and fpft's, which does not"
+                " fit it)." if s.get("budget_gib") else ""), "",
+             f"| config | groups | steps | cycles | updates per group | best {metric} | ×fpft"
+             f" | vs | at epoch | train s to best | ×fpft | final {metric} | ×fpft | vs"
+             f" | train s | ×fpft | within fpft's time | ×fpft | vs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in s["runs"].items():
-        q, b = r["ratio_to_fpft"], r["best"]
-        epoch = "—" if b["epoch"] is None else f"{b['epoch']:.0f}"
+        q, v = r["ratio_to_fpft"], r["verdict_vs_fpft"]
+        at = r.get("at_fpft_time")
         lines.append(
-            f"| {name} | {r['groups']} | {r['steps']} | {b['value']:.4f} | {q['best']:.3f} |"
-            f" {epoch} | {b['seconds']:.0f} | {q['seconds_to_best']:.2f} |"
-            f" {r['final']['value']:.4f} | {q['final']:.3f} | {r['train_seconds']:.0f} |"
-            f" {q['train_seconds']:.2f} |")
+            f"| {name} | {r['groups']} | {r['steps']} | {r['cycles']} |"
+            f" {r['updates_per_group']:.0f} | {_pm(r['best'])} | {q.get('best', 0):.3f} |"
+            f" {v['best']} | {r['best_epoch']:.1f} | {r['seconds_to_best']:.0f} |"
+            f" {q['seconds_to_best']:.2f} | {_pm(r['final'])} | {q.get('final', 0):.3f} |"
+            f" {v['final']} | {r['train_seconds']:.0f} | {q['train_seconds']:.2f} |"
+            + (f" {_pm(at)} | {q.get('at_fpft_time', 0):.3f} | {v['at_fpft_time']} |"
+               if at else " — | — | — |"))
+    if s.get("plot"):
+        lines += ["", f"![{suite}]({plots}{s['plot']})"]
     return lines + [""]
+
+
+def plot(suite: str, s: dict, path: Path) -> None:
+    """The metric per epoch and per training second: mean over seeds, band of ±1 std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=100)
+    for name, r in s["runs"].items():
+        style = dict(lw=2.2, color="black") if name == "fpft" else dict(lw=1.2)
+        curve = r["curve"]
+        mean = [p["mean"] for p in curve]
+        lo = [p["mean"] - p["std"] for p in curve]
+        hi = [p["mean"] + p["std"] for p in curve]
+        for ax, x in ((axes[0], [p["epoch"] for p in curve]),
+                      (axes[1], [p["seconds"] for p in curve])):
+            line, = ax.plot(x, mean, marker="o", ms=3, label=name, **style)
+            ax.fill_between(x, lo, hi, alpha=0.12, color=line.get_color())
+    metric = s["metric"].removeprefix("eval/")
+    axes[0].set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (mean ± std)")
+    axes[1].set(xlabel="training seconds (eval excluded)", ylabel=metric,
+                title=f"{metric} vs wall-clock")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{suite}: {s['title']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+

@@ -104,19 +104,64 @@ def test_quality_collect_takes_the_best_epoch_and_the_time_to_it(tmp_path):
     assert worst["best"]["epoch"] == 1.0
 
 
+def test_quality_config_names_become_overrides():
+    spec = {"lr": 1e-4, "epochs": 3}
+    o = compare.quality.overrides
+    assert o("fpft", spec, None) == ["hift.strategy=fpft"]
+    assert o("k4+head-lr2x-K16", spec, None) == [
+        "hift.strategy=bottom2up", "hift.k=4", "hift.always_active=[head]", "optimizer.lr=0.0002",
+        "hift.steps_per_group=16"]
+    assert o("auto-x4", spec, 2.5) == ["hift.strategy=bottom2up", "hift.k=auto",
+                                       "hift.memory_budget=2.5", "trainer.epochs=12"]
+    assert o("m1", spec, None)[1] == "hift.m=1"
+    with pytest.raises(ValueError, match="unknown"):
+        o("k4-bogus", spec, None)
+
+
+def _seed_run(values, seconds, before=0.2):
+    epochs = [{"step": i + 1, "epoch": i + 1.0, "value": v, "seconds": t}
+              for i, (v, t) in enumerate(zip(values, seconds))]
+    return {"groups": 4, "steps": len(values), "cycles": 1, "updates_per_group": 1,
+            "train_seconds": seconds[-1], "epochs": epochs, "before": before,
+            "best": max(epochs, key=lambda e: e["value"]), "final": epochs[-1]}
+
+
+def test_quality_aggregates_seeds_and_calls_a_difference_real_only_beyond_the_spread():
+    q = compare.quality
+    fpft = {1: _seed_run([0.5, 0.8], [10, 20]), 2: _seed_run([0.6, 0.9], [10, 20])}
+    # Faster than fpft: within fpft's 20 s it reached both of its epochs.
+    close = {1: _seed_run([0.5, 0.84], [5, 10]), 2: _seed_run([0.6, 0.83], [5, 10])}
+    # Slower: only its first epoch came within fpft's time (seed 2: none, so "before").
+    worse = {1: _seed_run([0.3, 0.4], [15, 30]), 2: _seed_run([0.3, 0.41], [25, 50])}
+    runs = {"fpft": q.aggregate(fpft, fpft, True), "close": q.aggregate(close, fpft, True),
+            "worse": q.aggregate(worse, fpft, True)}
+    q.compare(runs, higher_is_better=True)
+    assert runs["fpft"]["best"]["mean"] == pytest.approx(0.85)
+    assert runs["fpft"]["best"]["std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert runs["close"]["verdict_vs_fpft"]["best"] == "≈"  # 0.835 vs 0.85, spread 0.08
+    assert runs["worse"]["verdict_vs_fpft"]["best"] == "−"
+    assert runs["worse"]["at_fpft_time"]["values"] == [0.3, 0.2]
+    assert runs["close"]["ratio_to_fpft"]["train_seconds"] == 0.5
+    assert [p["mean"] for p in runs["close"]["curve"]] == pytest.approx([0.55, 0.835])
+    assert q.verdict({"mean": 1.0, "std": 0.1}, {"mean": 1.5, "std": 0.1}, False) == "+"
+
+
 @pytest.mark.integration
-def test_quick_quality_suite_trains_equal_epochs_and_reports_the_best(tmp_path):
+def test_quick_quality_suite_trains_every_config_on_every_seed(tmp_path):
     assert compare.main(["--quick", "--suite", "quality-tiny", "--out", str(tmp_path),
                          "--name", "q", "--no-docs"]) == 0
     s = json.loads((tmp_path / "q.json").read_text())["suites"]["quality-tiny"]
     runs = s["runs"]
-    assert set(runs) == {"fpft", "auto", "k4+head", "k4-x4"}
+    assert list(runs) == ["fpft", "auto", "k4+head", "k4-lr2x", "k4-K2"]
+    assert all(r["seeds"] == [7, 42] for r in runs.values())
     assert runs["fpft"]["groups"] == 1 and runs["k4+head"]["groups"] == 4
     # fpft's peak does not fit the budget, so k=auto needs more than one group.
     assert runs["auto"]["groups"] > 1
-    for name, r in runs.items():
-        epochs = [e["epoch"] for e in r["epochs"]]
-        assert epochs == ([1.0, 2.0] if name != "k4-x4" else [float(i) for i in range(1, 9)]), \
-            (name, epochs)
+    # Two seeds differ (data order, init), the same seed twice would not.
+    assert len(set(runs["k4-lr2x"]["final"]["values"])) == 2
+    # K=2: cycles of 4 x 2 steps; 2 epochs of 6 batches round up to 16 steps = 2 cycles.
+    assert (runs["k4-K2"]["steps"], runs["k4-K2"]["cycles"]) == (16, 2)
+    assert runs["k4+head"]["cycles"] == 3
     assert runs["fpft"]["ratio_to_fpft"]["best"] == 1.0
-    assert "| k4-x4 | 4 |" in (tmp_path / "q.md").read_text()
+    md = (tmp_path / "q.md").read_text()
+    assert "| k4-K2 | 4 | 16 | 2 |" in md and (tmp_path / "q-quality-tiny.png").exists()
