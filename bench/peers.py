@@ -564,9 +564,8 @@ class Peer:
         from transformers import get_scheduler
 
         t = self.cfg.trainer  # fpft's: one cycle per step
-        warmup = (t.warmup_cycles if t.warmup_ratio is None
-                  else round(t.warmup_ratio * t.max_steps))  # as the engine counts it
-        self.scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup,
+        self.scheduler = get_scheduler(t.lr_scheduler, optimizer,
+                                       num_warmup_steps=t.warmup(t.max_steps),
                                        num_training_steps=t.max_steps)
 
     def lr(self) -> float:

@@ -409,6 +409,13 @@ class TrainerConfig:
         for name in self.loggers:
             _one_of("trainer.loggers", name, LOGGERS)
 
+    def warmup(self, num_cycles: int) -> int:
+        """Warmup cycles of a run of ``num_cycles`` cycles: warmup_cycles, or warmup_ratio
+        of them."""
+        if self.warmup_ratio is None:
+            return self.warmup_cycles
+        return round(self.warmup_ratio * num_cycles)
+
 
 @dataclass
 class EvalConfig:

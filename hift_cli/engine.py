@@ -406,8 +406,8 @@ class HiftTrainer:
                                    else "") + f" = {steps} steps"
                      + (f", rounded up to {tcfg.max_steps}" if tcfg.max_steps != steps else "")
                      + f" ({tcfg.max_steps // k} cycles of {len(self.groups)} groups"
-                     + (f" x {self.schedule.steps_per_group} steps" if k > len(self.groups)
-                        else "") + ")")
+                     + (f" x {self.schedule.steps_per_group} steps"
+                        if self.schedule.steps_per_group > 1 else "") + ")")
         if "epoch" in (tcfg.eval_every, tcfg.save_every):
             ends = [math.ceil(e * self.epoch_batches / tcfg.grad_accum) for e in (1, 2, 3)]
             log.info(f"Epoch ends ({self.epoch_batches} batches each): steps"
@@ -468,8 +468,7 @@ class HiftTrainer:
     def _setup_scheduler(self) -> None:
         tcfg = self.cfg.trainer
         self.num_cycles = self.schedule.num_cycles(tcfg.max_steps)
-        warmup = (tcfg.warmup_cycles if tcfg.warmup_ratio is None
-                  else round(tcfg.warmup_ratio * self.num_cycles))
+        warmup = tcfg.warmup(self.num_cycles)
         if tcfg.warmup_ratio is not None:
             log.info(f"trainer.warmup_ratio={tcfg.warmup_ratio}: {warmup} of"
                      f" {self.num_cycles} cycles")
