@@ -28,6 +28,8 @@ token ids of a fixed shape (4-6).
 7. ``llama7b_full``: all 32 layers, offload on (75 GiB of host buffers): runs only if
    stage 5's host bytes are within 5% of exact and the projection fits the time left;
    then fpft at that shape if time is left (its OOM is a result).
+8. ``llama3_full``: stage 6 at all 32 layers (``recipe=llama3_8b_alpaca``'s plan, ~90 GiB
+   of host buffers): its peak and the reserve it needs.
 
 Running out of device memory, raised or turned by the trainer into a stop
 (``TrainingStopped``), is recorded in the part's entry as ``oom: true`` with its one-line
@@ -59,7 +61,7 @@ import torch
 GIB = 2**30
 FAIL_ENV = "GPU_CHECK_FAIL_STAGE"
 OOM_ENV = "GPU_CHECK_OOM"  # <stage>/<run>: that run's first step raises OutOfMemoryError
-TRACE_LIMIT = 5_000_000  # bytes of gzipped trace kept
+TRACE_LIMIT = 12_000_000  # bytes of gzipped trace kept (the device returns files <= 16 MiB)
 # The tiny LLaMA's shape (hift_cli/assets/tiny_llama) stands in for the big ones in --smoke.
 TINY_SHAPE = dict(model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -594,9 +596,42 @@ def copy_overlap(trace: dict, direction: str = "HtoD", against: str | None = Non
             "overlap_fraction": overlapped / total if total else None}
 
 
-def profile(ctx: StageContext, trainer, steps: int) -> dict:
-    """``steps`` more steps under torch.profiler; the trace's copy/compute overlap, and
-    the trace itself, gzipped (GPU events only if the whole one is too big)."""
+def stream_busy(trace: dict) -> dict:
+    """Per GPU stream of the trace: its events (kernels, copies, memsets) and the time it
+    was busy (their union), beside the span from the first GPU event's start to the last
+    one's end; ``compute_busy_fraction``: that of the stream with the most kernel time.
+    A compute stream idle while copies run says the copies (or the host) hold it up."""
+    kinds = {"kernel", "gpu_memcpy", "gpu_memset"}
+    events = [e for e in trace.get("traceEvents", [])
+              if e.get("ph", "X") == "X" and e.get("cat") in kinds]
+    if not events:
+        return {}
+    first = min(float(e["ts"]) for e in events)
+    last = max(float(e["ts"]) + float(e["dur"]) for e in events)
+    streams: dict = {}
+    for e in events:
+        streams.setdefault(str(e.get("tid")), []).append(e)
+    out = {}
+    for tid, evs in streams.items():
+        spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in evs)
+        busy, reach = 0.0, first
+        for s, t in spans:
+            busy += max(0.0, t - max(s, reach))
+            reach = max(reach, t)
+        kernel_us = sum(float(e["dur"]) for e in evs if e.get("cat") == "kernel")
+        out[tid] = {"events": len(evs), "busy_ms": busy / 1e3, "kernel_ms": kernel_us / 1e3,
+                    "copy_ms": sum(float(e["dur"]) for e in evs
+                                   if e.get("cat") == "gpu_memcpy") / 1e3}
+    compute = max(out, key=lambda tid: out[tid]["kernel_ms"])
+    return {"span_ms": (last - first) / 1e3, "compute_stream": compute,
+            "compute_busy_fraction": out[compute]["busy_ms"] * 1e3 / (last - first),
+            "streams": out}
+
+
+def profile(ctx: StageContext, trainer, steps: int, suffix: str = "") -> dict:
+    """``steps`` more steps under torch.profiler; the trace's copy/compute overlap and
+    each stream's busy time, and the trace itself, gzipped (GPU events and CUDA runtime
+    calls only if the whole one is too big)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -609,15 +644,17 @@ def profile(ctx: StageContext, trainer, steps: int) -> dict:
     result = {"steps": steps, "h2d": copy_overlap(trace, "HtoD"),
               "d2h": copy_overlap(trace, "DtoH"),
               # the two copy streams side by side: write-backs during fills
-              "d2h_during_h2d": copy_overlap(trace, "DtoH", against="HtoD")}
-    path = ctx.runs / f"{ctx.name}-trace.json.gz"
+              "d2h_during_h2d": copy_overlap(trace, "DtoH", against="HtoD"),
+              **stream_busy(trace)}
+    path = ctx.runs / f"{ctx.name}{suffix}-trace.json.gz"
     data = gzip.compress(raw.read_bytes())
     if len(data) > TRACE_LIMIT:
-        gpu = {"kernel", "gpu_memcpy", "gpu_memset", "gpu_user_annotation"}
+        gpu = {"kernel", "gpu_memcpy", "gpu_memset", "gpu_user_annotation", "cuda_runtime"}
         trace["traceEvents"] = [e for e in trace["traceEvents"]
                                 if e.get("ph") == "M" or e.get("cat") in gpu]
         data = gzip.compress(json.dumps(trace).encode())
-        result["trace_filtered"] = "GPU events only (the whole trace was over the limit)"
+        result["trace_filtered"] = ("GPU events and CUDA runtime calls only (the whole"
+                                    " trace was over the limit)")
     raw.unlink()
     if len(data) <= TRACE_LIMIT:
         path.write_bytes(data)
@@ -698,20 +735,32 @@ def llama_runs(ctx: StageContext, layers: int) -> tuple[dict, list[str], tuple[i
 def stage_llama7b_wide(ctx: StageContext) -> None:
     layers, full_layers = (2, 4) if ctx.smoke else (8, 32)
     runs, common, shape = llama_runs(ctx, layers)
+
+    def traced(key: str) -> Callable:
+        def then(trainer) -> None:
+            with ctx.part(key):
+                ctx.record[key] = profile(ctx, trainer, 3, suffix=key.removeprefix("trace"))
+        return then
+
     with ctx.part("offload_on", into=runs):
-        perf_run(ctx, runs, "offload_on", [*common, "hift.offload=true"], shape, 1, 1)
+        perf_run(ctx, runs, "offload_on", [*common, "hift.offload=true"], shape, 1, 1,
+                 traced("trace"))
     with ctx.part("projection"):
         ctx.record["projection"] = project_full(ctx, runs["offload_on"], layers, full_layers,
                                                 shape)
     with ctx.part("offload_off", into=runs):
-        perf_run(ctx, runs, "offload_off", [*common, "hift.offload=false"], shape, 1, 1)
+        perf_run(ctx, runs, "offload_off", [*common, "hift.offload=false"], shape, 1, 1,
+                 traced("trace_off"))
     ctx.record["step_time_ratio"] = ratio(runs)
+    # fpft at this depth fits the device: its peak beside the estimate (at 32 layers it
+    # does not, and only its OOM is seen).
+    with ctx.part("fpft", into=runs, oom_ok=True):
+        perf_run(ctx, runs, "fpft", [*common, "hift.strategy=fpft"], shape, 1, 1)
 
 
-def stage_llama3_vocab(ctx: StageContext) -> None:
+def stage_llama3_vocab(ctx: StageContext, layers: int = 4) -> None:
     from hift_cli.config import SHAPES
 
-    layers = 4
     shape = (2, 32) if ctx.smoke else (8, 512)
     # The smoke run: the tiny LLaMA with a vocabulary wider than its blocks.
     preset = {**(dict(TINY_SHAPE, vocab_size=2048) if ctx.smoke else SHAPES["llama-3-8b"]),
@@ -748,6 +797,13 @@ def stage_llama7b_full(ctx: StageContext) -> None:
         perf_run(ctx, runs, "fpft", [*common, "hift.strategy=fpft"], shape, 1, 1)
 
 
+def stage_llama3_full(ctx: StageContext) -> None:
+    """``llama3_vocab`` at Llama-3-8B's whole depth (38 groups, ~90 GiB of host buffers):
+    the peak and reserve of ``recipe=llama3_8b_alpaca``'s plan (22.41 GiB estimated, 0.59
+    GiB of headroom on a 24 GiB card), which decides ``hift.memory_reserve``'s default."""
+    stage_llama3_vocab(ctx, layers=4 if ctx.smoke else 32)
+
+
 # Priority order. Costs on the H200: tiny runs take 1-2 s each (25 in equality); the
 # 135M runs a few seconds; the 8-layer 7B-wide runs ~20 s each (22 GiB of host buffers).
 STAGES = {s.name: s for s in [
@@ -755,10 +811,12 @@ STAGES = {s.name: s for s in [
     Stage("races", stage_races, cost_s=30, timeout_s=90, deterministic=True),
     Stage("resume", stage_resume, cost_s=25, timeout_s=90, deterministic=True),
     Stage("overlap", stage_overlap, cost_s=50, timeout_s=150),
-    Stage("llama7b_wide", stage_llama7b_wide, cost_s=75, timeout_s=200),
+    Stage("llama7b_wide", stage_llama7b_wide, cost_s=100, timeout_s=240),
     # 1.9B parameters (23 GiB of host buffers), 10 groups x 2 cycles.
     Stage("llama3_vocab", stage_llama3_vocab, cost_s=70, timeout_s=200),
     Stage("llama7b_full", stage_llama7b_full, cost_s=0, timeout_s=1e9),  # cost: projected
+    # 8.0B parameters: llama7b_full measured 74 s for 6.7B (setup 26 s, 34 steps).
+    Stage("llama3_full", stage_llama3_full, cost_s=110, timeout_s=240),
 ]}
 SMOKE_COST_S, SMOKE_TIMEOUT_S = 10, 240
 

@@ -70,6 +70,7 @@ def test_without_cuda_it_says_so_and_measures_nothing(capsys, tmp_path, monkeypa
 @pytest.mark.integration
 def test_plain_checkout_smoke_run_keeps_every_stage_but_the_failed_one(tmp_path):
     copy = plain_checkout(tmp_path / "checkout")
+    committed = set((copy / "bench" / "results").glob("gpu-*"))  # a GPU's measurements
     site, out = tmp_path / "site", tmp_path / "out"
     site.mkdir()
     (site / "sitecustomize.py").write_text(FORGET_CHECKOUT.format(repo=str(ROOT.resolve())))
@@ -126,16 +127,21 @@ def test_plain_checkout_smoke_run_keeps_every_stage_but_the_failed_one(tmp_path)
     wide = stages["llama7b_wide"]
     assert wide["runs"]["offload_on"]["groups"] == 4 and wide["step_time_ratio"] > 0
     assert wide["projection"]["groups"] == 6 and wide["projection"]["seconds"] > 0
+    assert wide["runs"]["fpft"]["groups"] == 1 and wide["runs"]["fpft"]["estimated_peak_gib"] > 0
+    for key in ("trace", "trace_off"):  # offload on and off, each with its file
+        assert (out / wide[key]["trace_file"]).stat().st_size == wide[key]["trace_bytes"] > 0
     vocab = stages["llama3_vocab"]["runs"]["offload_on"]
     # 4 embedding and 4 head sub-units (a 2048-token vocabulary) and 4 blocks, m=1.
     assert vocab["groups"] == 12 and vocab["estimated_groups"] == 12 and vocab["final_loss"] > 0
+    # Its full depth (in the smoke run the same 4 layers): the plan of llama3_8b_alpaca.
+    assert stages["llama3_full"]["runs"]["offload_on"]["groups"] == 12
     full = stages["llama7b_full"]["runs"]
     assert full["offload_on"]["groups"] == 6 and full["fpft"]["groups"] == 1
 
     report = path.with_suffix(".md").read_text()
     assert "## resume" in report and "FAILED (exit 1)" in report and "| offload_on |" in report
     assert "| fpft | OOM |" in report
-    assert not list((copy / "bench" / "results").glob("gpu-*"))  # smoke never writes there
+    assert set((copy / "bench" / "results").glob("gpu-*")) == committed  # smoke writes elsewhere
 
 
 def test_a_stopped_training_is_recorded_and_the_stage_goes_on(tmp_path):
@@ -257,6 +263,26 @@ def test_copy_overlap_counts_kernel_time_on_other_streams_once():
     assert gpu_stages.copy_overlap({"traceEvents": []})["overlap_fraction"] is None
 
 
+def test_stream_busy_is_the_union_of_each_streams_events_over_the_span():
+    def event(cat, ts, dur, tid):
+        return {"ph": "X", "cat": cat, "name": "x", "ts": ts, "dur": dur, "pid": 0, "tid": tid}
+
+    trace = {"traceEvents": [
+        event("kernel", 0, 40, tid=7), event("kernel", 30, 20, tid=7),  # 0-50: busy 50
+        event("gpu_memcpy", 50, 10, tid=7),                             # the item's copy
+        event("gpu_memcpy", 60, 140, tid=9),                            # a write-back
+        event("kernel", 180, 20, tid=7),                                # idle 60-180
+        event("cpu_op", 0, 500, tid=1),                                 # host: not counted
+    ]}
+    busy = gpu_stages.stream_busy(trace)
+    assert busy["span_ms"] == 0.2 and busy["compute_stream"] == "7"
+    assert busy["streams"]["7"] == {"events": 4, "busy_ms": 0.08, "kernel_ms": 0.08,
+                                    "copy_ms": 0.01}
+    assert busy["compute_busy_fraction"] == pytest.approx(0.4)
+    assert busy["streams"]["9"]["copy_ms"] == 0.14
+    assert gpu_stages.stream_busy({"traceEvents": []}) == {}
+
+
 def test_compare_finds_a_one_ulp_change_in_weights_masters_or_state(tmp_path):
     ctx = gpu_stages.StageContext("equality", True, tmp_path, time.time() + 60)
     cfg = gpu_stages.compose(*gpu_stages.base(ctx), "trainer.max_steps=3", "hift.offload=true",
@@ -298,6 +324,13 @@ def test_last_stage_runs_only_on_exact_host_bytes_and_a_projection_that_fits():
     reason, _ = gpu_check.gate("llama7b_full", {"stages": {}}, False, 300)
     assert "no host bytes" in reason
     assert gpu_check.gate("overlap", {"stages": {}}, False, 10)[0].startswith("estimated 50 s")
+    # Llama-3-8B at full depth: on llama3_vocab's host buffers, then its own cost.
+    vocab = lambda host, pinned=0.001: {"stages": {"llama3_vocab": {"runs": {"offload_on": {
+        "host_gib": host, "exact_host_gib": 21.5, "pinned_allocator_gib": pinned}}}}}
+    assert gpu_check.gate("llama3_full", vocab(21.5), False, 300) == (None, 110)
+    assert "within 5%" in gpu_check.gate("llama3_full", vocab(30.0), False, 300)[0]
+    assert "rounding" in gpu_check.gate("llama3_full", vocab(21.5, 20.0), False, 300)[0]
+    assert gpu_check.gate("llama3_full", vocab(21.5), False, 100)[0].startswith("estimated 110")
 
 
 def test_a_stage_that_outruns_its_timeout_is_killed_and_recorded(tmp_path):
