@@ -536,8 +536,9 @@ class HiftTrainer:
                             128 + self.stop_signal)
                 if evaluate and self._due(tcfg.eval_every) and self.global_step < stop:
                     self._evaluate(out, f"step {self.global_step}")
-            # The last write-back may still be landing in the buffers the optimizer's
-            # state points at: let it finish before anyone reads them.
+            # The last write-back goes out now (each goes out during the step after its
+            # update) and may still be landing in the buffers the optimizer's state points
+            # at: let it finish before anyone reads them.
             self.store.synchronize()
             summary.update(self._totals(totals, time.perf_counter() - train_start,
                                         self.global_step - first, out))
@@ -556,12 +557,16 @@ class HiftTrainer:
         # Inputs first: their copies must not queue behind a large prefetch.
         window = [self._next_batch() for _ in range(tcfg.grad_accum)]
         # This group's state is normally already on its way (the previous step fetched
-        # it; not at the first step of a run or after a resume); the next group's comes
-        # in on the host-to-device copy stream while this step computes.
+        # it; not at the first step of a run or after a resume).
         self.store.prefetch(group.index)
+        loss, tokens, synced = self._forward_backward(window)
+        # The forward pass's host reads are behind us and the backward pass is queued:
+        # now the previous group's write-back goes out and the next group's state comes
+        # in, on the two copy streams while the backward pass computes. (Issued earlier,
+        # a host read queued behind them on the copy engine: offload.py, offload.)
+        self.store.flush()
         if next_index is not None:
             self.store.prefetch(next_index)
-        loss, tokens, synced = self._forward_backward(window)
 
         # The group's parameters and the always-active ones, and what updates them.
         trained = [*group.pieces, *self.always_pieces]
@@ -663,6 +668,9 @@ class HiftTrainer:
     def _totals(self, totals: collections.Counter, elapsed: float, steps: int,
                 out: RunLog) -> dict[str, float]:
         """The run's summary of its steps (and the transfer notes at its end)."""
+        last = self.store.take_stats()  # the last step's write-back: in no step's row
+        totals.update({"offload/d2h_bytes": last.d2h_bytes, "offload/h2d_bytes": last.h2d_bytes,
+                       "offload/stall_seconds": last.stall_seconds})
         moved = {k: totals[k] for k in SUMMED if not k.startswith("dist/")
                  or (self.dist.enabled and k == self._sync_key)}
         moved["offload/stall_seconds"] = float(moved["offload/stall_seconds"])
@@ -748,13 +756,15 @@ class HiftTrainer:
         else:
             return
         need, capacity = self._memory_need_and_capacity(kind)
+        fewer = ("train with HiFT (hift.strategy=bottom2up hift.k=auto)"
+                 if self.cfg.hift.strategy == "fpft"
+                 else "use fewer units per group (a larger hift.k or smaller hift.m)")
         raise TrainingStopped(
             f"out of {kind} memory at step {self.global_step + 1} (group"
             f" {self.active.name if self.active else '-'}): estimated peak {need} for this"
-            f" configuration, {capacity / 2**30:.1f} GiB on {self.device}; use fewer units per"
-            " group (a larger hift.k or smaller hift.m), model.gradient_checkpointing=true, an"
-            " 8-bit optimizer (optimizer=adamw8bit), or a smaller trainer.batch_size or"
-            " data.max_length", 1, out_of_memory=kind)
+            f" configuration, {capacity / 2**30:.1f} GiB on {self.device}; {fewer},"
+            " model.gradient_checkpointing=true, an 8-bit optimizer (optimizer=adamw8bit), or"
+            " a smaller trainer.batch_size or data.max_length", 1, out_of_memory=kind)
 
     def _memory_need_and_capacity(self, kind: str) -> tuple[str, int]:
         """The estimated peak of this configuration, and the bytes of what ran out."""

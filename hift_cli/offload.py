@@ -257,6 +257,9 @@ class GroupStateStore:
         self.ready: dict[int, object] = {}
         self.drained: dict[tuple[torch.dtype, int], object] = {}
         self.landed: dict[int, object] = {}
+        # Groups updated whose write-back has not gone out yet, with the compute stream's
+        # event after the update (see offload).
+        self.deferred: dict[int, object] = {}
         self.allocated_host_bytes = 0  # every host buffer ever allocated (sizing check)
         self.writebacks = collections.Counter()  # "flat" (a copy per dtype) / "per_tensor"
         self.stats = TransferStats()
@@ -404,12 +407,17 @@ class GroupStateStore:
     # ------------------------------------------------------------------ moves
     def prefetch(self, g: int) -> None:
         """Start copying group g's state to the device (no-op if already there)."""
-        if not self.enabled or g in self.resident:
+        if not self.enabled:
+            return
+        if g in self.resident:
+            self.deferred.pop(g, None)  # trains again before its write-back went out
             return
         handles = self._handles(g)
         if not handles:  # nothing yet (no masters, no state before its first update)
             self.resident[g] = None
             return
+        if None not in self.slot_owner:
+            self.flush()  # a slot is held by a group whose write-back was put off
         index = self.slot_owner.index(None)
         slot = self.in_slot[g] = self._slot(index, g)
         host, layout, s = self.host[g], self.layouts[g], self.streams
@@ -513,6 +521,7 @@ class GroupStateStore:
         """Before group g's state is used: make sure it has arrived on the device."""
         if not self.enabled:
             return
+        self.deferred.pop(g, None)  # used again before its write-back went out: it stays
         ahead = g in self.resident
         if not ahead:
             self.prefetch(g)  # nothing fetched it ahead: fetch now (not counted as stall)
@@ -545,7 +554,15 @@ class GroupStateStore:
                              what=f"group {g}'s update")
 
     def offload(self, g: int, keep: bool = False) -> None:
-        """After group g's update: send its state to the host.
+        """After group g's update: its state is to go back to the host, at the next
+        :meth:`flush` (the engine's: once the next step's forward pass is queued).
+
+        The write-back is put off because a copy engine serves its queue in order: a
+        host read of a device value (``.item()``, a mask check in the model's forward, the
+        chunked loss's ``nonzero``) issued after a ~2 GiB write-back waits for all of it,
+        and the host, blocked, queues no work: on an H200 that idled the GPU for the whole
+        write-back every step (``make gpu-check``, 2026-12-04). Issued once the next
+        forward pass is queued, it runs beside that step's backward pass instead.
 
         Args:
             keep: the next step trains g again (a random order repeating a group across
@@ -553,17 +570,32 @@ class GroupStateStore:
         """
         if not self.enabled:
             return
+        if keep:
+            handles = self._handles(g)
+            if not self._covers(g, handles):
+                self._relayout(g, handles)  # an optimizer whose state was not predicted
+            self.resident.setdefault(g, None)
+            return
+        # The write-back waits for the update, not for what the compute stream does later.
+        self.deferred[g] = self.streams.record(self.streams.compute)
+
+    def flush(self) -> None:
+        """Send the updated groups' state to the host (see :meth:`offload`)."""
+        while self.deferred:
+            g, updated = self.deferred.popitem()
+            self._write_back(g, updated)
+
+    def _write_back(self, g: int, updated) -> None:
+        """Group g's state to its host buffers, after the compute stream's event
+        ``updated``; its slot is free for the next fill, chunk by chunk."""
         handles = self._handles(g)
         if not self._covers(g, handles):
             self._relayout(g, handles)  # an optimizer whose state was not predicted
-        if keep:
-            self.resident.setdefault(g, None)
-            return
         index = self.resident.pop(g, None)
         self.unbound.discard(g)
         host, layout, s = self.host[g], self.layouts[g], self.streams
         slot = self.in_slot.pop(g, None)
-        s.after(s.d2h, s.compute)  # the update comes first
+        s.wait(s.d2h, updated)  # the update comes first
         flat = slot is not None and all(
             self._get(h).data_ptr() == slot[dtype].data_ptr() + off * dtype.itemsize
             for h, (dtype, off, _) in ((h, layout.entries[h]) for h in handles))
@@ -607,7 +639,9 @@ class GroupStateStore:
 
     # ------------------------------------------------------------------ bookkeeping
     def synchronize(self) -> None:
-        """Wait for every transfer (before reading host copies, e.g. to save them)."""
+        """Send what is put off, then wait for every transfer (before reading host
+        copies, e.g. to save them)."""
+        self.flush()
         self.streams.synchronize()
 
     @property

@@ -133,9 +133,10 @@ def store_by_hand(sizes, strategy: str, seed: int, steps: int, **store_kwargs):
     for step in range(steps):
         g, nxt = schedule.group_at(step), schedule.group_at(step + 1)
         store.prefetch(g)
-        store.prefetch(nxt)
         for p, twin in zip(groups[g], twins[g]):
             p.grad, twin.grad = torch.full_like(p, step + 1.0), torch.full_like(p, step + 1.0)
+        store.flush()  # as the engine: once the step's forward pass is queued
+        store.prefetch(nxt)
         store.wait(g)
         with store.updating(g):
             opt.step()

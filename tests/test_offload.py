@@ -42,7 +42,7 @@ def make(tiny_cfg, tmp_path, *overrides, steps=8):
 
 def train(tiny_cfg, tmp_path, *overrides, steps=8):
     trainer = make(tiny_cfg, tmp_path, *overrides, steps=steps)
-    trainer.train()
+    trainer.summary = trainer.train()
     return trainer
 
 
@@ -62,9 +62,11 @@ def test_offload_gives_the_same_weights_masters_and_state(tiny_cfg, tmp_path, op
     rows = [r for r in rows if "group" in r]  # training steps, not evaluations
     repeats = {i for i in range(len(rows) - 1) if rows[i]["group"] == rows[i + 1]["group"]}
     assert (len(repeats) > 0) == (strategy == "random-repeat")
-    for i, r in enumerate(rows):  # every update went back out, except a kept repeat
-        assert (r["offload/d2h_bytes"] > 0) == (i not in repeats)
+    for i, r in enumerate(rows):  # every update goes back out during the next step,
+        assert (r["offload/d2h_bytes"] > 0) == (i > 0 and i - 1 not in repeats)  # unless kept
     assert sum(r["offload/h2d_bytes"] for r in rows) > 0
+    # The last step's write-back went out at the end of train(): in the totals, no row.
+    assert on.summary["offload/d2h_bytes"] > sum(r["offload/d2h_bytes"] for r in rows)
 
 
 def test_strict_mode_poisons_state_until_it_is_waited_for(tiny_cfg, tmp_path):
@@ -82,13 +84,33 @@ def test_strict_mode_poisons_state_until_it_is_waited_for(tiny_cfg, tmp_path):
     assert not store.pending and master.dtype == torch.float32 and master.numel() > 0
     assert state is trainer.optimizer.state[params[0]]
     assert trainer.optimizer.state[params[0]]["exp_avg"].shape == master.shape
-    store.offload(0)
+    store.offload(0)  # put off: on the device until the next flush
+    assert not store.pending and master.numel() > 0
+    store.flush()
     assert store.pending == 1 and master.numel() == 0
     with store.readable():  # checkpoints read through this
         assert not store.pending and master.numel() > 0
         assert store.exact_host_bytes() > 0  # nested: the outer block stays readable
         assert master.numel() > 0
     assert master.numel() == 0
+
+
+def test_a_write_back_goes_out_once_the_next_forward_pass_is_queued(tiny_cfg, tmp_path,
+                                                                   monkeypatch):
+    # A copy engine serves its queue in order: a host read in the forward pass (a mask
+    # check, the loss's nonzero, .item()) issued behind a write-back waits for all of it,
+    # and the GPU idles meanwhile (measured on an H200). So a group's write-back goes out
+    # during the next step, after that step's forward pass; the last one at the end.
+    trainer = make(tiny_cfg, tmp_path, "hift.offload=true", steps=6)
+    events = []
+    trainer.model.register_forward_hook(lambda *_: events.append("forward"))
+    trainer.after_update.append(lambda *_: events.append("update"))
+    write_back = trainer.store._write_back
+    monkeypatch.setattr(trainer.store, "_write_back",
+                        lambda g, updated: events.append("write-back") or write_back(g, updated))
+    trainer.train(evaluate=False)
+    assert events == ["forward", "update"] + ["forward", "write-back", "update"] * 5 + [
+        "write-back"]
 
 
 def test_train_returns_with_every_write_back_done(tiny_cfg, tmp_path):

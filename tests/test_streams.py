@@ -69,13 +69,13 @@ def _ignore(stream):
 
 
 def _forget(events):
-    """GroupStateStore.offload that loses the events it records in ``events``."""
-    original = GroupStateStore.offload
+    """GroupStateStore._write_back that loses the events it records in ``events``."""
+    original = GroupStateStore._write_back
 
-    def offload_and_forget(self, g, keep=False):
-        original(self, g, keep)
+    def write_back_and_forget(self, g, updated):
+        original(self, g, updated)
         getattr(self, events).clear()
-    return offload_and_forget
+    return write_back_and_forget
 
 
 @pytest.mark.parametrize("broken,overrides,race", [
@@ -101,9 +101,9 @@ def test_without_each_ordering_fix_the_model_finds_the_race(tmp_path, monkeypatc
     patches = {
         "fill_after_compute": (GroupStateStore, "_fill_after_compute", _fill_without_waiting),
         "compute_waits_for_fill": (StreamModel, "wait", _ignore(COMPUTE)[0]),
-        "writeback_after_update": (StreamModel, "after", _ignore(D2H)[1]),
-        "fill_after_drain": (GroupStateStore, "offload", _forget("drained")),
-        "read_after_landing": (GroupStateStore, "offload", _forget("landed")),
+        "writeback_after_update": (StreamModel, "wait", _ignore(D2H)[0]),
+        "fill_after_drain": (GroupStateStore, "_write_back", _forget("drained")),
+        "read_after_landing": (GroupStateStore, "_write_back", _forget("landed")),
     }
     # With every fix, every strict-mode test trains through the model without a race.
     monkeypatch.setattr(*patches[broken])
