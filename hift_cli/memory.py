@@ -21,11 +21,14 @@ import dataclasses
 import functools
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 from hydra.utils import get_class
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from hift_cli.config import SHAPES, Config, ConfigError, optimizer_kind
 from hift_cli.grouping import (ForwardPassError, Group, GroupSchedule, Piece, Unit, block_stack,
@@ -147,6 +150,84 @@ def _stepped_state_bytes(cls, kwargs: dict, shape: tuple, dtype: torch.dtype) ->
     except RuntimeError:
         raise ConfigError(f"optimizer {cls.__name__}: cannot tell its state size") from None
     return sum(s.numel() * dt.itemsize for s, dt in shapes.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak bytes of tensors that ops create and drop within the mode (outputs that
+    are neither views nor written in place), tracked by their lifetimes."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func._schema.is_mutable:
+            given = {id(t) for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+            for t in tree_flatten(out)[0]:
+                if torch.is_tensor(t) and id(t) not in given and t._base is None:
+                    n = t.numel() * t.element_size()
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, n)
+        return out
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    @property
+    def temporaries(self) -> int:
+        """The peak less what is still alive (what the ops created to keep, e.g. an
+        optimizer's state at its first step)."""
+        return self.peak - self.live
+
+
+def update_temporaries(opt_cfg: dict, dtype: torch.dtype,
+                       multi_tensor: bool) -> tuple[float, float, float]:
+    """What one step of the optimizer allocates for a moment, per element of the tensors
+    it updates: ``(a, b, c)`` with temporaries = a x (all of them) + b x (the largest) +
+    c x (the second largest), in ``dtype``'s bytes. A multi-tensor (foreach) update, the
+    default for CUDA tensors, allocates across all its tensors at once (AdamW: the
+    second moment's sqrt, a = 1); a per-tensor one, the default on a CPU, one or two
+    tensors' worth at a time (AdamW: b = 2 for the current tensor's sqrt and quotient,
+    c = 1 for the previous one's denominator, alive until it is replaced). Measured on
+    the second step (the state exists) of two probes on meta tensors (else the CPU)."""
+    if optimizer_kind(opt_cfg).bitsandbytes:  # fused CUDA kernels, in place
+        return 0.0, 0.0, 0.0
+    given = {k: v for k, v in opt_cfg.items() if k != "_target_"}
+    kwargs = dict(given)
+    if multi_tensor and "foreach" not in kwargs and not kwargs.get("fused"):
+        kwargs["foreach"] = True  # what torch.optim picks for CUDA tensors
+    cls = get_class(opt_cfg["_target_"])
+    big, small, size = 256 * 256, 256, dtype.itemsize
+
+    def temporaries(shapes, device) -> int:
+        params = [nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+                  for shape in shapes]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        try:
+            opt = cls(params, **kwargs)
+        except TypeError:  # no foreach keyword
+            opt = cls(params, **given)
+        opt.step()
+        with LiveBytes() as live:
+            opt.step()
+        return live.temporaries
+
+    for device in ("meta", "cpu"):
+        try:
+            one = temporaries([(256, 256), (256,)], device) / size  # big, small
+            two = temporaries([(256, 256), (256, 256)], device) / size  # big, big
+        except Exception:  # e.g. fused kernels on meta, .item() in the update
+            continue
+        if multi_tensor:  # one = a (big + small) + b big; two = 2 a big + b big
+            a = max((two - one) / (big - small), 0.0)
+            return a, max(one / big - a * (big + small) / big, 0.0), 0.0
+        # one = b big + c small; two = (b + c) big
+        c = max((two - one) / (big - small), 0.0)
+        return 0.0, max((one - c * small) / big, 0.0), c
+    return 0.0, 0.0, 0.0
 
 
 def _bnb_8bit_state_bytes(numel: int) -> int:
@@ -460,6 +541,9 @@ class Estimator:
         self.total_numel = sum(p.numel() for p in all_params)
         self.states = optimizer_state_bytes(dict(cfg.optimizer), all_params,
                                             self.settings.state_dtype)
+        # What the update allocates for a moment (after backward: activations are gone).
+        self.update_temps = update_temporaries(dict(cfg.optimizer), self.settings.state_dtype,
+                                               multi_tensor=cfg.trainer.device != "cpu")
         self._piece_states: dict[tuple, int] = {}
         self.master_bytes = 4 if self.settings.mixed else 0
         self.shard = {u.name: fsdp_shard(u.params.values(), self.states, self.world_size)
@@ -599,11 +683,19 @@ class Estimator:
         own = [s + n * mb for n, s in kept_by_group]
         pairs = GroupSchedule(self.cfg.hift.strategy, len(groups), 0).pairs()
         slots = max([own[a] + own[b] for a, b in pairs] + own)
+        a, b, c = self.update_temps
         rows = []
         for i, (g, (g_numel, g_states)) in enumerate(zip(groups, kept_by_group)):
             numel = g_numel + always_numel
             unsharded_grad = (max(u.numel for u in (*g.units, *always_units)) * wb
                               if sharded else 0)
+            act = acts[i] if acts is not None else 0
+            sizes = sorted((pc.numel for pc in [*g.pieces, *always_pieces]), reverse=True)
+            largest, second = (sizes + [0])[:2]
+            if sharded:  # each rank updates its shard
+                largest, second = (math.ceil(n / self.world_size) for n in (largest, second))
+            temps = int((a * numel + b * largest + c * second)
+                        * self.settings.state_dtype.itemsize)
             row = {
                 "group": g.name,
                 "weights": all_numel * wb + gathered,
@@ -614,12 +706,15 @@ class Estimator:
                 + unsharded_grad,
                 "optimizer_states": g_states + always_states if offload else all_states,
                 "fp32_masters": (numel if offload else all_numel) * mb,
-                "activations": acts[i] if acts is not None else 0,
-                "other": slots - own[i] if offload else 0,
+                "activations": act,
+                # The other slot, and the update's temporaries where they outgrow the
+                # activations (freed by then): the peak is one or the other.
+                "other": (slots - own[i] if offload else 0) + max(temps - act, 0),
             }
             if sharded:
                 row["unsharded_gradient"] = unsharded_grad
             row["total"] = sum(row[c] for c in CATEGORIES)
+            row["update_temporaries"] = temps
             row["params"] = g.numel
             # Offload: the bytes a switch to (and away from) this group copies each way.
             row["moved"] = own[i] if offload else 0
@@ -637,7 +732,8 @@ class Estimator:
                 return None
             for i in [0, *sorted(range(1, len(groups)), key=lambda i: -static[i]["total"])]:
                 (act,) = self.activations([self.active_units(groups[i])], batch)
-                if static[i]["total"] + act > budget:
+                # static holds the update's temporaries; the peak, the larger of the two
+                if static[i]["total"] + max(act - static[i]["update_temporaries"], 0) > budget:
                     return None
         acts = self.activations([self.active_units(g) for g in groups], batch)
         return self.rows(groups, offload, acts)

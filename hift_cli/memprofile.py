@@ -14,8 +14,8 @@ import torch
 from hift_cli.config import Config, ConfigError
 from hift_cli.engine import HiftTrainer
 from hift_cli.grouping import Group
-from hift_cli.memory import (CATEGORIES, NoGroupingFits, SavedBytes, Settings, budget_lines,
-                             estimate, fixed_shape_batches, render, render_groups)
+from hift_cli.memory import (CATEGORIES, LiveBytes, NoGroupingFits, SavedBytes, Settings,
+                             budget_lines, estimate, fixed_shape_batches, render, render_groups)
 from hift_cli.progress import console
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,17 @@ class Probe:
             model.register_forward_hook(self._stop),
         ]
         trainer.after_update.append(self._read)
+        # What the optimizer step allocates for a moment: counted beside "other" as the
+        # estimate does (beyond the activations, which are gone by then).
+        self._temporaries = 0
+        step = self._step = trainer.optimizer.step
+
+        def counted_step(*args, **kwargs):
+            with LiveBytes() as live:
+                out = step(*args, **kwargs)
+            self._temporaries = live.temporaries
+            return out
+        trainer.optimizer.step = counted_step
 
     def _start(self, module, args):
         if module.training:
@@ -131,7 +142,8 @@ class Probe:
                "optimizer_states": states,
                "fp32_masters": masters,
                "activations": getattr(self, "_activations", 0),
-               "other": store.device_bytes() - active_in_slots}
+               "other": store.device_bytes() - active_in_slots
+               + max(self._temporaries - getattr(self, "_activations", 0), 0)}
         row["total"] = sum(row[c] for c in CATEGORIES)
         if trainer.device.type == "cuda":
             row["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(trainer.device)
@@ -142,6 +154,7 @@ class Probe:
         for h in self._hooks:
             h.remove()
         self.trainer.after_update.remove(self._read)
+        self.trainer.optimizer.step = self._step
 
 
 def _storage_bytes(tensors) -> int:

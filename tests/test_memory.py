@@ -209,11 +209,15 @@ def expected_per_gpu(one: dict, shapes: dict[str, list[tuple]], n: int, weight_b
     def row(units: list[str], acts: int, offload: bool, other: int) -> dict:
         g_kept = sum(kept[u] for u in units)
         everything = sum(kept.values())
+        # AdamW's multi-tensor update (CUDA's default) allocates one fp32 tensor per
+        # element it updates for a moment (the second moment's sqrt), after backward:
+        # the peak holds it or the activations, whichever is larger.
+        update = g_kept * 4
         r = {"weights": weights,
              "gradients": g_kept * grad_bytes + max(numel[u] for u in units) * weight_bytes,
              "optimizer_states": state_per_element * (g_kept if offload else everything),
              "fp32_masters": master_bytes * (g_kept if offload else everything),
-             "activations": acts, "other": other}
+             "activations": acts, "other": other + max(update - acts, 0)}
         r["total"] = sum(r.values())
         return r
 
