@@ -2,10 +2,10 @@
 
 One step trains one group of units; the others are frozen. :meth:`HiftTrainer.train`
 runs steps and evaluations; :meth:`HiftTrainer._step` is one step, top to bottom: pick
-group -> activate it -> fetch inputs, then prefetch state (this group's if it is not on
-the device yet, the next group's) -> forward/backward (grad_accum micro-batches) -> wait
-for this group's state -> clip -> optimizer step -> write its state back -> (end of cycle:
-LR step). The resumable state is :meth:`~HiftTrainer.state_dict`; ``checkpoint.py`` only
+group -> activate it -> fetch inputs (and this group's state if it is not on the device
+yet) -> forward/backward (grad_accum micro-batches) -> send the previous group's state
+back, prefetch the next group's -> wait for this group's state -> clip -> optimizer step
+-> (end of cycle: LR step); its own state goes back during the next step. The resumable state is :meth:`~HiftTrainer.state_dict`; ``checkpoint.py`` only
 writes and reads it.
 
 Why it is cheap:
