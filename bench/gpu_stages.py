@@ -98,12 +98,12 @@ class StageContext:
         Any other stop of the training (non-finite steps, out of host memory) is a failed
         part with its message; any other exception, one with the end of its traceback.
         """
-        from hift_cli.engine import TrainingStopped  # a SystemExit: not an Exception
+        from hift_cli.errors import TrainingStopped
 
         into = self.record if into is None else into
         try:
             yield
-        except (Exception, TrainingStopped) as e:  # record and carry on
+        except Exception as e:  # record and carry on (a TrainingStopped too)
             stopped = isinstance(e, TrainingStopped)
             oom = isinstance(e, torch.cuda.OutOfMemoryError) or (
                 stopped and e.out_of_memory == "device")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from hift_cli.config import ConfigError
+from hift_cli.errors import HiftError
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,11 @@ STATE_FILE = "training_state.pt"
 SHARDS = "shards"  # trainer.shard_weights: one file per rank
 
 
-class CheckpointError(ConfigError):
-    """The checkpoint could not be written or read (reported in one line)."""
+class CheckpointError(HiftError):
+    """The checkpoint could not be written or read (reported in one line): a checkpoint
+    that does not fit the run is the user's input, exit code 2."""
+
+    exit_code = 2
 
 
 class DiskSpaceError(CheckpointError):

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hift_cli import __version__
 from hift_cli.config import Config, ConfigError, recipes_dir, to_config
+from hift_cli.errors import HiftError, TrainingStopped
 
 log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://hift_cli.recipes"
@@ -129,10 +130,11 @@ def _remove_if_empty(run_dir: str) -> None:
 
 
 def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
-    """Bad input raised inside a task becomes one line on stderr and exit code 2.
+    """hift's errors raised inside a task become one line on stderr and their exit code
+    (bad input: 2; a write that failed: 74; a stop: 1 or 128 + the signal).
 
     Raised as SystemExit so Hydra's job runner (which catches Exception and adds its own
-    lines) lets it through untouched.
+    lines) lets it through untouched: the one place an error becomes an exit.
     """
 
     @functools.wraps(task)
@@ -140,16 +142,14 @@ def _user_errors(task: Callable[[DictConfig], object]) -> Callable[[DictConfig],
         command = sys.argv[0].replace("-", " ")
         try:
             return task(cfg)
-        except ConfigError as e:
+        except TrainingStopped as e:  # a deliberate stop with its own message
+            say(f"{command}: {e.message}")
+            raise SystemExit(e.exit_code) from None
+        except HiftError as e:
             say(f"{command}: error: {e}")
             if os.environ.get("RANK", "0") == "0":
                 _remove_if_empty(_output_dir())
-            # Bad input: 2; a write that failed (a full disk): the error's own code.
-            raise SystemExit(getattr(e, "exit_code", 2)) from None
-        except SystemExit as e:  # TrainingStopped: a deliberate stop with its own message
-            if getattr(e, "message", None):
-                say(f"{command}: {e.message}")
-            raise SystemExit(e.code) from None
+            raise SystemExit(e.exit_code) from None
 
     return wrapper
 
@@ -242,7 +242,7 @@ def one_line(e: BaseException) -> str:
     if options:
         text += f" (available: {', '.join(options)})"
     cause = e.__cause__ or e.__context__
-    if cause is not None and not isinstance(cause, ConfigError) and str(cause).strip():
+    if cause is not None and not isinstance(cause, HiftError) and str(cause).strip():
         cause_line = str(cause).strip().splitlines()[0]
         if cause_line not in text:
             text += f" {cause_line}"
@@ -296,9 +296,12 @@ def _main(argv: list[str]) -> int:
         say(f"hift {command}: interrupted")
         return 130
     except Exception as e:
+        if isinstance(e, TrainingStopped):
+            say(f"hift {command}: {e.message}")
+            return e.exit_code
         if _is_user_error(e):
             say(f"hift {command}: error: {one_line(e)}")
-            return 2
+            return getattr(e, "exit_code", 2)
         if isinstance(e, OSError) and e.filename and _in_hydra(e):
             # Hydra creates the run folder (hydra.run.dir / hydra.sweep.dir) before our code.
             say(f"hift {command}: error: cannot create the output folder {e.filename}:"
@@ -350,7 +353,7 @@ def _is_user_error(e: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(e, (ConfigError, HydraException, OmegaConfBaseException)):
+    if isinstance(e, (HiftError, HydraException, OmegaConfBaseException)):
         return True
     # Hydra rejects bad command lines (e.g. -m with --cfg) with a plain ValueError.
     return isinstance(e, ValueError) and _in_hydra(e)

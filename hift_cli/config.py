@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from hift_cli.errors import ConfigError  # noqa: F401  (its home: errors.py)
+
 ASSETS_DIR = Path(__file__).parent / "assets"
 
 STRATEGIES = ("bottom2up", "top2down", "random", "fpft")
@@ -75,10 +77,6 @@ SHAPES = {
 # `make gpu-check` measures (docs/memory.md).
 RESERVE_MIN_GIB = 1.0
 RESERVE_FRACTION = 0.04
-
-
-class ConfigError(ValueError):
-    """Bad user input: reported as one line, no traceback."""
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from hift_cli.checkpoint import (
     write_failure,
 )
 from hift_cli.config import Config, ConfigError
+from hift_cli.errors import TrainingStopped
 from hift_cli.evaluate import build_evaluator
 from hift_cli.grouping import (Group, GroupSchedule, block_stack, find_units, plan_units,
                                row_gradients)
@@ -1066,16 +1067,6 @@ class HiftTrainer:
         shutil.rmtree(checkpoints_dir(self.output_dir), ignore_errors=True)
         log.info(f"trainer.save_final_state=false: kept {model} only (no optimizer state, no"
                  " checkpoints: this run cannot be resumed)")
-
-
-class TrainingStopped(SystemExit):
-    """Training ended early on purpose (signal, non-finite steps, out of memory): one
-    line, an exit code; ``out_of_memory`` is ``"device"`` or ``"host"`` when memory ran out."""
-
-    def __init__(self, message: str, code: int, out_of_memory: str | None = None):
-        super().__init__(code)
-        self.message = message
-        self.out_of_memory = out_of_memory
 
 
 _UMASK = os.umask(0o022)  # read once, at import (os.umask can only read by setting)

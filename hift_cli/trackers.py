@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from hift_cli.config import ConfigError, check_installed
+from hift_cli.errors import TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Trackers:
         # Ctrl-C, or a stop on SIGINT/SIGTERM (TrainingStopped, exit code 128 + signal):
         # killed; any other exception (non-finite steps, out of memory, a bug): failed.
         killed = isinstance(exc, KeyboardInterrupt) or (
-            isinstance(exc, SystemExit) and isinstance(exc.code, int) and exc.code >= 128)
+            isinstance(exc, TrainingStopped) and exc.exit_code >= 128)
         self.close(failed=exc is not None and not killed, interrupted=killed)
 
     @staticmethod

@@ -48,6 +48,33 @@ def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(capsys, monkeyp
     assert list(resumed) == list(range(1, 10)) and resumed == straight
 
 
+def test_a_library_caller_catches_an_out_of_memory_stop_as_an_exception(tmp_path,
+                                                                          monkeypatch):
+    # A notebook: build a trainer, train, catch the stop; no SystemExit below the CLI.
+    from conftest import build_trainer
+    from hift_cli.errors import HiftError, TrainingStopped
+
+    trainer = build_trainer(tmp_path, "trainer.max_steps=4")
+    real_next = engine.HiftTrainer._next_batch
+    calls = [0]
+
+    def next_batch(self):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise torch.OutOfMemoryError("simulated: tried to allocate 20.00 GiB")
+        return real_next(self)
+
+    monkeypatch.setattr(engine.HiftTrainer, "_next_batch", next_batch)
+    try:
+        trainer.train(evaluate=False)
+    except Exception as e:  # noqa: BLE001 (what a notebook writes)
+        stop = e
+    assert isinstance(stop, TrainingStopped) and isinstance(stop, HiftError)
+    assert not isinstance(stop, SystemExit) and stop.out_of_memory == "device"
+    assert stop.exit_code == 1 and str(stop).startswith("out of device memory at step 3")
+    assert trainer.global_step == 2  # the two steps before it stand
+
+
 def losses(path: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in open(path)]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
