@@ -189,31 +189,42 @@ def machine() -> dict:
     return info
 
 
+# A full-depth stage and the shallow one whose host buffers must have come out right.
+FULL_DEPTH = {"llama7b_full": "llama7b_wide", "llama3_full": "llama3_vocab"}
+
+
+def _host_buffers_wrong(stage: str, on: dict) -> str | None:
+    """Why ``stage``'s offload-on run says the full depth's host buffers would not come
+    out right (None: they would)."""
+    if not on.get("exact_host_gib"):
+        return f"{stage} measured no host bytes to go by"
+    host, exact = on["host_gib"], on["exact_host_gib"]
+    if abs(host / exact - 1) > 0.05:
+        return (f"{stage}'s host buffers ({host:.2f} GiB) are not within 5% of the exact"
+                f" figure ({exact:.2f} GiB)")
+    # cudaHostRegister failed and the store fell back to the pinned caching allocator,
+    # which rounds every buffer up to a power of two: 7B would want ~165 GiB pinned.
+    if on.get("pinned_allocator_gib", 0) > 0.05 * exact:
+        return (f"{stage}'s host buffers came from PyTorch's pinned caching allocator"
+                f" ({on['pinned_allocator_gib']:.2f} GiB held for {exact:.2f} GiB): its"
+                " rounding up, all layers would not fit")
+    return None
+
+
 def gate(name: str, results: dict, smoke: bool, left: float) -> tuple[str | None, float]:
     """Why ``name`` cannot run now (None: it can), and its estimated cost."""
     cost = SMOKE_COST_S if smoke else STAGES[name].cost_s
-    if name == "llama7b_full":
-        wide = results["stages"].get("llama7b_wide", {})
-        on, projection = wide.get("runs", {}).get("offload_on", {}), wide.get("projection")
-        if not on.get("exact_host_gib") or "seconds" not in (projection or {}):
-            return "llama7b_wide measured no host bytes or projection to go by", cost
-        host, exact = on["host_gib"], on["exact_host_gib"]
-        if abs(host / exact - 1) > 0.05:
-            return (f"llama7b_wide's host buffers ({host:.2f} GiB) are not within 5% of"
-                    f" the exact figure ({exact:.2f} GiB)"), cost
-        # cudaHostRegister failed and the store fell back to the pinned caching allocator,
-        # which rounds every buffer up to a power of two: 7B would want ~165 GiB pinned.
-        if on.get("pinned_allocator_gib", 0) > 0.05 * exact:
-            return (f"llama7b_wide's host buffers came from PyTorch's pinned caching"
-                    f" allocator ({on['pinned_allocator_gib']:.2f} GiB held for"
-                    f" {exact:.2f} GiB): it rounds up, all layers would not fit"), cost
+    if name in FULL_DEPTH:
+        shallow = results["stages"].get(FULL_DEPTH[name], {})
+        reason = _host_buffers_wrong(FULL_DEPTH[name],
+                                     shallow.get("runs", {}).get("offload_on", {}))
+        if reason:
+            return reason, cost
+    if name == "llama7b_full":  # its cost: projected from llama7b_wide's run
+        projection = results["stages"]["llama7b_wide"].get("projection") or {}
+        if "seconds" not in projection:
+            return "llama7b_wide measured no projection to go by", cost
         cost = projection["seconds"] if not smoke else cost
-    if name == "llama3_full":  # ~90 GiB of host buffers: only where 4 layers' were right
-        on = results["stages"].get("llama3_vocab", {}).get("runs", {}).get("offload_on", {})
-        if not on.get("exact_host_gib") or abs(on["host_gib"] / on["exact_host_gib"] - 1) > 0.05:
-            return "llama3_vocab measured no host buffers within 5% of exact", cost
-        if on.get("pinned_allocator_gib", 0) > 0.05 * on["exact_host_gib"]:
-            return "llama3_vocab's host buffers came from the rounding pinned allocator", cost
     if cost > left:
         return f"estimated {cost:.0f} s, {left:.0f} s of the budget left", cost
     return None, cost
