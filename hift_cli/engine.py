@@ -381,6 +381,8 @@ class HiftTrainer:
         (once the store is set up) and, with sharded weights, the per-GPU arithmetic for
         this many processes."""
         cfg = self.cfg
+        if self.device.type == "cpu":  # trainer.device=auto resolved: no CUDA reserve
+            cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, device="cpu"))
         if hasattr(self, "store"):
             cfg = dataclasses.replace(cfg, hift=dataclasses.replace(
                 cfg.hift, offload=self.store.enabled))
