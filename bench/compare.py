@@ -7,7 +7,7 @@ the same pretrained weights on the same data in the same order. From every run's
 - mean step time (all steps, whole cycles) and tokens/s over the training steps only
   (evaluation excluded), peak RSS of the process;
 - eval loss at equal steps (the end of every run; with the same data order that is also
-  equal tokens and, here, one epoch), at equal tokens (the smallest total any run reached)
+  equal tokens and equal epochs), at equal tokens (the smallest total any run reached)
   and at equal wall-clock (the training time of the fastest run), the last two linearly
   interpolated between the runs' periodic evaluations;
 - every figure as a ratio to fpft's, measured in the same invocation.
@@ -28,7 +28,7 @@ Writes ``bench/results/<name>.json``, ``<name>.md`` and ``<name>-<suite>.png`` a
 ``--no-docs``, the measured block of ``docs/benchmarks.md``.
 
     python bench/compare.py                      # what `make bench` runs (every suite)
-    python bench/compare.py --suite minilm       # one suite (each <= 30 min on 2 CPU cores)
+    python bench/compare.py --suite strategies-minilm   # one suite (each <= 30 min, 2 cores)
     python bench/compare.py --quick --out /tmp/b --no-docs   # tiny model, seconds (tests)
 """
 
@@ -71,25 +71,16 @@ def _configs(seed_variant: list[str]) -> dict[str, list[str]]:
     return configs
 
 
-# One epoch each: steps x batch = the training set (SmolLM2: 64 x 4 = 256 problems,
-# MiniLM: 180 x 16 = 2,880 questions). Constant LR, so the comparison is about which
-# parameters are updated, not about where a schedule has got to.
+# The strategies side by side, with speed and memory, in the quality suites' MiniLM regime
+# (bench/quality.py): 7 epochs of 100 steps, every configuration's eval after every epoch;
+# 700 steps are 50 cycles of m=1's 14 groups and 175 of k=4. The 2026-11-29 suites this
+# replaces (`minilm`: 12-relation kinship in one epoch, where only fpft learnt; `smollm2`:
+# 64 steps, 2 cycles of m=1) are in bench/results/cpu-2026-11-29.json.
 SUITES = {
-    "minilm": {
-        "title": "all-MiniLM-L6-v2, kinship-relation classification (12 labels)",
-        "base": ["recipe=minilm_family", "data.num_train=2880", "trainer.max_steps=180",
-                 "trainer.batch_size=16", "trainer.eval_every=30",
-                 "trainer.lr_scheduler=constant", "optimizer.lr=1e-4"],
-        # And HiFT given k times fpft's steps: each parameter then gets as many updates.
-        "configs": {**_configs(["trainer.seed=2"]),
-                    "bottom2up-k4-4x": ["hift.strategy=bottom2up", *K4, "trainer.max_steps=720"]},
-    },
-    "smollm2": {
-        "title": "SmolLM2-135M-Instruct, GSM-style math (causal LM, answer tokens)",
-        "base": ["recipe=demo", "data.num_train=256", "data.num_eval=32",
-                 "data.max_eval_samples=32", "trainer.max_steps=64", "trainer.batch_size=4",
-                 "trainer.eval_every=16", "trainer.eval_batch_size=16",
-                 "trainer.lr_scheduler=constant", "optimizer.lr=1e-4"],
+    "strategies-minilm": {
+        "title": "all-MiniLM-L6-v2, kinship relation of two couples (7 labels): strategies,"
+                 " speed and memory",
+        "base": quality.MINILM,
         "configs": _configs(["trainer.seed=2"]),
     },
 }
@@ -313,14 +304,26 @@ def markdown(result: dict, name: str, plots: str = "") -> str:
     return "\n".join(lines)
 
 
-def peers_markdown(result: dict, name: str, plots: str = "") -> str:
-    """The peers suites and the LLaMA-7B memory table."""
+def peers_markdown(result: dict, name: str, plots: str = "", all_seeds: bool = True) -> str:
+    """The peers suites (a family of per-seed suites: their combination over seeds, then
+    each seed's table, or only the first seed's unless ``all_seeds``) and the LLaMA-7B
+    memory table."""
     m = result["machine"]
     lines = [f"Measured by `make bench` (`--suite peers-*`) on {m['cpu'] or 'an unnamed CPU'}"
              f" ({m['cores']} cores), torch {m['torch']}; raw numbers: `{name}.json`.", ""]
+    families: dict[str, list] = {}
     for suite, s in result["suites"].items():
         if s.get("kind") == "peers":
-            lines += peers.markdown(suite, s, plots)
+            families.setdefault(s.get("family") or suite, []).append((suite, s))
+    for family, seeded in families.items():
+        if len(seeded) > 1:  # a suite per seed: their combination first
+            lines += peers.over_seeds_markdown(
+                family, peers.over_seeds([s for _, s in seeded]), list(seeded[0][1]["runs"]))
+        for i, (suite, s) in enumerate(seeded):
+            if all_seeds or i == 0:
+                lines += peers.markdown(suite, s, plots)
+        if len(seeded) > 1 and not all_seeds:
+            lines += [f"The other seeds' tables: `{name}.md` beside the plots.", ""]
     if result.get("peers_memory_7b"):
         lines += ["### Device memory for LLaMA-7B, per method", ""]
         lines += peers.memory_markdown(result["peers_memory_7b"])
@@ -346,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="results name (default cpu-<date>)")
     parser.add_argument("--no-docs", action="store_true", help=f"leave {DOCS.name} alone")
+    parser.add_argument("--only", action="append", metavar="CONFIG",
+                        help="run only this method (peers) or configuration (quality)"
+                             " (repeatable), beside the suite's runs in <out>/<name>.json")
     parser.add_argument("--render", metavar="NAME",
                         help="recompute the comparisons of <out>/NAME.json and rewrite its"
                              " tables (no training)")
@@ -357,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 quality.compare(s["runs"], s["higher_is_better"])
                 quality.plot(suite, s, args.out / s["plot"])
             elif s.get("kind") == "peers":
-                s["comparison"] = peers.compare(s["runs"])
+                s["comparison"] = peers.compare(s["runs"], s["higher_is_better"])
                 peers.plot(suite, s, args.out / s["plot"])
             else:
                 s["comparison"] = compare(s["runs"])
@@ -387,8 +393,25 @@ def main(argv: list[str] | None = None) -> int:
     for suite, spec in suites.items():
         suite_start = time.perf_counter()
         if suite in peers.SUITES or suite in peers.QUICK:
-            s = peers.run_suite(spec, runs_dir / suite, ENV, start)
+            kept = result["suites"].get(suite)
+            if args.only and "fpft" not in [*args.only, *(kept or {}).get("runs", {})]:
+                parser.error(f"--only: {previous} has no {suite} with fpft to compare with")
+            s = peers.run_suite(spec, runs_dir / suite, ENV, start, args.only)
             s.update(date=dt.date.today().isoformat(), plot=f"{name}-{suite}.png")
+            if args.only and kept:  # beside the kept runs of the same suite, as one table
+                later = {**kept.get("later", {}), **{m: s["date"] for m in s["runs"]}}
+                order = list(peers.methods(spec))
+                runs = {**kept["runs"], **s["runs"]}
+                s = {**kept, "later": later, "family": spec.get("family"),
+                     "seed": spec.get("seed"),
+                     "runs": {m: runs[m] for m in sorted(runs, key=order.index)}}
+            if args.only:
+                s.setdefault("minutes", (time.perf_counter() - suite_start) / 60)
+                s["comparison"] = peers.compare(s["runs"], s["higher_is_better"])
+                peers.plot(suite, s, args.out / s["plot"])
+                result["suites"][suite] = s
+                write_results(result, args.out, name, not args.no_docs)
+                continue
             if not args.quick and not memory_done:  # LLaMA-7B per method (~1 min, once)
                 result["peers_memory_7b"] = peers.memory_7b(ENV)
                 memory_done = True
@@ -398,10 +421,19 @@ def main(argv: list[str] | None = None) -> int:
             result["suites"][suite] = s
             write_results(result, args.out, name, not args.no_docs)
             continue
-        if "metric" in spec:  # a quality suite
-            result["suites"][suite] = run_quality(spec, runs_dir / suite, start,
-                                                  args.out / f"{name}-{suite}.png")
-            result["suites"][suite]["minutes"] = (time.perf_counter() - suite_start) / 60
+        if "metric" in spec:  # a quality suite (a family's: one seed, joining the others)
+            key = spec.get("family", suite)
+            if args.only and key not in result["suites"]:
+                parser.error(f"--only: {previous} has no {key} to add to")
+            s = run_quality(spec, runs_dir / suite, start, args.out / f"{name}-{key}.png",
+                            args.only)
+            s["minutes"] = (time.perf_counter() - suite_start) / 60
+            if key != suite:
+                s["minutes_by_seed"] = {str(spec["seeds"][0]): s["minutes"]}
+            if key in result["suites"] and (key != suite or args.only):
+                s = quality.merge(result["suites"][key], s, added=bool(args.only))
+                quality.plot(key, s, args.out / s["plot"])
+            result["suites"][key] = s
             write_results(result, args.out, name, not args.no_docs)
             continue
         runs = {}
@@ -427,10 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_quality(spec: dict, runs_dir: Path, start: float, plot_path: Path) -> dict:
-    """One quality suite: the budget for k=auto, every configuration on every seed, means
-    and spreads, ratios to fpft."""
-    names = spec["configs"]
+def run_quality(spec: dict, runs_dir: Path, start: float, plot_path: Path,
+                only: list[str] | None = None) -> dict:
+    """One quality suite (``only``: these configurations): the budget for k=auto, every
+    configuration on every seed, means and spreads, ratios to fpft (when it ran)."""
+    names = [n for n in spec["configs"] if not only or n in only]
     budget = (quality.budget_gib(spec["base"], ENV, ROOT)
               if any(n.startswith("auto") for n in names) else None)
     higher, runs, fpft = spec["higher_is_better"], {}, None
@@ -444,19 +477,22 @@ def run_quality(spec: dict, runs_dir: Path, start: float, plot_path: Path) -> di
                   flush=True)
             train(run_dir, merge(spec["base"], quality.overrides(config, spec, budget),
                                  [f"trainer.seed={seed}"]))
-            by_seed[seed] = r = quality.collect(run_dir, spec["metric"], higher)
+            by_seed[seed] = r = quality.collect(run_dir, spec["metric"], higher,
+                                                spec.get("also"))
             print(f"         {r['groups']} groups, {r['cycles']} cycles, best"
                   f" {r['best']['value']:.4f} at epoch {r['best']['epoch']}, final"
                   f" {r['final']['value']:.4f}, {r['train_seconds']:.0f} s", flush=True)
         if config == "fpft":  # its own time: within fpft's time is its best
             fpft = by_seed
         runs[config] = quality.aggregate(by_seed, fpft, higher)
-    quality.compare(runs, higher)
+    if "fpft" in runs:
+        quality.compare(runs, higher)
     s = {"kind": "quality", "title": spec["title"], "base": spec["base"],
          "metric": spec["metric"], "higher_is_better": higher, "epochs": spec["epochs"],
          "seeds": list(spec["seeds"]), "budget_gib": budget, "runs": runs,
+         "also": spec.get("also"),
          "date": dt.date.today().isoformat(), "plot": plot_path.name}
-    quality.plot(runs_dir.name, s, plot_path)
+    quality.plot(spec.get("family", runs_dir.name), s, plot_path)
     return s
 
 
@@ -471,7 +507,8 @@ def write_results(result: dict, out: Path, name: str, docs: bool) -> None:
         plots = os.path.relpath(out, DOCS.parent) + "/"
         write_docs(markdown(result, name, plots), DOCS)
         if has_peers:
-            write_docs(peers_markdown(result, name, plots), DOCS, PEERS_BEGIN, PEERS_END)
+            write_docs(peers_markdown(result, name, plots, all_seeds=False), DOCS,
+                       PEERS_BEGIN, PEERS_END)
     print(block)
     print(f"\nWrote {out / name}.json, .md" + (f"; updated {DOCS}" if docs else ""))
 

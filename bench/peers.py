@@ -60,6 +60,14 @@ HIFT_METHODS = {
                         " at equal epochs, 2026-12-04)"},
     "hift-m1": {"overrides": ["hift.strategy=bottom2up", "hift.m=1"],
                 "what": "HiFT, one unit per group"},
+    # HiFT as the quality suites found it best: the fewest groups that fit (k=auto under
+    # their budget, which fpft does not fit: 3 groups on MiniLM) given k times the epochs,
+    # so each parameter is updated as often as fpft's. Its columns at E epochs are equal
+    # epochs; "within fpft's time" is the equal-time comparison.
+    "hift-auto-x3": {"overrides": ["hift.strategy=bottom2up", "hift.k=auto"], "budget": True,
+                     "epochs_times": 3,
+                     "what": "HiFT, k=auto under the quality suites' budget (fpft does not fit"
+                             " it), given 3x the epochs"},
     # LISA: embeddings + head every step, one block drawn at random, kept for 20 steps
     # (LMFlow's scripts/run_finetune_with_lisa.sh: lisa_activated_layers=1,
     # lisa_interval_steps=20). hift draws without replacement, reshuffled every cycle.
@@ -101,22 +109,30 @@ def peer_methods(spec: dict) -> dict[str, dict]:
     }
 
 
-SUITES = {
-    # The MiniLM quality suites' data, epochs and evaluation (bench/quality.py), one seed.
-    # (peers-smollm2, measured 2026-11-29 in the old 28-step regime, waits for a SmolLM2
-    # quality suite in the regime of real runs.)
-    "peers-minilm": {**quality.SUITES["quality-minilm"], "lora_lr": 5e-4,
-                     "title": "all-MiniLM-L6-v2, kinship relations of two couples (7 labels):"
-                              " HiFT against the alternatives"},
-}
+def _seeded(family: str, spec: dict) -> dict[str, dict]:
+    """One suite per seed (``family``, ``family-seed<n>``): each fits the 30 minutes a suite
+    may take here, where all seeds in one would not; the tables combine them."""
+    return {family + ("" if seed == spec["seeds"][0] else f"-seed{seed}"):
+            {**spec, "family": family, "seed": seed,
+             "base": merge(spec["base"], [f"trainer.seed={seed}"])}
+            for seed in spec["seeds"]}
+
+
+# The MiniLM quality suites' data, epochs, evaluation and seeds (bench/quality.py), a seed
+# per suite. (peers-smollm2, measured 2026-11-29 in the old 28-step regime, waits for a run
+# through quality-smollm2's data.)
+SUITES = _seeded("peers-minilm", {
+    **quality.SUITES["quality-minilm"], "lora_lr": 5e-4,
+    "title": "all-MiniLM-L6-v2, kinship relations of two couples (7 labels): HiFT against"
+             " the alternatives"})
 QUICK = {  # fpft, LISA and every peer for 2 steps on the random-init tiny LLaMA (tests)
     "peers-tiny": {"title": "tiny random-init LLaMA (smoke test of the peers suite)",
                    "metric": "eval/loss", "higher_is_better": False, "epochs": 1,
                    "lora_lr": 2e-4,
                    # LISA in 2 steps, not one cycle of 4 blocks x 20 steps
                    "after": {"lisa (hift)": ["hift.m=2", "hift.steps_per_group=1"]},
-                   "only": ("fpft", "lisa (hift)", "lora-r8", "badam", "galore", "lomo",
-                            "adalomo"),
+                   "only": ("fpft", "hift-auto-x3", "lisa (hift)", "lora-r8", "badam",
+                            "galore", "lomo", "adalomo"),
                    "base": ["recipe=tiny", "data.max_samples=16", "trainer.batch_size=8",
                             "trainer.max_steps=null", "trainer.epochs=1",
                             "trainer.eval_every=epoch", "eval.show_samples=0"]},
@@ -139,17 +155,22 @@ def spawn(cmd: list[str], log_path: Path, env: dict) -> tuple[int, int]:
     return proc.returncode, usage.ru_maxrss * 1024  # KiB on Linux
 
 
-def run_suite(spec: dict, runs_dir: Path, env: dict, start: float) -> dict:
-    """Every method of one peers suite, one process each; ratios to fpft's."""
+def run_suite(spec: dict, runs_dir: Path, env: dict, start: float,
+              only: list[str] | None = None) -> dict:
+    """Every method of one peers suite (``only``: these), one process each; ratios to
+    fpft's (which must be among the runs; ``compare`` is the caller's when ``only``)."""
     runs = {}
-    for name, method in methods(spec).items():
+    chosen = {k: m for k, m in methods(spec).items() if not only or k in only}
+    budget = (quality.budget_gib(spec["base"], env, ROOT)
+              if any(m.get("budget") for m in chosen.values()) else None)
+    for name, method in chosen.items():
         if name in spec.get("after", {}):  # a suite's settings over the method's own
             method = {**method, "overrides": merge(method["overrides"], spec["after"][name])}
         run_dir = runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "")
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         print(f"[{time.perf_counter() - start:6.0f} s] {runs_dir.name}/{name}", flush=True)
-        runs[name] = r = run_method(method, spec, run_dir, env)
+        runs[name] = r = run_method(method, spec, run_dir, env, budget)
         if "not_run" in r:
             print(f"         not run: {r['not_run']}", flush=True)
         else:
@@ -158,18 +179,24 @@ def run_suite(spec: dict, runs_dir: Path, env: dict, start: float) -> dict:
                   f" {r['final']['value']:.4f}", flush=True)
     return {"kind": "peers", "title": spec["title"], "base": spec["base"],
             "metric": spec["metric"], "higher_is_better": spec["higher_is_better"],
-            "epochs": spec["epochs"], "runs": runs, "comparison": compare(runs)}
+            "epochs": spec["epochs"], "family": spec.get("family"), "seed": spec.get("seed"),
+            "budget_gib": budget, "runs": runs,
+            "comparison": None if only else compare(runs, spec["higher_is_better"])}
 
 
-def run_method(method: dict, spec: dict, run_dir: Path, env: dict) -> dict:
+def run_method(method: dict, spec: dict, run_dir: Path, env: dict,
+               budget: float | None = None) -> dict:
     log_path = run_dir.parent / f"{run_dir.name}.log"
     what = {"what": method["what"]}
     if method["kind"] == "hift":
-        overrides = merge(spec["base"], method["overrides"])
+        extra = [f"hift.memory_budget={budget}"] if method.get("budget") else []
+        if method.get("epochs_times"):
+            extra.append(f"trainer.epochs={method['epochs_times'] * spec['epochs']}")
+        overrides = merge(spec["base"], method["overrides"], extra)
         cmd = [sys.executable, "-c", "import sys; from hift_cli.cli import main; sys.exit(main())",
                "train", *overrides, "trainer.save_model=false", "trainer.save_every=null",
                f"hydra.run.dir={run_dir}"]
-        settings = {"overrides": method["overrides"]}
+        settings = {"overrides": method["overrides"] + extra}
     else:
         package, module = PACKAGES[method["peer"]]
         if importlib.util.find_spec(module) is None:
@@ -230,10 +257,11 @@ RATIOS = ("mean_step_seconds", "tokens_per_second", "peak_rss_gib", "params_upda
           "train_seconds")
 
 
-def compare(runs: dict[str, dict]) -> dict:
-    """Every figure as a ratio to fpft's, and the metric at equal wall-clock: the shortest
+def compare(runs: dict[str, dict], higher_is_better: bool) -> dict:
+    """Every figure as a ratio to fpft's; the metric at equal wall-clock: the shortest
     run's training time, interpolated on each run's eval curve (from the eval before
-    training, at 0 s, through the per-epoch ones)."""
+    training, at 0 s, through the per-epoch ones); and the best evaluation within fpft's
+    training time (a method slower than fpft, or one given more epochs, is cut there)."""
     ran = {k: r for k, r in runs.items() if "not_run" not in r}
     base = ran["fpft"]
     equal = min(r["train_seconds"] for r in ran.values())
@@ -242,12 +270,19 @@ def compare(runs: dict[str, dict]) -> dict:
         r["equal_wallclock"] = interpolate([(c["seconds"], c["value"]) for c in r["curve"]],
                                            equal)
     for r in ran.values():
+        # fpft's whole training time: the best evaluation each method had reached by then
+        # (the eval before training counts, at 0 s).
+        done = [c["value"] for c in r["curve"] if c["seconds"] <= base["train_seconds"] + 1e-9]
+        r["at_fpft_time"] = (max if higher_is_better else min)(done) if done else None
+    for r in ran.values():
         q = {key: r[key] / base[key] for key in RATIOS}
         for key in ("epoch1", "epochs", "final", "best"):
             q[key] = r[key]["value"] / base[key]["value"]
         q["equal_wallclock"] = r["equal_wallclock"] / base["equal_wallclock"]
+        if r["at_fpft_time"] is not None:
+            q["at_fpft_time"] = r["at_fpft_time"] / base["at_fpft_time"]
         r["ratio_to_fpft"] = q
-    return {"equal_wallclock_seconds": equal}
+    return {"equal_wallclock_seconds": equal, "fpft_seconds": base["train_seconds"]}
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -275,13 +310,16 @@ def markdown(suite: str, s: dict, plots: str = "") -> list[str]:
              " it stopped.", "",
              f"| method | params updated / step | ×fpft | step s | ×fpft | tokens/s | ×fpft"
              f" | peak RSS GiB | ×fpft | {metric} @1 epoch | ×fpft | @{E} epochs | ×fpft"
-             f" | best (epoch) | ×fpft | @equal wall-clock | ×fpft | final (epochs) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f" | best (epoch) | ×fpft | @equal wall-clock | ×fpft | best within fpft's time"
+             f" | ×fpft | final (epochs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in s["runs"].items():
         if "not_run" in r:
-            lines.append(f"| {name} | not run here: {r['not_run']} |" + " |" * 16)
+            lines.append(f"| {name} | not run here: {r['not_run']} |" + " |" * 18)
             continue
         q = r["ratio_to_fpft"]
+        at = r.get("at_fpft_time")
+        at = f"{at:.4f} | {q['at_fpft_time']:.3f}" if at is not None else "— | —"
         lines.append(
             f"| {name} | {r['params_updated_per_step'] / 1e6:.2f}M |"
             f" {q['params_updated_per_step']:.3f} | {r['mean_step_seconds']:.3f} |"
@@ -290,13 +328,71 @@ def markdown(suite: str, s: dict, plots: str = "") -> list[str]:
             f" {r['epoch1']['value']:.4f} | {q['epoch1']:.3f} | {r['epochs']['value']:.4f} |"
             f" {q['epochs']:.3f} | {r['best']['value']:.4f} ({r['best']['epoch']:g}) |"
             f" {q['best']:.3f} | {r['equal_wallclock']:.4f} | {q['equal_wallclock']:.3f} |"
-            f" {r['final']['value']:.4f} ({r['final']['epoch']:g}) |")
+            f" {at} | {r['final']['value']:.4f} ({r['final']['epoch']:g}) |")
+    if s.get("later"):
+        lines += ["", "Run in a later invocation (same machine type, nothing else running) and"
+                      " compared with this one's fpft: " + ", ".join(
+                          f"{m} ({d})" for m, d in s["later"].items()) + "."]
     lines += ["", "Settings per method (each as its documentation advises):", ""]
     for name, r in s["runs"].items():
         settings = {k: v for k, v in r.get("settings", {}).items() if k != "what"}
         lines.append(f"- **{name}**: {r['what']}; `{json.dumps(settings)}`")
     if s.get("plot"):
         lines += ["", f"![{suite}]({plots}{s['plot']})"]
+    return lines + [""]
+
+
+def over_seeds(suites: list[dict]) -> dict:
+    """One family's per-seed suites combined: per method, mean ± std over the seeds it ran
+    on of the best, the value at E epochs, the best within fpft's time and the step time,
+    each with the quality suites' verdict against fpft (≈ within the spread)."""
+    higher = suites[0]["higher_is_better"]
+    keys = {"best": lambda r: r["best"]["value"], "epochs": lambda r: r["epochs"]["value"],
+            "at_fpft_time": lambda r: r.get("at_fpft_time"),
+            "step_seconds": lambda r: r["mean_step_seconds"]}
+    methods_ = {}
+    for s in suites:
+        for name, r in s["runs"].items():
+            if "not_run" not in r:
+                methods_.setdefault(name, []).append((s["seed"], r))
+    out = {}
+    for name, seeded in methods_.items():
+        row = {"seeds": sorted(seed for seed, _ in seeded)}
+        for key, get in keys.items():
+            values = [get(r) for _, r in seeded]
+            if all(v is not None for v in values):
+                row[key] = quality.spread(values)
+        out[name] = row
+    base = out["fpft"]
+    for row in out.values():
+        row["vs"] = {k: quality.verdict(row[k], base[k], higher)
+                     for k in ("best", "epochs", "at_fpft_time") if k in row and k in base}
+        row["ratio"] = {k: row[k]["mean"] / base[k]["mean"] for k in keys
+                        if k in row and k in base and base[k]["mean"]}
+    return {"higher_is_better": higher, "epochs": suites[0]["epochs"],
+            "metric": suites[0]["metric"], "methods": out}
+
+
+def over_seeds_markdown(family: str, agg: dict, names: list[str]) -> list[str]:
+    metric, E = agg["metric"].removeprefix("eval/"), agg["epochs"]
+    lines = [f"#### {family}, over seeds", "",
+             f"Mean ± standard deviation over the seeds each method ran on ({metric}, "
+             f"{'higher' if agg['higher_is_better'] else 'lower'} is better); `vs`: ≈ within"
+             " the spread (means closer than the two standard deviations together), + / −"
+             " better / worse than fpft beyond it; ×: ratio of means to fpft's.", "",
+             f"| method | seeds | best | ×fpft | vs | @{E} epochs | ×fpft | vs"
+             " | best within fpft's time | ×fpft | vs | step s | ×fpft |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    pm = quality.mean_std
+    for name in names:
+        row = agg["methods"].get(name)
+        if row is None:
+            continue
+        q, v = row["ratio"], row["vs"]
+        cells = [f"{pm(row[k])} | {q[k]:.3f} | {v[k]}" if k in row else "— | — | —"
+                 for k in ("best", "epochs", "at_fpft_time")]
+        lines.append(f"| {name} | {', '.join(map(str, row['seeds']))} | {' | '.join(cells)} |"
+                     f" {row['step_seconds']['mean']:.3f} | {q['step_seconds']:.2f} |")
     return lines + [""]
 
 

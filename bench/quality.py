@@ -23,9 +23,9 @@ halfway between the smallest grouping's estimated peak and fpft's, from ``hift m
 ``-lr4x``: HiFT's LR at 2x / 4x fpft's; ``-K4`` / ``-K16``: ``hift.steps_per_group``.
 
 ``-x<n>``: n times the epochs. Used by ``bench/compare.py`` (``--suite quality-minilm``,
-``--suite quality-minilm-settings``, ``--suite quality-minilm-time``). A generative suite in
-this regime (SmolLM2) is not here yet: three seeds of fpft alone at ~50 cycles of k=4 take
-most of the 30 minutes a suite may take on 2 CPU cores; it needs sizing first.
+``--suite quality-minilm-settings``, ``--suite quality-minilm-time``, ``--suite
+quality-smollm2``). The generative suite scores exact match and, beside it (``also``), the
+eval loss: a task learnt to 100% still ranks the methods by how sure they are.
 """
 
 from __future__ import annotations
@@ -51,7 +51,37 @@ MINILM = ["recipe=minilm_family", "+data.task_options.max_family_size=4", "data.
 MINILM_SPEC = {"metric": "eval/accuracy", "higher_is_better": True, "epochs": 7, "lr": 1e-4,
                "seeds": SEEDS, "base": MINILM}
 
+# SmolLM2-135M-Instruct answers the same kinship questions in words (generative: exact match
+# of its greedy answer, and eval loss), plain prompt template (no chat template: half the
+# tokens). Sized for 2 CPU cores: 100 questions at batch 2 = 50 steps an epoch; 4 epochs =
+# 200 steps = 50 cycles of k=4. Measured before choosing it (2026-12-04): fpft goes from 0%
+# to 77% exact match after 400 questions and to 100% after 600 (batch 8), so it converges
+# within the suite, and a model that has not learnt the task scores 0.
+SMOLLM2 = ["recipe=demo", "data.path=reasoning_gym:family_relationships",
+           "+data.task_options.max_family_size=4", "data.train_seed=0", "data.eval_seed=100000",
+           "data.use_chat_template=false", "data.num_train=100", "data.num_eval=64",
+           "data.max_eval_samples=64", "data.max_length=96", "trainer.batch_size=2",
+           "trainer.max_steps=null", "trainer.epochs=4", "trainer.eval_every=epoch",
+           "trainer.eval_batch_size=64", "trainer.lr_scheduler=linear",
+           "trainer.warmup_ratio=0.1", "optimizer.lr=1e-4", "trainer.log_every=50",
+           "eval.exact_match=true", "eval.max_new_tokens=8", "eval.batch_size=64",
+           "eval.show_samples=0"]
+
+def per_seed(family: str, spec: dict) -> dict[str, dict]:
+    """A suite per seed (``<family>-seed<n>``), where all seeds in one would take more than
+    the 30 minutes a suite may take here; their results join under ``family``."""
+    return {f"{family}-seed{seed}": {**spec, "family": family, "seeds": (seed,)}
+            for seed in spec["seeds"]}
+
+
 SUITES = {
+    **per_seed("quality-smollm2", {
+        "metric": "eval/exact_match", "higher_is_better": True, "also": "eval/loss",
+        "epochs": 4, "lr": 1e-4, "seeds": SEEDS, "base": SMOLLM2,
+        "title": "SmolLM2-135M-Instruct, kinship relation of two couples in words (generative)",
+        # auto is 3 groups here: auto-x3 gives every parameter fpft's 200 updates.
+        "configs": ("fpft", "auto", "k4", "auto-x3"),
+    }),
     "quality-minilm": {
         **MINILM_SPEC,
         "title": "all-MiniLM-L6-v2, kinship relation of two couples (7 labels): groupings",
@@ -76,13 +106,14 @@ QUICK = {  # the same code path on the random-init tiny LLaMA: seconds (tests)
     "quality-tiny": {
         "title": "tiny random-init LLaMA (smoke test of the quality suite itself)",
         "metric": "eval/loss", "higher_is_better": False, "epochs": 2, "lr": 1e-4,
-        "seeds": (42, 7),
+        "seeds": (42, 7), "also": "eval/perplexity",
         "base": ["recipe=tiny", "data.max_samples=48", "trainer.batch_size=8",
                  "trainer.max_steps=null", "trainer.epochs=2", "trainer.eval_every=epoch",
                  "trainer.warmup_ratio=0.1", "optimizer.lr=1e-4", "eval.show_samples=0"],
         "configs": ("fpft", "auto", "k4+head", "k4-lr2x", "k4-K2"),
     },
 }
+QUICK.update(per_seed("quality-tiny-seeds", {**QUICK["quality-tiny"], "configs": ("fpft", "k4")}))
 
 
 def budget_gib(base: list[str], env: dict, cwd: Path) -> float:
@@ -127,9 +158,10 @@ def overrides(name: str, spec: dict, budget: float | None) -> list[str]:
     return out
 
 
-def collect(run_dir: Path, metric: str, higher_is_better: bool) -> dict:
+def collect(run_dir: Path, metric: str, higher_is_better: bool, also: str | None = None) -> dict:
     """One seed's run: every epoch's metric with the training seconds spent until then;
-    best and final; cycles and updates per group."""
+    best and final; cycles and updates per group; ``also``: a loss (lower is better) beside
+    the metric, its best and final."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     seconds, at_step = 0.0, {0: 0.0}
@@ -145,13 +177,17 @@ def collect(run_dir: Path, metric: str, higher_is_better: bool) -> dict:
     pick = max if higher_is_better else min
     best = pick(epochs, key=lambda e: e["value"])
     steps = max(at_step)
-    return {"groups": summary["groups"], "steps": steps, "cycles": cycles,
-            "updates_per_group": steps / summary["groups"], "train_seconds": seconds,
-            "epochs": epochs, "best": best, "final": epochs[-1],
-            "before": next((r[metric] for r in rows if metric in r and r["step"] == 0), None)}
+    out = {"groups": summary["groups"], "steps": steps, "cycles": cycles,
+           "updates_per_group": steps / summary["groups"], "train_seconds": seconds,
+           "epochs": epochs, "best": best, "final": epochs[-1],
+           "before": next((r[metric] for r in rows if metric in r and r["step"] == 0), None)}
+    if also:
+        losses = [r[also] for r in rows if also in r and r["step"] > 0]
+        out["also"] = {"best": min(losses), "final": losses[-1]}
+    return out
 
 
-def _stats(values: list[float]) -> dict:
+def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
 
@@ -168,23 +204,50 @@ def aggregate(seeds: dict[int, dict], fpft: dict[int, dict] | None, higher: bool
     first = runs[0]
     out = {"seeds": sorted(seeds), "groups": first["groups"], "steps": first["steps"],
            "cycles": first["cycles"], "updates_per_group": first["updates_per_group"],
-           "best": _stats([r["best"]["value"] for r in runs]),
-           "final": _stats([r["final"]["value"] for r in runs]),
+           "best": spread([r["best"]["value"] for r in runs]),
+           "final": spread([r["final"]["value"] for r in runs]),
            "best_epoch": statistics.fmean(r["best"]["epoch"] or 0 for r in runs),
            "seconds_to_best": statistics.fmean(r["best"]["seconds"] for r in runs),
            "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
-           "curve": [_stats([r["epochs"][i]["value"] for r in runs])
+           "curve": [spread([r["epochs"][i]["value"] for r in runs])
                      | {"epoch": first["epochs"][i]["epoch"],
                         "seconds": statistics.fmean(r["epochs"][i]["seconds"] for r in runs)}
                      for i in range(min(len(r["epochs"]) for r in runs))],
            "by_seed": seeds}
+    if "also" in first:
+        out["also_best"] = spread([r["also"]["best"] for r in runs])
+        out["also_final"] = spread([r["also"]["final"] for r in runs])
     if fpft:
         # A seed with no epoch done in fpft's time: the metric before training.
         at = [within(r, fpft[s]["train_seconds"], higher) if s in fpft else None
               for s, r in seeds.items()]
         at = [r["before"] if v is None else v for v, r in zip(at, runs)]
         if all(v is not None for v in at):
-            out["at_fpft_time"] = _stats(at)
+            out["at_fpft_time"] = spread(at)
+    return out
+
+
+def merge(old: dict, new: dict, added: bool = False) -> dict:
+    """A suite's results (``old``) joined by more: another seed's suite of the same family,
+    or (``added``, ``--only``) more configurations on seeds already there. Every
+    configuration is aggregated again over all its seeds and compared with fpft."""
+    higher = new["higher_is_better"]
+    by_seed = {c: {int(k): v for k, v in r["by_seed"].items()} for c, r in old["runs"].items()}
+    for c, r in new["runs"].items():
+        by_seed.setdefault(c, {}).update(r["by_seed"])
+    runs = {c: aggregate(b, by_seed.get("fpft"), higher) for c, b in by_seed.items()}
+    compare(runs, higher)
+    minutes = dict(old.get("minutes_by_seed", {}))
+    for seed, m in new.get("minutes_by_seed", {}).items():
+        minutes[seed] = minutes.get(seed, 0) + m if added else m
+    out = {**old, "runs": runs, "seeds": sorted({seed for b in by_seed.values() for seed in b}),
+           "budget_gib": old.get("budget_gib") or new.get("budget_gib")}
+    if minutes:
+        out["minutes_by_seed"] = minutes
+    out["minutes"] = (old["minutes"] + new["minutes"] if added or not minutes
+                      else sum(minutes.values()))
+    if added:
+        out["added"] = {**old.get("added", {}), **{c: new["date"] for c in new["runs"]}}
     return out
 
 
@@ -209,17 +272,26 @@ def compare(runs: dict[str, dict], higher_is_better: bool) -> None:
         r["verdict_vs_fpft"] = {key: verdict(r[key], base[key], higher_is_better)
                                 for key in ("best", "final", "at_fpft_time")
                                 if key in r and key in base}
+        for key in ("also_best", "also_final"):  # a loss: lower is better
+            if key in r and key in base:
+                r["ratio_to_fpft"][key] = (r[key]["mean"] / base[key]["mean"]
+                                           if base[key]["mean"] else None)
+                r["verdict_vs_fpft"][key] = verdict(r[key], base[key], False)
 
 
-def _pm(s: dict, digits: int = 3) -> str:
+def mean_std(s: dict, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
 def markdown(suite: str, s: dict, plots: str = "") -> list[str]:
     metric = s["metric"].removeprefix("eval/")
     better = "higher" if s["higher_is_better"] else "lower"
+    took = f"{s['minutes']:.0f} min for the suite"
+    if s.get("minutes_by_seed"):
+        took = ("a suite per seed (`--suite " + suite + "-seed<n>`), " + ", ".join(
+            f"seed {k}: {v:.0f} min" for k, v in s["minutes_by_seed"].items()))
     lines = [f"### {suite}: {s['title']}", "",
-             f"Measured {s['date']}, {s['minutes']:.0f} min for the suite, every run in its own"
+             f"Measured {s['date']}, {took}, every run in its own"
              f" process, one after another. `{' '.join(s['base'])}`: {s['epochs']} epochs for"
              f" every configuration (`-x<n>`: n times as many), eval after every epoch; {metric}, {better} is better;"
              f" seeds {', '.join(map(str, s['seeds']))}: mean ± standard deviation over"
@@ -238,12 +310,30 @@ def markdown(suite: str, s: dict, plots: str = "") -> list[str]:
         at = r.get("at_fpft_time")
         lines.append(
             f"| {name} | {r['groups']} | {r['steps']} | {r['cycles']} |"
-            f" {r['updates_per_group']:.0f} | {_pm(r['best'])} | {q.get('best', 0):.3f} |"
+            f" {r['updates_per_group']:.0f} | {mean_std(r['best'])} | {q.get('best', 0):.3f} |"
             f" {v['best']} | {r['best_epoch']:.1f} | {r['seconds_to_best']:.0f} |"
-            f" {q['seconds_to_best']:.2f} | {_pm(r['final'])} | {q.get('final', 0):.3f} |"
+            f" {q['seconds_to_best']:.2f} | {mean_std(r['final'])} | {q.get('final', 0):.3f} |"
             f" {v['final']} | {r['train_seconds']:.0f} | {q['train_seconds']:.2f} |"
-            + (f" {_pm(at)} | {q.get('at_fpft_time', 0):.3f} | {v['at_fpft_time']} |"
+            + (f" {mean_std(at)} | {q.get('at_fpft_time', 0):.3f} | {v['at_fpft_time']} |"
                if at else " — | — | — |"))
+    if s.get("note"):
+        lines += ["", s["note"]]
+    if s.get("added"):
+        lines += ["", "Added by later invocations of the suite (`--only`, same machine type,"
+                      " nothing else running), beside the first's runs: " + ", ".join(
+                          f"{c} ({d})" for c, d in s["added"].items()) + "."]
+    if s.get("also"):
+        also = s["also"].removeprefix("eval/")
+        lines += ["", f"Beside it, {also} (lower is better), mean ± std over the same seeds:", "",
+                  f"| config | best {also} | ×fpft | vs | final {also} | ×fpft | vs |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in s["runs"].items():
+            q, v = r["ratio_to_fpft"], r["verdict_vs_fpft"]
+            ratio = [f"{q[k]:.2f}" if q.get(k) is not None else "—"
+                     for k in ("also_best", "also_final")]
+            lines.append(f"| {name} | {mean_std(r['also_best'], 4)} | {ratio[0]} |"
+                         f" {v['also_best']} | {mean_std(r['also_final'], 4)} | {ratio[1]} |"
+                         f" {v['also_final']} |")
     if s.get("plot"):
         lines += ["", f"![{suite}]({plots}{s['plot']})"]
     return lines + [""]

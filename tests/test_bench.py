@@ -165,3 +165,37 @@ def test_quick_quality_suite_trains_every_config_on_every_seed(tmp_path):
     assert runs["fpft"]["ratio_to_fpft"]["best"] == 1.0
     md = (tmp_path / "q.md").read_text()
     assert "| k4-K2 | 4 | 16 | 2 |" in md and (tmp_path / "q-quality-tiny.png").exists()
+    # The second metric (a loss) beside the first, with its own spread and verdicts.
+    auto = s["runs"]["auto"]
+    assert auto["also_best"]["mean"] <= auto["also_final"]["mean"] + 1e-12
+    assert auto["verdict_vs_fpft"]["also_best"] in "≈+−"
+    assert "| config | best perplexity | ×fpft | vs | final perplexity |" in md
+
+
+def test_a_suite_per_seed_joins_its_family(tmp_path):
+    """Each seed's suite runs alone; the results join under the family's name, aggregated
+    over every seed as one suite with all the seeds would be."""
+    q = compare.quality
+    assert list(q.SUITES)[:3] == [f"quality-smollm2-seed{s}" for s in q.SEEDS]
+    for seed in (42, 7):
+        assert compare.main(["--quick", "--suite", f"quality-tiny-seeds-seed{seed}", "--out",
+                             str(tmp_path), "--name", "q", "--no-docs"]) == 0
+    suites = json.loads((tmp_path / "q.json").read_text())["suites"]
+    assert list(suites) == ["quality-tiny-seeds"]
+    s = suites["quality-tiny-seeds"]
+    assert s["seeds"] == [7, 42] and set(s["minutes_by_seed"]) == {"42", "7"}
+    k4 = s["runs"]["k4"]
+    assert k4["seeds"] == [7, 42] and len(k4["best"]["values"]) == 2
+    best = [k4["by_seed"][str(seed)]["best"]["value"] for seed in (42, 7)]
+    assert k4["best"]["mean"] == pytest.approx(sum(best) / 2)
+    assert "at_fpft_time" in k4 and k4["ratio_to_fpft"]["best"] > 0
+    md = (tmp_path / "q.md").read_text()
+    assert "a suite per seed (`--suite quality-tiny-seeds-seed<n>`)" in md
+    # --only: a configuration again (or a new one) beside the others; its minutes add.
+    assert compare.main(["--quick", "--suite", "quality-tiny-seeds-seed42", "--only", "k4",
+                         "--out", str(tmp_path), "--name", "q", "--no-docs"]) == 0
+    again = json.loads((tmp_path / "q.json").read_text())["suites"]["quality-tiny-seeds"]
+    assert again["runs"]["k4"]["best"]["values"] == k4["best"]["values"]  # deterministic
+    assert again["added"] == {"k4": again["date"]} and again["minutes"] > s["minutes"]
+    assert again["minutes_by_seed"]["42"] > s["minutes_by_seed"]["42"]
+    assert "Added by later invocations of the suite" in (tmp_path / "q.md").read_text()
