@@ -317,8 +317,9 @@ def peers_markdown(result: dict, name: str, plots: str = "", all_seeds: bool = T
             families.setdefault(s.get("family") or suite, []).append((suite, s))
     for family, seeded in families.items():
         if len(seeded) > 1:  # a suite per seed: their combination first
+            names = list(dict.fromkeys(m for _, s in seeded for m in s["runs"]))
             lines += peers.over_seeds_markdown(
-                family, peers.over_seeds([s for _, s in seeded]), list(seeded[0][1]["runs"]))
+                family, peers.over_seeds([s for _, s in seeded]), names)
         for i, (suite, s) in enumerate(seeded):
             if all_seeds or i == 0:
                 lines += peers.markdown(suite, s, plots)
