@@ -24,7 +24,7 @@ halfway between the smallest grouping's estimated peak and fpft's, from ``hift m
 
 ``-x<n>``: n times the epochs. Used by ``bench/compare.py`` (``--suite quality-minilm``,
 ``--suite quality-minilm-settings``, ``--suite quality-minilm-time``, ``--suite
-quality-smollm2``). The generative suite scores exact match and, beside it (``also``), the
+quality-smollm2-seed<n>``). The generative suite scores exact match and, beside it (``also``), the
 eval loss: a task learnt to 100% still ranks the methods by how sure they are.
 """
 
@@ -54,9 +54,10 @@ MINILM_SPEC = {"metric": "eval/accuracy", "higher_is_better": True, "epochs": 7,
 # SmolLM2-135M-Instruct answers the same kinship questions in words (generative: exact match
 # of its greedy answer, and eval loss), plain prompt template (no chat template: half the
 # tokens). Sized for 2 CPU cores: 100 questions at batch 2 = 50 steps an epoch; 4 epochs =
-# 200 steps = 50 cycles of k=4. Measured before choosing it (2026-12-04): fpft goes from 0%
-# to 77% exact match after 400 questions and to 100% after 600 (batch 8), so it converges
-# within the suite, and a model that has not learnt the task scores 0.
+# 200 steps = 50 cycles of k=4. Probed before choosing it (2026-12-04; 400 questions at
+# batch 8, too slow for three seeds): fpft from 0% to 77% exact match after 400 questions,
+# 100% after 600. In the suite fpft's exact match flattens at ~0.64 from epoch 2, above the
+# 34% of always answering the most frequent relation; the untrained model scores 0.
 SMOLLM2 = ["recipe=demo", "data.path=reasoning_gym:family_relationships",
            "+data.task_options.max_family_size=4", "data.train_seed=0", "data.eval_seed=100000",
            "data.use_chat_template=false", "data.num_train=100", "data.num_eval=64",
