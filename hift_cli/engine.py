@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -382,7 +383,11 @@ class HiftTrainer:
         this many processes."""
         cfg = self.cfg
         if self.device.type == "cpu":  # trainer.device=auto resolved: no CUDA reserve
-            cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, device="cpu"))
+            # A copy, not dataclasses.replace: that validates again, and trainer.epochs has
+            # been turned into max_steps by now (both set: refused).
+            trainer = copy.copy(cfg.trainer)
+            trainer.device = "cpu"
+            cfg = dataclasses.replace(cfg, trainer=trainer)
         if hasattr(self, "store"):
             cfg = dataclasses.replace(cfg, hift=dataclasses.replace(
                 cfg.hift, offload=self.store.enabled))

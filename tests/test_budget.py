@@ -141,10 +141,14 @@ def run_dirs() -> list[Path]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("device", [CPU, "trainer.device=auto"])
-def test_train_uses_the_chosen_k(capsys, device):
-    """Also with trainer.device=auto on a CPU: the memory report's estimate keeps no CUDA
-    reserve either (it once did, and the report was not written)."""
+@pytest.mark.parametrize("device,steps", [(CPU, ["trainer.max_steps=4"]),
+                                          ("trainer.device=auto", ["trainer.max_steps=4"]),
+                                          ("trainer.device=auto", ["trainer.max_steps=null",
+                                                                   "trainer.epochs=1"])])
+def test_train_uses_the_chosen_k(capsys, device, steps):
+    """Also with trainer.device=auto on a CPU, and with trainer.epochs: the memory report's
+    estimate keeps no CUDA reserve either and takes the run's config as resolved (each once
+    failed, and the report was not written)."""
     if device != CPU and torch.cuda.is_available():
         pytest.skip("trainer.device=auto resolves to CUDA here")
     peaks = {k: peak(CPU, f"hift.k={k}", "hift.grouping=balanced") for k in (1, 2)}
@@ -153,7 +157,7 @@ def test_train_uses_the_chosen_k(capsys, device):
     want = expected_k(budget * GIB, CPU)
     assert want == 2
     assert main(["train", "recipe=tiny", device, "hift.k=auto", f"hift.memory_budget={budget!r}",
-                 "trainer.max_steps=4", "trainer.eval_before=false",
+                 *steps, "trainer.eval_before=false",
                  "trainer.save_model=false", "eval.show_samples=0"]) == 0
     (run,) = run_dirs()
     assert json.load(open(run / "summary.json"))["groups"] == want
