@@ -342,8 +342,7 @@ class HiftTrainer:
         self.row_grads = ({} if self.dist.enabled else row_gradients(
             self.model, self.loss.head if self.loss is not None else None))
         # hift.k=auto: the fewest balanced groups that fit hift.memory_budget (memory.py).
-        self.groups: list[Group] = build_groups(self.estimate_config(), rest,
-                                                self.device.type)
+        self.groups: list[Group] = build_groups(self.estimate_config(), rest)
         self.schedule = GroupSchedule(hcfg.strategy, len(self.groups), self.cfg.trainer.seed,
                                       1 if hcfg.strategy == "fpft" else hcfg.steps_per_group)
         for p in self.model.parameters():
@@ -378,11 +377,12 @@ class HiftTrainer:
                  f" parameters on this rank ({self.dist.world} processes)")
 
     def estimate_config(self) -> Config:
-        """The config ``memory.estimate`` should see for this run: its offload decision
-        (once the store is set up) and, with sharded weights, the per-GPU arithmetic for
-        this many processes."""
+        """The config ``memory.estimate`` (and k=auto's grouping) should see for this run:
+        its device as resolved, its offload decision (once the store is set up) and, with
+        sharded weights, the per-GPU arithmetic for this many processes."""
         cfg = self.cfg
-        if self.device.type == "cpu":  # trainer.device=auto resolved: no CUDA reserve
+        # trainer.device=auto resolved: the estimate's offload rule and reserve read it.
+        if self.device.type == "cpu":
             # A copy, not dataclasses.replace: that validates again, and trainer.epochs has
             # been turned into max_steps by now (both set: refused).
             trainer = copy.copy(cfg.trainer)

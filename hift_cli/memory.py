@@ -855,16 +855,14 @@ def resolve_grouping(cfg: Config, estimator: Estimator | None = None, list_group
     return k, [[u.name for u in g.units] for g in groups], report
 
 
-def build_groups(cfg: Config, units: list[Unit], device_type: str) -> list[Group]:
+def build_groups(cfg: Config, units: list[Unit]) -> list[Group]:
     """The training run's groups of ``units`` (those not always active). ``hift.k=auto`` is
-    resolved on the meta estimate for this device, and the groups are rebuilt from
-    ``units`` by the same unit names."""
+    resolved on the meta estimate for ``cfg`` (the trainer's ``estimate_config()``: its
+    device resolved), and the groups are rebuilt from ``units`` by the same unit names."""
     hcfg = cfg.hift
     if hcfg.strategy == "fpft" or hcfg.k != "auto":
         return make_groups(units, hcfg.strategy, hcfg.k, hcfg.m,
                            None if hcfg.m is not None else hcfg.grouping)
-    if device_type == "cpu":  # the estimate's offload rule reads the device from the config
-        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, device="cpu"))
     _, names, _ = resolve_grouping(cfg)
     by_name = {u.name: u for u in units}
     return [Group(i, [by_name[n] for n in group]) for i, group in enumerate(names)]

@@ -100,7 +100,7 @@ def test_wide_model_units_and_default_limit(wide, tmp_path):
 def parents_grouped_like_the_unsplit_run(monkeypatch):
     """Groups of sub-units with every sub-unit in its unit's group of the unsplit run
     (contiguous k=3: embeddings+block.0, block.1+block.2, block.3+head)."""
-    def build_groups(cfg, units, device_type):
+    def build_groups(cfg, units):
         parents = list(dict.fromkeys(u.parent or u.name for u in units))
         plan = make_groups([type("U", (), {"name": p})() for p in parents], "bottom2up", 3,
                            None)
