@@ -478,8 +478,11 @@ def _render_perf(stage: dict) -> list[str]:
     if "measured_reserve_gib" in on:
         lines += ["", f"Peak allocated / estimated: {1 + on['estimate_error']:.3f}. Measured"
                   f" reserve: CUDA context {_num(stage.get('cuda_context_gib'), '.2f')} GiB +"
-                  f" reserved-but-free at the peak = {on['measured_reserve_gib']:.2f} GiB"
-                  " (hift.memory_reserve's default: max(1, 4% of the budget))."]
+                  f" reserved-but-free at the peak = {on['measured_reserve_gib']:.2f} GiB."]
+    if "need_over_estimate_gib" in on:
+        lines[-1] += (f" Context + peak reserved - estimated = {on['need_over_estimate_gib']:.2f}"
+                      " GiB, what hift.memory_reserve must cover (its default on a 24 GiB"
+                      f" card: {on['default_reserve_gib']:g} GiB).")
     p = stage.get("projection") or {}
     if "seconds" in p:
         lines += ["", f"Projected for all layers: {p['params'] / 1e9:.2f}B parameters,"

@@ -209,7 +209,7 @@ def test_always_active_units_count_in_every_group(precision):
 
 
 @pytest.mark.parametrize("overrides,reserve", [
-    (["hift.memory_budget=24"], 1.0),  # a 24 GB card: at least 1 GiB
+    (["hift.memory_budget=24"], 2.0),  # a 24 GB card: at least 2 GiB
     (["hift.memory_budget=80"], 3.2),  # 4% of an 80 GB card
     (["hift.memory_budget=24", "trainer.device=cpu"], 0.0),  # no CUDA context on a CPU
     (["hift.memory_budget=24", "hift.memory_reserve=2.5"], 2.5),
@@ -222,5 +222,5 @@ def test_the_budget_keeps_a_reserve(overrides, reserve):
 
 def test_a_reserve_that_leaves_nothing_is_refused(capsys):
     assert main(["memprofile", "recipe=tiny", "hift.k=auto", "hift.memory_budget=0.5"]) == 2
-    assert capsys.readouterr().err.strip() == ("hift memprofile: error: hift.memory_reserve=1"
+    assert capsys.readouterr().err.strip() == ("hift memprofile: error: hift.memory_reserve=2"
                                                " GiB leaves nothing of hift.memory_budget=0.5 GiB")
