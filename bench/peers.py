@@ -118,13 +118,23 @@ def _seeded(family: str, spec: dict) -> dict[str, dict]:
             for seed in spec["seeds"]}
 
 
-# The MiniLM quality suites' data, epochs, evaluation and seeds (bench/quality.py), a seed
-# per suite. (peers-smollm2, measured 2026-11-29 in the old 28-step regime, waits for a run
-# through quality-smollm2's data.)
-SUITES = _seeded("peers-minilm", {
-    **quality.SUITES["quality-minilm"], "lora_lr": 5e-4,
-    "title": "all-MiniLM-L6-v2, kinship relations of two couples (7 labels): HiFT against"
-             " the alternatives"})
+# The quality suites' data, epochs, evaluation and seeds (bench/quality.py), a seed per
+# suite. On SmolLM2 (generative, ~4 min a run here) only fpft, LISA and one setting of each
+# peer fit the 30 minutes of a suite; HiFT's rows are quality-smollm2's, on the same seeds.
+SUITES = {
+    **_seeded("peers-minilm", {
+        **quality.SUITES["quality-minilm"], "lora_lr": 5e-4,
+        "title": "all-MiniLM-L6-v2, kinship relations of two couples (7 labels): HiFT"
+                 " against the alternatives"}),
+    **_seeded("peers-smollm2", {
+        **quality.SUITES["quality-smollm2-seed42"], "seeds": quality.SEEDS, "lora_lr": 5e-4,
+        "only": ("fpft", "lisa (hift)", "lora-r16", "badam", "galore", "lomo"),
+        # LISA's cycle (30 blocks x 20 steps) is 3x the run: fpft's 200 steps, not a cycle
+        # rounded up; its LR stays at the peak (hift steps the schedule at cycle ends).
+        "after": {"lisa (hift)": ["trainer.epochs=null", "trainer.max_steps=200"]},
+        "title": "SmolLM2-135M-Instruct, kinship relation of two couples in words"
+                 " (generative): the alternatives"}),
+}
 QUICK = {  # fpft, LISA and every peer for 2 steps on the random-init tiny LLaMA (tests)
     "peers-tiny": {"title": "tiny random-init LLaMA (smoke test of the peers suite)",
                    "metric": "eval/loss", "higher_is_better": False, "epochs": 1,
