@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             s.update(date=dt.date.today().isoformat(), plot=f"{name}-{suite}.png")
             if args.only and kept:  # beside the kept runs of the same suite, as one table
                 later = {**kept.get("later", {}), **{m: s["date"] for m in s["runs"]}}
-                order = list(peers.methods(spec))
+                order = list(peers.methods(spec, every=True))
                 runs = {**kept["runs"], **s["runs"]}
                 s = {**kept, "later": later, "family": spec.get("family"),
                      "seed": spec.get("seed"),

@@ -149,10 +149,11 @@ QUICK = {  # fpft, LISA and every peer for 2 steps on the random-init tiny LLaMA
 }
 
 
-def methods(spec: dict) -> dict[str, dict]:
+def methods(spec: dict, every: bool = False) -> dict[str, dict]:
+    """The suite's methods (``every``: all there are, beyond the suite's ``only``)."""
     out = {name: {"kind": "hift", **m} for name, m in HIFT_METHODS.items()}
     out.update({name: {"kind": "peer", **m} for name, m in peer_methods(spec).items()})
-    return {k: v for k, v in out.items() if k in spec.get("only", out)}
+    return {k: v for k, v in out.items() if every or k in spec.get("only", out)}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -167,10 +168,11 @@ def spawn(cmd: list[str], log_path: Path, env: dict) -> tuple[int, int]:
 
 def run_suite(spec: dict, runs_dir: Path, env: dict, start: float,
               only: list[str] | None = None) -> dict:
-    """Every method of one peers suite (``only``: these), one process each; ratios to
-    fpft's (which must be among the runs; ``compare`` is the caller's when ``only``)."""
+    """Every method of one peers suite (``only``: these, which may be any method, to run
+    beside the suite's own), one process each; ratios to fpft's (which must be among the
+    runs; ``compare`` is the caller's when ``only``)."""
     runs = {}
-    chosen = {k: m for k, m in methods(spec).items() if not only or k in only}
+    chosen = {k: m for k, m in methods(spec, every=bool(only)).items() if not only or k in only}
     budget = (quality.budget_gib(spec["base"], env, ROOT)
               if any(m.get("budget") for m in chosen.values()) else None)
     for name, method in chosen.items():
