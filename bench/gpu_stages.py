@@ -222,7 +222,7 @@ def models_built_on(device: str):
 
 
 @contextlib.contextmanager
-def built(ctx: StageContext, cfg, name: str):
+def built(ctx: StageContext, cfg, name: str, delays=None):
     """A set-up trainer in ``<work>/<stage>/<name>``, released (host buffers too) afterwards.
 
     Its out-of-memory stop leaves out the estimated peak (a 7B estimate takes ~15 s; the
@@ -233,6 +233,7 @@ def built(ctx: StageContext, cfg, name: str):
 
     free()  # what a failed part left behind (its traceback held it until now)
     trainer = HiftTrainer(cfg, ctx.runs / name)
+    trainer.store_delays = delays
     trainer.explain_out_of_memory = False
     if os.environ.get(OOM_ENV) == f"{ctx.name}/{name}":
         def out_of_memory(*args, **kwargs):
@@ -314,17 +315,16 @@ def compare(a: dict, b: dict) -> dict:
 
 def pinned(store) -> bool | None:
     """Whether every host buffer is page-locked (None: nothing offloaded, or no CUDA)."""
-    buffers = [b for bufs in store.host.values() for b in bufs.values()]
-    return all(b.is_pinned() for b in buffers) if store.enabled and store.cuda and buffers \
+    held = store.footprint()
+    return held.pinned if store.enabled and torch.cuda.is_available() and held.host_bytes \
         else None
 
 
 def trained_snapshot(ctx: StageContext, name: str, overrides: list[str],
-                     delay: tuple[str, Callable] | None = None) -> tuple[dict, dict]:
-    """Train a tiny run; its snapshot and a few facts about it."""
-    with built(ctx, compose(*base(ctx, 64), *overrides), name) as trainer:
-        if delay is not None:
-            setattr(trainer.store, *delay)
+                     delays=None) -> tuple[dict, dict]:
+    """Train a tiny run (``delays``: the store's race amplifiers, offload.Delays); its
+    snapshot and a few facts about it."""
+    with built(ctx, compose(*base(ctx, 64), *overrides), name, delays) as trainer:
         with exact_kernels(ctx):
             summary = trainer.train(evaluate=False)
         return snapshot(trainer), {"offload": trainer.store.enabled,
@@ -387,6 +387,8 @@ def gpu_sleep(ctx: StageContext, seconds: float = 0.02) -> tuple[Callable[[], No
 def stage_races(ctx: StageContext) -> None:
     steps = 6 if ctx.smoke else 18
     seed, _ = repeat_seed(3, steps)
+    from hift_cli.offload import Delays
+
     sleep, ms = gpu_sleep(ctx)
     ctx.record.update(steps=steps, random_seed=seed, delay_ms=ms,
                       deterministic=torch.are_deterministic_algorithms_enabled())
@@ -396,14 +398,15 @@ def stage_races(ctx: StageContext) -> None:
                 f"model.dtype={'float32' if precision == 'fp32' else 'bfloat16'}",
                 "optimizer=adamw", "hift.strategy=random", f"trainer.seed={seed}"]
         reference = None
-        for delay in ("side_delay", "compute_delay"):
+        for delay, delays in (("side_delay", Delays(copy=sleep)),
+                              ("compute_delay", Delays(update=sleep))):
             label = f"{precision}/{delay}"
             with ctx.part(label, into=runs):
                 if reference is None:
                     reference, _ = trained_snapshot(ctx, f"{precision}-off",
                                                     [*opts, "hift.offload=false"])
                 on, facts = trained_snapshot(ctx, label.replace("/", "-"),
-                                             [*opts, "hift.offload=true"], (delay, sleep))
+                                             [*opts, "hift.offload=true"], delays)
                 runs[label] = {**compare(reference, on), "offload": facts["offload"]}
     ctx.record["all_equal"] = bool(runs) and all(r.get("equal") for r in runs.values())
 
@@ -480,7 +483,8 @@ def measure(ctx: StageContext, trainer, shape: tuple[int, int], warm_cycles: int
             if ctx.cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            reset.update(step=tr.global_step, writebacks=sum(tr.store.writebacks.values()))
+            reset.update(step=tr.global_step,
+                         writebacks=sum(tr.store.footprint().writebacks.values()))
 
     free()  # setup's leftovers (e.g. the fp32 init) are not the run's
     trainer.after_step.append(reset_peaks)
@@ -494,6 +498,7 @@ def measure(ctx: StageContext, trainer, shape: tuple[int, int], warm_cycles: int
     warm_rows, rows = rows[-(warm + steps):-steps], rows[-steps:]
     step_seconds = [r["step_seconds"] for r in rows]
     store = trainer.store
+    held = store.footprint(exact=store.enabled)
     result = {
         "groups": k, "offload": store.enabled, "warm_steps": warm, "measured_steps": steps,
         "train_seconds": seconds, "peaks_reset": reset or None,
@@ -504,10 +509,10 @@ def measure(ctx: StageContext, trainer, shape: tuple[int, int], warm_cycles: int
         "h2d_gib_per_step": statistics.mean(r["offload/h2d_bytes"] for r in rows) / GIB,
         "d2h_gib_per_step": statistics.mean(r["offload/d2h_bytes"] for r in rows) / GIB,
         "final_loss": rows[-1]["train/loss"],
-        "host_gib": store.host_bytes() / GIB,
+        "host_gib": held.host_bytes / GIB,
         # What the buffers should total (masters and optimizer state, read off the tensors)
-        "exact_host_gib": store.exact_host_bytes() / GIB if store.enabled else None,
-        "slots_gib": store.device_bytes() / GIB,
+        "exact_host_gib": held.exact_host_bytes / GIB if store.enabled else None,
+        "slots_gib": held.device_bytes / GIB,
         "pinned": pinned(store),
     }
     result.update(process_memory())

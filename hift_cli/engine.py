@@ -74,8 +74,8 @@ from hift_cli.models import (
     pick_device,
     resolve,
 )
-from hift_cli.offload import (GroupStateStore, TransferStats, load_optimizer_state,
-                              offload_enabled, state_shapes)
+from hift_cli.offload import (Delays, GroupStateStore, TransferStats, offload_enabled,
+                              state_shapes)
 from hift_cli.progress import RunLog
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,9 @@ class HiftTrainer:
         self.after_update: list = []
         # Hooks called at the end of each step, after the group's write-back is queued.
         self.after_step: list = []
+        # Race amplifiers for the state store (offload.Delays; the GPU check's races
+        # stage), set before setup().
+        self.store_delays: Delays | None = None
         # An out-of-memory stop names the estimated peak (an estimate: seconds for a 7B
         # model); False leaves it out (the GPU check, which records the OOM itself).
         self.explain_out_of_memory = True
@@ -464,7 +467,7 @@ class HiftTrainer:
         # fp32 masters start in host memory (the store moves them) or on the device.
         self.store = GroupStateStore(self.optimizer, self.opt_params, self.device, enabled,
                                      masters=bool(self.masters), factory=self.optimizer_factory,
-                                     pairs=self.schedule.pairs())
+                                     pairs=self.schedule.pairs(), delays=self.store_delays)
         if self.masters and not self.sharded:  # sharded ones are made on the device
             on_device = self.always_opt + ([] if enabled else
                                            [m for params in self.opt_params for m in params])
@@ -599,7 +602,7 @@ class HiftTrainer:
             self.bad_steps += 1
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)  # free the group's grads now
-        self.store.offload(group.index, keep=next_index == group.index)
+        self.store.release(group.index)  # kept on the device if the next step trains it
         if self.schedule.ends_cycle(step):
             self.scheduler.step()  # delayed LR update: once per full cycle
         self.global_step = step + 1
@@ -871,14 +874,10 @@ class HiftTrainer:
         if not same:
             raise CheckpointError(f"{source} was saved with other sub-units: resume with the"
                                   " same hift.k / hift.m, hift.max_unit_params and model")
-        self.store.reset()  # offloaded masters: written in place into their host buffers
-        for m, saved in zip(self._all_masters(), state["masters"]):
-            (distributed.local(m) if self.sharded else m.data).copy_(saved)
-        # Always-active units' state lives on the device even while the store offloads.
-        load_optimizer_state(self.optimizer, state["optimizer"],
-                             None if self.store.enabled else self.device, self.device,
-                             {id(p) for p in self.always_opt})
-        self.store.restore()  # straight from the loaded CPU copy into the host buffers
+        # Offloaded groups' state and masters go straight into their host buffers; the
+        # always-active units' live on the device even while the store offloads.
+        self.store.load(state["optimizer"], list(zip(self._all_masters(), state["masters"])),
+                        {id(p) for p in self.always_opt})
         if hasattr(self.optimizer, "initialized"):
             # bitsandbytes: its first step() would move every group's state to the GPU.
             self.optimizer.initialized = True

@@ -98,10 +98,6 @@ class Probe:
 
     def _read(self, trainer, group: Group) -> None:
         store = trainer.store
-        # Host buffers, and the poison strict mode binds away groups' tensors to.
-        host = {b.untyped_storage()._cdata for bufs in store.host.values() for b in bufs.values()}
-        host.add(store.poison.untyped_storage()._cdata)
-        slots = store.slot_storages()
 
         def tensors(params, masters: bool):
             for p in params:
@@ -111,11 +107,11 @@ class Probe:
                     yield from (v for v in trainer.optimizer.state.get(p, {}).values()
                                 if torch.is_tensor(v) and v.dim() > 0)
 
-        def device_bytes(ts) -> int:
-            return _unique_bytes(t for t in ts if t.untyped_storage()._cdata not in host)
+        def device_bytes(ts) -> int:  # not in the store's host buffers
+            return _unique_bytes(t for t in ts if store.holds(t) != "host")
 
         def slot_bytes(ts) -> int:
-            return _unique_bytes(t for t in ts if t.untyped_storage()._cdata in slots)
+            return _unique_bytes(t for t in ts if store.holds(t) == "slot")
 
         # Always-active units (hift.always_active) train with every group, on the device.
         always = getattr(trainer, "always_opt", [])
@@ -142,7 +138,7 @@ class Probe:
                "optimizer_states": states,
                "fp32_masters": masters,
                "activations": getattr(self, "_activations", 0),
-               "other": store.device_bytes() - active_in_slots
+               "other": store.footprint().device_bytes - active_in_slots
                + max(self._temporaries - getattr(self, "_activations", 0), 0)}
         row["total"] = sum(row[c] for c in CATEGORIES)
         if trainer.device.type == "cuda":

@@ -20,7 +20,7 @@ The store is optimizer-agnostic: a group's "state" is every non-scalar tensor in
 ``optimizer.state[p]``, plus ``p.data`` itself for fp32 master parameters. Tensors are
 packed into one flat buffer per dtype per group, and the optimizer's references point at
 views of whichever copy is current: the device slot between :meth:`wait` and
-:meth:`offload`, the host buffer otherwise.
+:meth:`release` and its write-back, the host buffer otherwise.
 
 Host memory is allocated once per group, at its exact size, in its final layout: the
 state the optimizer will create is known in advance by stepping a fresh optimizer of the
@@ -200,6 +200,25 @@ def _cudart_libraries() -> list[str]:
     return loaded + ["libcudart.so", "libcudart.so.13", "libcudart.so.12"]
 
 
+@dataclass(frozen=True)
+class Delays:
+    """Race amplifiers (see :class:`GroupStateStore`): ``copy`` runs on a copy stream
+    before each copy, ``update`` on the compute stream right before each update."""
+    copy: Callable[[], None] | None = None
+    update: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a :class:`GroupStateStore` holds (:meth:`GroupStateStore.footprint`)."""
+    device_bytes: int  # the device slots: the store's whole device footprint
+    host_bytes: int  # the host buffers held now
+    allocated_host_bytes: int  # every host buffer ever allocated (a re-layout allocates more)
+    pinned: bool  # every host buffer page-locked (CUDA)
+    writebacks: dict[str, int]  # write-backs so far: "flat" (a copy per dtype), "per_tensor"
+    exact_host_bytes: int | None = None  # what the buffers should total (footprint(exact))
+
+
 class GroupStateStore:
     """Moves per-group optimizer state between host and device.
 
@@ -217,64 +236,73 @@ class GroupStateStore:
         pairs: the groups ``(a, b)`` that can train at consecutive steps (the slots hold
             one such pair at a time); None: any two.
         chunk_bytes: the arena's chunk (a fill waits for the write-back of its chunk).
+        delays: race amplifiers (the GPU check's ``races`` stage; a debugging aid): run on a
+            copy stream before each copy, and on the compute stream right before each
+            update.
+
+    The protocol, all a caller uses: :meth:`prefetch`, :meth:`wait`, :meth:`updating`,
+    :meth:`release`, :meth:`flush`, :meth:`synchronize`, :meth:`readable`, :meth:`load`,
+    :meth:`take_stats`, :meth:`footprint`, :meth:`holds`, :meth:`close`, and ``enabled``,
+    ``strict``, ``pending`` (strict mode's queued copies).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, group_params: list[list[torch.Tensor]],
                  device: torch.device, enabled: bool, masters: bool = False,
                  factory: Callable | None = None, strict: bool | None = None,
-                 pairs: set[tuple[int, int]] | None = None, chunk_bytes: int = CHUNK_BYTES):
-        self.optimizer = optimizer
+                 pairs: set[tuple[int, int]] | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 delays: Delays | None = None):
+        self._optimizer = optimizer
         k = len(group_params)
-        self.pairs = pairs if pairs is not None else {(a, b) for a in range(k) for b in range(k)
-                                                      if a != b}
-        self.group_params = group_params
-        self.device = device
+        self._pairs = pairs if pairs is not None else {
+            (a, b) for a in range(k) for b in range(k) if a != b}
+        self._group_params = group_params
+        self._device = device
         self.enabled = enabled
-        self.masters = masters
-        self.cuda = device.type == "cuda"
+        self._masters = masters
+        self._cuda = device.type == "cuda"
         if strict is None:
             strict = os.environ.get("HIFT_STRICT_OFFLOAD") == "1"
-        self.strict = bool(strict) and enabled and not self.cuda
-        self.streams = (CudaStreams(device) if enabled and self.cuda
-                        else StreamModel() if self.strict else NoStreams())
-        self.chunk_bytes = chunk_bytes
-        # Race amplifier for the GPU check, on the compute stream right before each update
-        # (side_delay: on a copy stream before each copy).
-        self.compute_delay: Callable[[], None] | None = None
-        self.layouts: dict[int, _Layout] = {}
-        self.host: dict[int, dict[torch.dtype, torch.Tensor]] = {}
+        self.strict = bool(strict) and enabled and not self._cuda
+        self._streams = (CudaStreams(device) if enabled and self._cuda
+                         else StreamModel() if self.strict else NoStreams())
+        self._chunk_bytes = chunk_bytes
+        delays = delays or Delays()
+        self._streams.delay = delays.copy
+        self._update_delay = delays.update
+        self._layouts: dict[int, _Layout] = {}
+        self._host: dict[int, dict[torch.dtype, torch.Tensor]] = {}
         # The device slots: slot 0 at the start of the arena, slot 1 at its end.
-        self.arena: dict[torch.dtype, torch.Tensor] = {}
-        self.slot_owner: list[int | None] = [None, None]
-        self.in_slot: dict[int, dict[torch.dtype, torch.Tensor]] = {}  # group -> its slot
-        self.at: dict[int, dict[torch.dtype, int] | None] = {}  # its slot's arena offsets
+        self._arena: dict[torch.dtype, torch.Tensor] = {}
+        self._slot_owner: list[int | None] = [None, None]
+        self._in_slot: dict[int, dict[torch.dtype, torch.Tensor]] = {}  # group -> its slot
+        self._at: dict[int, dict[torch.dtype, int] | None] = {}  # its slot's arena offsets
         # Groups whose state is on the device: slot index, or None for state that lives
         # outside the slots (created by the group's first update) or that has none yet.
-        self.resident: dict[int, int | None] = {}
-        self.unbound: set[int] = set()  # fetched into a slot, not yet waited for
+        self._resident: dict[int, int | None] = {}
+        self._unbound: set[int] = set()  # fetched into a slot, not yet waited for
         # Events: a group's fill done; an arena chunk's last write-back done, keyed by
         # (dtype, chunk); a group's host buffers written back.
-        self.ready: dict[int, object] = {}
-        self.drained: dict[tuple[torch.dtype, int], object] = {}
-        self.landed: dict[int, object] = {}
+        self._ready: dict[int, object] = {}
+        self._drained: dict[tuple[torch.dtype, int], object] = {}
+        self._landed: dict[int, object] = {}
         # Groups updated whose write-back has not gone out yet, with the compute stream's
-        # event after the update (see offload).
-        self.deferred: dict[int, object] = {}
-        self.allocated_host_bytes = 0  # every host buffer ever allocated (sizing check)
-        self.writebacks = collections.Counter()  # "flat" (a copy per dtype) / "per_tensor"
-        self.stats = TransferStats()
+        # event after the update (see release).
+        self._deferred: dict[int, object] = {}
+        self._allocated_host_bytes = 0  # every host buffer ever allocated (sizing check)
+        self._writebacks = collections.Counter()  # "flat" (a copy per dtype) / "per_tensor"
+        self._stats = TransferStats()
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._registered: dict[int, list] = {}  # group -> finalizers that un-register
         self._reading = 0  # depth of readable() blocks
         # Strict mode binds away groups here: wrong size and dtype, so any use fails.
-        self.poison = torch.empty(0, dtype=torch.bool)
+        self._poison = torch.empty(0, dtype=torch.bool)
         if enabled:
             predicted: dict[tuple, dict | None] = {}
             for g in range(len(group_params)):
                 self._setup_group(g, factory, predicted)
-            log.info(f"State store: {self.allocated_host_bytes / 2**30:.3f} GiB of host memory"
-                     f" for {len(group_params)} groups"
-                     + (" (page-locked)" if self.cuda else "")
+            log.info(f"State store: {self._allocated_host_bytes / 2**30:.3f} GiB of host"
+                     f" memory for {len(group_params)} groups"
+                     + (" (page-locked)" if self._cuda else "")
                      + (" (strict mode)" if self.strict else ""))
 
     # ------------------------------------------------------------------ layout
@@ -282,10 +310,10 @@ class GroupStateStore:
         """What group g moves now: masters' data, and every non-scalar optimizer state
         tensor that exists (scalar step counters stay where the optimizer keeps them)."""
         handles = []
-        for p in self.group_params[g]:
-            if self.masters:
+        for p in self._group_params[g]:
+            if self._masters:
                 handles.append((p, None))
-            for key, value in self.optimizer.state.get(p, {}).items():
+            for key, value in self._optimizer.state.get(p, {}).items():
                 if torch.is_tensor(value) and value.dim() > 0:
                     handles.append((p, key))
         return handles
@@ -296,25 +324,25 @@ class GroupStateStore:
         p, key = handle
         if key is None:
             return local(p) if is_sharded(p) else p.data
-        return local(self.optimizer.state[p][key])
+        return local(self._optimizer.state[p][key])
 
     def _set(self, handle: Handle, t: torch.Tensor) -> None:
         p, key = handle
-        current = p if key is None else self.optimizer.state[p][key]
+        current = p if key is None else self._optimizer.state[p][key]
         if is_sharded(current):
             rebind_local(current, t)
         elif key is None:
             p.data = t
         else:
-            self.optimizer.state[p][key] = t
+            self._optimizer.state[p][key] = t
 
     def _setup_group(self, g: int, factory: Callable | None, predicted: dict) -> None:
         """Group g's layout (masters first, then the state its first update will create)
         and its host buffers; the masters move in."""
         layout = _Layout()
-        for p in self.group_params[g] if self.masters else []:
+        for p in self._group_params[g] if self._masters else []:
             layout.add((p, None), local(p).shape, p.dtype)
-        for p in self.group_params[g]:
+        for p in self._group_params[g]:
             key = (tuple(local(p).shape), p.dtype)
             if key not in predicted:
                 predicted[key] = self._predict(factory, p)
@@ -326,7 +354,8 @@ class GroupStateStore:
             self._relayout(g, handles)
         for handle in handles:  # masters (and state, if any) move in now
             self._host_view(g, handle).copy_(self._get(handle))
-        self.streams.use(HOST, writes=self.host[g].values(), what=f"group {g}'s host buffers")
+        self._streams.use(HOST, writes=self._host[g].values(),
+                          what=f"group {g}'s host buffers")
         self._bind_away(g)
 
     def _predict(self, factory: Callable | None, p: torch.Tensor) -> dict | None:
@@ -334,7 +363,7 @@ class GroupStateStore:
             return None
         try:
             return state_shapes(factory, tuple(local(p).shape), p.dtype,
-                                ("meta", str(self.device), "cpu"))
+                                ("meta", str(self._device), "cpu"))
         except RuntimeError as e:
             log.warning(f"Cannot tell the optimizer's state layout in advance ({e}); host"
                         " buffers are sized at each group's first update instead")
@@ -342,15 +371,15 @@ class GroupStateStore:
 
     def _allocate(self, g: int, layout: _Layout) -> None:
         self._release(g)
-        self.layouts[g] = layout
-        self.host[g] = {dt: self._host_buffer(g, n, dt) for dt, n in layout.numel.items()}
-        self.allocated_host_bytes += layout.nbytes
+        self._layouts[g] = layout
+        self._host[g] = {dt: self._host_buffer(g, n, dt) for dt, n in layout.numel.items()}
+        self._allocated_host_bytes += layout.nbytes
 
     def _host_buffer(self, g: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """An exact-size host buffer; page-locked on CUDA without the pinned caching
         allocator (which rounds up to a power of two and caches freed blocks)."""
         t = torch.empty(numel, dtype=dtype)
-        if not self.cuda or numel == 0:
+        if not self._cuda or numel == 0:
             return t
         if not page_lock(t):
             log.warning("cudaHostRegister failed; using PyTorch's pinned allocator")
@@ -366,16 +395,16 @@ class GroupStateStore:
 
     def _release(self, g: int) -> None:
         """Drop group g's host buffers (a layout that was not predicted)."""
-        if g not in self.host:
+        if g not in self._host:
             return
         self.synchronize()
-        self.streams.forget(self.host[g].values())
+        self._streams.forget(self._host[g].values())
         for unregister in self._registered.pop(g, []):
             unregister()
-        del self.host[g]
+        del self._host[g]
 
     def _covers(self, g: int, handles: list[Handle]) -> bool:
-        layout = self.layouts.get(g)
+        layout = self._layouts.get(g)
         return layout is not None and all(layout.matches(h, self._get(h)) for h in handles)
 
     def _relayout(self, g: int, handles: list[Handle]) -> None:
@@ -388,65 +417,65 @@ class GroupStateStore:
         self._allocate(g, layout)
 
     def _host_view(self, g: int, handle: Handle) -> torch.Tensor:
-        dtype, off, shape = self.layouts[g].entries[handle]
-        return self.host[g][dtype][off: off + shape.numel()].view(shape)
+        dtype, off, shape = self._layouts[g].entries[handle]
+        return self._host[g][dtype][off: off + shape.numel()].view(shape)
 
     def _bind(self, g: int, buffers: dict[torch.dtype, torch.Tensor]) -> None:
         for handle in self._handles(g):
-            dtype, off, shape = self.layouts[g].entries[handle]
+            dtype, off, shape = self._layouts[g].entries[handle]
             self._set(handle, buffers[dtype][off: off + shape.numel()].view(shape))
 
     def _bind_away(self, g: int) -> None:
         """Group g's state is not on the device: host views, or poison in strict mode."""
         if self.strict:
             for handle in self._handles(g):
-                self._set(handle, self.poison)
+                self._set(handle, self._poison)
         else:
-            self._bind(g, self.host[g])
+            self._bind(g, self._host[g])
 
     # ------------------------------------------------------------------ moves
     def prefetch(self, g: int) -> None:
         """Start copying group g's state to the device (no-op if already there)."""
         if not self.enabled:
             return
-        if g in self.resident:
-            self.deferred.pop(g, None)  # trains again before its write-back went out
+        if g in self._resident:
+            self._deferred.pop(g, None)  # trains again before its write-back went out
             return
         handles = self._handles(g)
         if not handles:  # nothing yet (no masters, no state before its first update)
-            self.resident[g] = None
+            self._resident[g] = None
             return
-        if None not in self.slot_owner:
+        if None not in self._slot_owner:
             self.flush()  # a slot is held by a group whose write-back was put off
-        index = self.slot_owner.index(None)
-        slot = self.in_slot[g] = self._slot(index, g)
-        host, layout, s = self.host[g], self.layouts[g], self.streams
+        index = self._slot_owner.index(None)
+        slot = self._in_slot[g] = self._slot(index, g)
+        host, layout, s = self._host[g], self._layouts[g], self._streams
         has_state = any(key is not None for _, key in handles)
         count = layout.numel if has_state else layout.masters_numel
-        if g in self.landed:  # its host buffers: their last write-back must have landed
-            s.wait(s.h2d, self.landed.pop(g))
+        if g in self._landed:  # its host buffers: their last write-back must have landed
+            s.wait(s.h2d, self._landed.pop(g))
         for dtype, n in count.items():
             for lo, hi, chunk in self._chunks(g, dtype, n):
-                if chunk in self.drained:  # the slot's previous contents have left
-                    s.wait(s.h2d, self.drained.pop(chunk))
+                if chunk in self._drained:  # the slot's previous contents have left
+                    s.wait(s.h2d, self._drained.pop(chunk))
                 self._copy(s.h2d, slot[dtype][lo:hi], host[dtype][lo:hi],
                            f"group {g}'s fill of slot {index}")
-        self.stats.h2d_bytes += sum(n * dt.itemsize for dt, n in count.items())
-        self.ready[g] = s.record(s.h2d)
-        self.slot_owner[index] = g
-        self.resident[g] = index
-        self.unbound.add(g)
+        self._stats.h2d_bytes += sum(n * dt.itemsize for dt, n in count.items())
+        self._ready[g] = s.record(s.h2d)
+        self._slot_owner[index] = g
+        self._resident[g] = index
+        self._unbound.add(g)
 
     def _chunks(self, g: int, dtype: torch.dtype, n: int):
         """Group g's first ``n`` elements of ``dtype`` in its slot, cut at the arena's
         chunk boundaries: ``(lo, hi, chunk)`` with slot-relative ``lo:hi`` and the
         arena chunk's key (None: a slot outside the arena, one piece)."""
-        at = self.at.get(g)
+        at = self._at.get(g)
         if at is None:
             if n:
                 yield 0, n, None
             return
-        size = max(1, self.chunk_bytes // dtype.itemsize)
+        size = max(1, self._chunk_bytes // dtype.itemsize)
         start = lo = at[dtype]
         while lo < start + n:
             hi = min((lo // size + 1) * size, start + n)
@@ -458,59 +487,60 @@ class GroupStateStore:
         def copy(dst=dst, src=src):
             dst.copy_(src, non_blocking=True)
 
-        if self.streams.eager:
+        if self._streams.eager:
             start = time.perf_counter()
             copy()
-            self.stats.stall_seconds += time.perf_counter() - start
+            self._stats.stall_seconds += time.perf_counter() - start
             return
-        self.streams.run(stream, copy, reads=(src,), writes=(dst,), what=what)
+        self._streams.run(stream, copy, reads=(src,), writes=(dst,), what=what)
 
     def _arena_size(self) -> dict[torch.dtype, int]:
         """Elements per dtype the two slots need: the largest sum over the pairs of groups
         that can follow each other (and the largest group alone)."""
         def n(g: int, dtype: torch.dtype) -> int:
-            return self.layouts[g].numel.get(dtype, 0) if g in self.layouts else 0
+            return self._layouts[g].numel.get(dtype, 0) if g in self._layouts else 0
 
-        dtypes = {dt for layout in self.layouts.values() for dt in layout.numel}
-        return {dt: max([n(a, dt) + n(b, dt) for a, b in self.pairs]
-                        + [n(g, dt) for g in self.layouts]) for dt in dtypes}
+        dtypes = {dt for layout in self._layouts.values() for dt in layout.numel}
+        return {dt: max([n(a, dt) + n(b, dt) for a, b in self._pairs]
+                        + [n(g, dt) for g in self._layouts]) for dt in dtypes}
 
     def _slot(self, index: int, g: int) -> dict[torch.dtype, torch.Tensor]:
         """Group g's device slot at end ``index`` of the arena (allocated at the first
         fetch; grows only if a layout was not predicted)."""
-        need = self.layouts[g].numel
-        other = self.slot_owner[1 - index]
-        beside = self.layouts[other].numel if other is not None else {}
-        fits = all(dt in self.arena and n + beside.get(dt, 0) <= self.arena[dt].numel()
+        need = self._layouts[g].numel
+        other = self._slot_owner[1 - index]
+        beside = self._layouts[other].numel if other is not None else {}
+        fits = all(dt in self._arena and n + beside.get(dt, 0) <= self._arena[dt].numel()
                    for dt, n in need.items())
         if not fits and other is not None:
             # A layout that was not predicted, beside a group in the other slot: a buffer of
             # its own this once (freed when the group leaves; the copy streams keep it).
-            slot = {dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in need.items()}
+            slot = {dt: torch.empty(n, dtype=dt, device=self._device)
+                    for dt, n in need.items()}
             self._fill_after_compute(slot)
-            self.at[g] = None
+            self._at[g] = None
             return slot
         if not fits:
-            if self.arena:
+            if self._arena:
                 self.synchronize()  # no copy may still use the arena being replaced
-                self.streams.forget(self.arena.values())
+                self._streams.forget(self._arena.values())
             size = self._arena_size()
-            self.arena = {dt: torch.empty(max(size.get(dt, 0), need.get(dt, 0)), dtype=dt,
-                                          device=self.device) for dt in {*size, *need}}
-            self.drained.clear()  # events of the old arena's chunks
-            self._fill_after_compute(self.arena)
+            self._arena = {dt: torch.empty(max(size.get(dt, 0), need.get(dt, 0)), dtype=dt,
+                                          device=self._device) for dt in {*size, *need}}
+            self._drained.clear()  # events of the old arena's chunks
+            self._fill_after_compute(self._arena)
         if index == 0:
-            self.at[g] = {dt: 0 for dt in need}
+            self._at[g] = {dt: 0 for dt in need}
         else:
-            self.at[g] = {dt: self.arena[dt].numel() - n for dt, n in need.items()}
-        return {dt: self.arena[dt][self.at[g][dt]:][:n] for dt, n in need.items()}
+            self._at[g] = {dt: self._arena[dt].numel() - n for dt, n in need.items()}
+        return {dt: self._arena[dt][self._at[g][dt]:][:n] for dt, n in need.items()}
 
     def _fill_after_compute(self, buffers: dict[torch.dtype, torch.Tensor]) -> None:
         """New device memory is about to be written on the copy streams: it was allocated
         on the compute stream, whose queued work (a deterministic-mode fill, or kernels
         still using the block the allocator handed out) must come first; and its memory
         must not go back to the allocator before the copy streams are done with it."""
-        s = self.streams
+        s = self._streams
         s.allocated(buffers.values())
         s.after(s.h2d, s.compute)
         for b in buffers.values():
@@ -521,13 +551,13 @@ class GroupStateStore:
         """Before group g's state is used: make sure it has arrived on the device."""
         if not self.enabled:
             return
-        self.deferred.pop(g, None)  # used again before its write-back went out: it stays
-        ahead = g in self.resident
+        self._deferred.pop(g, None)  # used again before its write-back went out: it stays
+        ahead = g in self._resident
         if not ahead:
             self.prefetch(g)  # nothing fetched it ahead: fetch now (not counted as stall)
-        if g in self.unbound:
-            s, ready = self.streams, self.ready.pop(g)
-            if self.cuda and ahead:  # time what the compute stream waits: the stall
+        if g in self._unbound:
+            s, ready = self._streams, self._ready.pop(g)
+            if self._cuda and ahead:  # time what the compute stream waits: the stall
                 compute = s.compute
                 arrive = torch.cuda.Event(enable_timing=True)
                 resume = torch.cuda.Event(enable_timing=True)
@@ -537,25 +567,29 @@ class GroupStateStore:
                 self._stall_events.append((arrive, resume))
             else:
                 s.wait(s.compute, ready)
-            self._bind(g, self.in_slot[g])
-            self.unbound.discard(g)
+            self._bind(g, self._in_slot[g])
+            self._unbound.discard(g)
 
     @contextlib.contextmanager
     def updating(self, g: int):
         """Around group g's update (the optimizer step, the masters' write-back into the
         weights) on the compute stream: its write-back waits for all of it. The GPU
-        check's ``compute_delay`` runs here, right before the update: a write-back that
+        check's update delay runs here, right before the update: a write-back that
         did not wait for the update would copy the state before it."""
-        if self.compute_delay is not None:
-            self.compute_delay()
+        if self._update_delay is not None:
+            self._update_delay()
         yield
-        if self.enabled and g in self.layouts:
-            self.streams.use(self.streams.compute, writes=[self._get(h) for h in self._handles(g)],
-                             what=f"group {g}'s update")
+        if self.enabled and g in self._layouts:
+            self._streams.use(self._streams.compute,
+                              writes=[self._get(h) for h in self._handles(g)],
+                              what=f"group {g}'s update")
 
-    def offload(self, g: int, keep: bool = False) -> None:
-        """After group g's update: its state is to go back to the host, at the next
-        :meth:`flush` (the engine's: once the next step's forward pass is queued).
+    def release(self, g: int) -> None:
+        """After group g's update (or its skipped update): its state is to go back to the
+        host, at the next :meth:`flush` (the engine's: once the next step's forward pass is
+        queued), unless g trains again first: a :meth:`prefetch` or :meth:`wait` of g
+        before then keeps it on the device (a random order repeating a group across a
+        cycle boundary, or ``hift.steps_per_group``).
 
         The write-back is put off because a copy engine serves its queue in order: a
         host read of a device value (``.item()``, a mask check in the model's forward, the
@@ -563,26 +597,16 @@ class GroupStateStore:
         and the host, blocked, queues no work: on an H200 that idled the GPU for the whole
         write-back every step (``make gpu-check``, 2026-12-04). Issued once the next
         forward pass is queued, it runs beside that step's backward pass instead.
-
-        Args:
-            keep: the next step trains g again (a random order repeating a group across
-                a cycle boundary): leave it on the device.
         """
         if not self.enabled:
             return
-        if keep:
-            handles = self._handles(g)
-            if not self._covers(g, handles):
-                self._relayout(g, handles)  # an optimizer whose state was not predicted
-            self.resident.setdefault(g, None)
-            return
         # The write-back waits for the update, not for what the compute stream does later.
-        self.deferred[g] = self.streams.record(self.streams.compute)
+        self._deferred[g] = self._streams.record(self._streams.compute)
 
     def flush(self) -> None:
-        """Send the updated groups' state to the host (see :meth:`offload`)."""
-        while self.deferred:
-            g, updated = self.deferred.popitem()
+        """Send the released groups' state to the host (see :meth:`release`)."""
+        while self._deferred:
+            g, updated = self._deferred.popitem()
             self._write_back(g, updated)
 
     def _write_back(self, g: int, updated) -> None:
@@ -591,10 +615,10 @@ class GroupStateStore:
         handles = self._handles(g)
         if not self._covers(g, handles):
             self._relayout(g, handles)  # an optimizer whose state was not predicted
-        index = self.resident.pop(g, None)
-        self.unbound.discard(g)
-        host, layout, s = self.host[g], self.layouts[g], self.streams
-        slot = self.in_slot.pop(g, None)
+        index = self._resident.pop(g, None)
+        self._unbound.discard(g)
+        host, layout, s = self._host[g], self._layouts[g], self._streams
+        slot = self._in_slot.pop(g, None)
         s.wait(s.d2h, updated)  # the update comes first
         flat = slot is not None and all(
             self._get(h).data_ptr() == slot[dtype].data_ptr() + off * dtype.itemsize
@@ -605,49 +629,40 @@ class GroupStateStore:
                     self._copy(s.d2h, host[dtype][lo:hi], slot[dtype][lo:hi],
                                f"group {g}'s write-back")
                     if chunk is not None:
-                        self.drained[chunk] = s.record(s.d2h)
-            self.stats.d2h_bytes += layout.nbytes
-            self.writebacks["flat"] += 1
+                        self._drained[chunk] = s.record(s.d2h)
+            self._stats.d2h_bytes += layout.nbytes
+            self._writebacks["flat"] += 1
         else:  # the group's first update created its state outside the slot
             for h in handles:
                 src = self._get(h)
                 self._copy(s.d2h, self._host_view(g, h), src, f"group {g}'s write-back")
                 if src.device.type == "cuda":
                     s.keep(src, s.d2h)  # its memory stays until copied
-                self.stats.d2h_bytes += src.nbytes
+                self._stats.d2h_bytes += src.nbytes
             if slot is not None:  # the masters came from the slot: its chunks drain now
                 done = s.record(s.d2h)
                 for dtype, n in layout.numel.items():
                     for _, _, chunk in self._chunks(g, dtype, n):
                         if chunk is not None:
-                            self.drained[chunk] = done
-            self.writebacks["per_tensor"] += 1
-        self.landed[g] = s.record(s.d2h)
-        self.at.pop(g, None)
+                            self._drained[chunk] = done
+            self._writebacks["per_tensor"] += 1
+        self._landed[g] = s.record(s.d2h)
+        self._at.pop(g, None)
         self._bind_away(g)
         if index is not None:
-            self.slot_owner[index] = None
-
-    @property
-    def side_delay(self) -> Callable[[], None] | None:
-        """Race amplifier for the GPU check: runs on a copy stream before each copy."""
-        return self.streams.delay
-
-    @side_delay.setter
-    def side_delay(self, fn: Callable[[], None] | None) -> None:
-        self.streams.delay = fn
+            self._slot_owner[index] = None
 
     # ------------------------------------------------------------------ bookkeeping
     def synchronize(self) -> None:
         """Send what is put off, then wait for every transfer (before reading host
         copies, e.g. to save them)."""
         self.flush()
-        self.streams.synchronize()
+        self._streams.synchronize()
 
     @property
     def pending(self) -> int:
         """Strict mode: copies queued and not yet done."""
-        return self.streams.pending
+        return self._streams.pending
 
     @contextlib.contextmanager
     def readable(self):
@@ -661,10 +676,10 @@ class GroupStateStore:
             finally:
                 self._reading -= 1
             return
-        away = [g for g in self.layouts if g not in self.resident or g in self.unbound]
+        away = [g for g in self._layouts if g not in self._resident or g in self._unbound]
         for g in away:
-            self._bind(g, self.host[g])
-        self.streams.use(HOST, reads=[b for g in away for b in self.host[g].values()],
+            self._bind(g, self._host[g])
+        self._streams.use(HOST, reads=[b for g in away for b in self._host[g].values()],
                          what="host buffers, read by the host")
         self._reading += 1
         try:
@@ -674,30 +689,43 @@ class GroupStateStore:
             for g in away:
                 self._bind_away(g)
 
-    def reset(self) -> None:
+    def load(self, saved: dict, masters: list[tuple[torch.Tensor, torch.Tensor]] = (),
+             resident: set[int] = frozenset()) -> None:
+        """A checkpoint's optimizer state dict (on the CPU) and fp32 masters into place:
+        offloaded groups' straight into their host buffers (never all on the device at
+        once), the rest, and the parameters in ``resident`` (ids: always-active units),
+        onto the device. ``masters``: (master parameter, its saved values)."""
+        self._reset()
+        for m, values in masters:
+            self._get((m, None)).copy_(values)  # offloaded: in place, in its host buffer
+        load_optimizer_state(self._optimizer, saved, None if self.enabled else self._device,
+                             self._device, resident)
+        self._restore()
+
+    def _reset(self) -> None:
         """Before loading a checkpoint: every group back to its host buffers, which the
         loader may write (masters in place); state on the device is discarded."""
         if not self.enabled:
             return
         self.synchronize()
         # The compute stream may still be using the slots: the next fill waits for it.
-        self.streams.after(self.streams.h2d, self.streams.compute)
-        for events in (self.ready, self.drained, self.landed):
+        self._streams.after(self._streams.h2d, self._streams.compute)
+        for events in (self._ready, self._drained, self._landed):
             events.clear()  # all done (synchronized)
-        self.resident.clear()
-        self.unbound.clear()
-        self.slot_owner = [None, None]
-        self.in_slot.clear()
-        self.at.clear()
-        for g in self.layouts:
-            self._bind(g, self.host[g])
+        self._resident.clear()
+        self._unbound.clear()
+        self._slot_owner = [None, None]
+        self._in_slot.clear()
+        self._at.clear()
+        for g in self._layouts:
+            self._bind(g, self._host[g])
 
-    def restore(self) -> None:
+    def _restore(self) -> None:
         """After the loader replaced the optimizer's state (on the CPU): copy every group's
         state into its host buffers, where it waits for its group's turn."""
         if not self.enabled:
             return
-        for g in self.layouts:
+        for g in self._layouts:
             handles = self._handles(g)
             if not self._covers(g, handles):
                 self._relayout(g, handles)
@@ -705,20 +733,42 @@ class GroupStateStore:
                 view, t = self._host_view(g, h), self._get(h)
                 if view.data_ptr() != t.data_ptr():
                     view.copy_(t)
-            self.streams.use(HOST, writes=self.host[g].values(),
+            self._streams.use(HOST, writes=self._host[g].values(),
                              what=f"group {g}'s host buffers, restored")
             self._bind_away(g)
 
-    def host_bytes(self) -> int:
-        """Bytes of the host buffers held now."""
-        return sum(b.nbytes for bufs in self.host.values() for b in bufs.values())
+    def footprint(self, exact: bool = False) -> Footprint:
+        """What the store holds now (``exact``: also what the host buffers should total,
+        read off the tensors through :meth:`readable`)."""
+        buffers = [b for bufs in self._host.values() for b in bufs.values()]
+        arena = {b.untyped_storage()._cdata for b in self._arena.values()}
+        device = sum(b.nbytes for b in self._arena.values()) + sum(
+            b.nbytes for slot in self._in_slot.values() for b in slot.values()
+            if b.untyped_storage()._cdata not in arena)
+        exact_bytes = None
+        if exact:
+            with self.readable():
+                exact_bytes = sum(self._get(h).nbytes for g in range(len(self._group_params))
+                                  for h in self._handles(g))
+        return Footprint(
+            device_bytes=device, host_bytes=sum(b.nbytes for b in buffers),
+            allocated_host_bytes=self._allocated_host_bytes,
+            pinned=bool(buffers) and all(b.is_pinned() for b in buffers),
+            writebacks=dict(self._writebacks), exact_host_bytes=exact_bytes)
 
-    def exact_host_bytes(self) -> int:
-        """Bytes the groups' masters and optimizer state need, read off the tensors
-        themselves (independent of the layouts): what the host buffers should total."""
-        with self.readable():
-            return sum(self._get(h).nbytes for g in range(len(self.group_params))
-                       for h in self._handles(g))
+    def holds(self, t: torch.Tensor) -> str | None:
+        """Where the store keeps ``t``'s memory: ``"host"`` (a host buffer, or the
+        placeholder strict mode binds away groups to), ``"slot"`` (a device slot), or
+        None (not the store's: e.g. state created by a group's first update)."""
+        storage = t.untyped_storage()._cdata
+        host = {b.untyped_storage()._cdata for bufs in self._host.values() for b in bufs.values()}
+        if storage == self._poison.untyped_storage()._cdata or storage in host:
+            return "host"
+        if storage in {b.untyped_storage()._cdata for b in self._arena.values()} | {
+                b.untyped_storage()._cdata for slot in self._in_slot.values()
+                for b in slot.values()}:
+            return "slot"
+        return None
 
     def close(self) -> None:
         """Finish transfers and un-register the page-locked buffers."""
@@ -730,24 +780,13 @@ class GroupStateStore:
     def take_stats(self) -> TransferStats:
         """Transfer statistics since the last call (reads finished CUDA timing events)."""
         if self._stall_events:
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.current_stream(self._device).synchronize()
             for arrive, resume in self._stall_events:
-                self.stats.stall_seconds += arrive.elapsed_time(resume) / 1000.0
+                self._stats.stall_seconds += arrive.elapsed_time(resume) / 1000.0
             self._stall_events.clear()
-        stats, self.stats = self.stats, TransferStats()
+        stats, self._stats = self._stats, TransferStats()
         return stats
 
-    def slot_storages(self) -> set[int]:
-        """The storages (``_cdata``) of the device slots."""
-        return {b.untyped_storage()._cdata for b in self.arena.values()} | {
-            b.untyped_storage()._cdata for slot in self.in_slot.values() for b in slot.values()}
-
-    def device_bytes(self) -> int:
-        """Bytes held by the device slots: the store's whole device footprint."""
-        arena = {b.untyped_storage()._cdata for b in self.arena.values()}
-        return sum(b.nbytes for b in self.arena.values()) + sum(
-            b.nbytes for slot in self.in_slot.values() for b in slot.values()
-            if b.untyped_storage()._cdata not in arena)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict,

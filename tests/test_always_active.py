@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from conftest import assert_resume_is_exact, assert_same, build_trainer, snapshot
+from helpers import assert_resume_is_exact, assert_same, build_trainer, snapshot
 from hift_cli.checkpoint import CheckpointError
 from hift_cli.cli import main
 from hift_cli.offload import load_optimizer_state
@@ -19,7 +19,7 @@ COMMON = ("hift.k=3", "data.max_eval_samples=4", "trainer.max_steps=8")
 MIXED = ("trainer.precision=bf16-mixed", "hift.offload=true")
 
 
-def make(tiny_cfg, tmp_path, *overrides):
+def make(tmp_path, *overrides):
     return build_trainer(tmp_path, *COMMON, *overrides)
 
 
@@ -43,8 +43,8 @@ def steps_of(trainer, params):
 
 
 @pytest.mark.parametrize("opts", [(), MIXED], ids=["fp32", "bf16-mixed-offload"])
-def test_always_active_units_train_at_every_step(tiny_cfg, tmp_path, opts):
-    trainer = make(tiny_cfg, tmp_path, "hift.always_active=[head]", "hift.strategy=random",
+def test_always_active_units_train_at_every_step(tmp_path, opts):
+    trainer = make(tmp_path, "hift.always_active=[head]", "hift.strategy=random",
                    *opts)
     head = {n for u in trainer.always for n in u.params}
     assert [u.name for u in trainer.always] == ["head"] and head
@@ -70,28 +70,28 @@ def test_always_active_units_train_at_every_step(tiny_cfg, tmp_path, opts):
             assert trainer.optimizer.state[p]["exp_avg"].shape == p.shape
 
 
-def test_offload_with_always_active_changes_no_numbers(tiny_cfg, tmp_path):
+def test_offload_with_always_active_changes_no_numbers(tmp_path):
     opts = ("hift.always_active=[embeddings,head]", "trainer.precision=bf16-mixed")
-    off = make(tiny_cfg, tmp_path / "off", *opts, "hift.offload=false")
+    off = make(tmp_path / "off", *opts, "hift.offload=false")
     off.train(evaluate=False)
-    on = make(tiny_cfg, tmp_path / "on", *opts, "hift.offload=true")
+    on = make(tmp_path / "on", *opts, "hift.offload=true")
     on.train(evaluate=False)
     assert on.store.enabled and on.store.strict
     assert [u.name for u in on.always] == ["embeddings", "head"]
     assert_same(snapshot(off), snapshot(on))
 
 
-def test_resume_with_always_active_is_exact(tiny_cfg, tmp_path):
+def test_resume_with_always_active_is_exact(tmp_path):
     opts = ("hift.always_active=[head]", "hift.strategy=random", "trainer.lr_scheduler=linear",
             *MIXED)
 
     def resumed_at_step_5(second):
         assert steps_of(second, second.always_opt) == {5}
 
-    path = assert_resume_is_exact(lambda name: make(tiny_cfg, tmp_path / name, *opts),
+    path = assert_resume_is_exact(lambda name: make(tmp_path / name, *opts),
                                   tmp_path, 5, resumed_at_step_5)
 
-    other = make(tiny_cfg, tmp_path / "other", *MIXED, "hift.strategy=random")
+    other = make(tmp_path / "other", *MIXED, "hift.strategy=random")
     with pytest.raises(CheckpointError, match=r"saved with hift.always_active=\[head\]: resume"):
         other.resume(path)
 
@@ -108,8 +108,8 @@ def test_restored_always_active_state_goes_to_the_device():
     assert opt.state[b]["exp_avg"].device.type == "meta"
 
 
-def test_data_parallel_syncs_the_always_active_gradients(tiny_cfg, tmp_path):
-    trainer = make(tiny_cfg, tmp_path, "hift.always_active=[embeddings]", "trainer.max_steps=3")
+def test_data_parallel_syncs_the_always_active_gradients(tmp_path):
+    trainer = make(tmp_path, "hift.always_active=[embeddings]", "trainer.max_steps=3")
     attached = []
 
     class Sync:  # stands in for distributed.GradSync on one process
@@ -130,9 +130,9 @@ def test_data_parallel_syncs_the_always_active_gradients(tiny_cfg, tmp_path):
         assert ids == embeddings | {id(p) for p in group.params.values()}
 
 
-def test_fpft_ignores_always_active(tiny_cfg, tmp_path, caplog):
+def test_fpft_ignores_always_active(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="hift_cli.engine")
-    trainer = make(tiny_cfg, tmp_path, "hift.strategy=fpft", "hift.always_active=[head]",
+    trainer = make(tmp_path, "hift.strategy=fpft", "hift.always_active=[head]",
                    "trainer.max_steps=2")
     trainer.train(evaluate=False)
     assert len(trainer.groups) == 1 and trainer.always == []

@@ -8,7 +8,7 @@ import pytest
 import tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from conftest import compose_config
+from helpers import compose_config
 from hift_cli import grouping, memory, memprofile
 from hift_cli.cli import main
 from hift_cli.config import ConfigError

@@ -1,15 +1,9 @@
 """bench/compare.py: its arithmetic, and its whole code path on the tiny model."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+import compare  # bench/ is on pytest's path (pyproject.toml)
 import pytest
-
-spec = importlib.util.spec_from_file_location(
-    "compare", Path(__file__).parents[1] / "bench" / "compare.py")
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
 
 
 def test_interpolate_between_points_and_none_outside():

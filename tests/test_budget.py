@@ -10,9 +10,8 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM,
                           AutoModelForSequenceClassification)
 
-from conftest import compose_config
+from helpers import compose_config
 from hift_cli.cli import main
-from hift_cli.config import ConfigError
 from hift_cli.grouping import find_units, make_groups
 from hift_cli.memory import Estimator, estimate
 from test_architectures import ARCHS as MODEL_ARCHS

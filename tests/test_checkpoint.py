@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_trainer, stop_and_resume
+from helpers import build_trainer, metrics, stop_and_resume
 from hift_cli import checkpoint as ckpt
 from hift_cli.checkpoint import CheckpointError, complete_checkpoints
 from hift_cli.engine import TrainingStopped
@@ -36,10 +36,10 @@ def hift(run_dir: Path, *args: str, wait: bool = True):
 
 def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 120) -> None:
     deadline = time.time() + timeout
-    metrics = run_dir / "metrics.jsonl"
+    path = run_dir / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists():
-            steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()
+        if path.exists():
+            steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines()
                      if x.strip()]
             if steps and max(steps) >= step:
                 return
@@ -48,8 +48,7 @@ def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 120) -> None:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return {r["step"]: r["train/loss"] for r in metrics(run_dir, "train/loss")}
 
 
 @pytest.mark.integration
@@ -118,7 +117,7 @@ def test_sigint_finishes_the_step_and_writes_a_checkpoint(tmp_path):
     assert f"resume={run}" in err and "Traceback" not in err
 
 
-def make_trainer(tiny_cfg, tmp_path, *overrides):
+def make_trainer(tmp_path, *overrides):
     """A set-up trainer; the tests below train it with evaluate=False."""
     return build_trainer(tmp_path, "hift.k=3", *overrides)
 
@@ -136,13 +135,12 @@ def poison(trainer, calls: set[int]):
     trainer.model.register_forward_hook(hook)
 
 
-def test_a_nan_step_is_skipped_and_counted(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "trainer.max_steps=6")
+def test_a_nan_step_is_skipped_and_counted(tmp_path):
+    trainer = make_trainer(tmp_path, "trainer.max_steps=6")
     poison(trainer, {2})  # step 3 (group 2)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     summary = trainer.train(3, evaluate=False)
-    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [r["train/skipped"] for r in rows] == [0, 0, 1]
+    assert [r["train/skipped"] for r in metrics(tmp_path)] == [0, 0, 1]
     assert summary["train/skipped_steps"] == 1
     group2 = set(trainer.groups[2].params)
     for n, p in trainer.model.named_parameters():
@@ -154,8 +152,8 @@ def test_a_nan_step_is_skipped_and_counted(tiny_cfg, tmp_path):
     assert trainer.bad_steps == 0 and trainer.skipped_steps == 1
 
 
-def test_too_many_bad_steps_stop_with_a_message(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "trainer.max_steps=20", "trainer.max_bad_steps=3")
+def test_too_many_bad_steps_stop_with_a_message(tmp_path):
+    trainer = make_trainer(tmp_path, "trainer.max_steps=20", "trainer.max_bad_steps=3")
     poison(trainer, set(range(100)))
     with pytest.raises(TrainingStopped) as stop:
         trainer.train(evaluate=False)
@@ -163,8 +161,8 @@ def test_too_many_bad_steps_stop_with_a_message(tiny_cfg, tmp_path):
     assert stop.value.message.startswith("stopping: 3 steps in a row with a non-finite loss")
 
 
-def test_unwritable_output_keeps_the_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch):
-    trainer = make_trainer(tiny_cfg, tmp_path, "trainer.max_steps=2")
+def test_unwritable_output_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, "trainer.max_steps=2")
     trainer.train(evaluate=False)
     first = trainer.checkpoint(keep_last=2)
 
@@ -184,13 +182,13 @@ def test_unwritable_output_keeps_the_previous_checkpoint(tiny_cfg, tmp_path, mon
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
-def test_resume_restores_state_into_a_fresh_trainer(tiny_cfg, tmp_path):
+def test_resume_restores_state_into_a_fresh_trainer(tmp_path):
     """In-process: optimizer state, scheduler, counters and data order come back."""
-    a = make_trainer(tiny_cfg, tmp_path / "a", "trainer.max_steps=5",
+    a = make_trainer(tmp_path / "a", "trainer.max_steps=5",
                      "trainer.lr_scheduler=linear", "hift.offload=true")
     a.train(evaluate=False)
     path = a.checkpoint(keep_last=1)
-    b = make_trainer(tiny_cfg, tmp_path / "b", "trainer.max_steps=5",
+    b = make_trainer(tmp_path / "b", "trainer.max_steps=5",
                      "trainer.lr_scheduler=linear", "hift.offload=true")
     b.resume(path)
     assert (b.global_step, b.batches_consumed) == (5, 5)
@@ -212,11 +210,11 @@ def test_a_resume_path_without_checkpoints_is_one_clear_error(tmp_path, capsys, 
     assert f"resume={tmp_path}: no complete checkpoint there" in capsys.readouterr().err
 
 
-def test_resume_latest_picks_the_newest_complete_checkpoint(tiny_cfg, tmp_path):
-    older = make_trainer(tiny_cfg, tmp_path / "runs" / "a", "trainer.max_steps=2")
+def test_resume_latest_picks_the_newest_complete_checkpoint(tmp_path):
+    older = make_trainer(tmp_path / "runs" / "a", "trainer.max_steps=2")
     older.train(evaluate=False)
     older.checkpoint(keep_last=2)
-    newer = make_trainer(tiny_cfg, tmp_path / "runs" / "b", "trainer.max_steps=3")
+    newer = make_trainer(tmp_path / "runs" / "b", "trainer.max_steps=3")
     newer.train(evaluate=False)
     newest = newer.checkpoint(keep_last=2)
     (tmp_path / "runs" / "c").mkdir()  # a run that crashed before its first checkpoint
@@ -225,13 +223,13 @@ def test_resume_latest_picks_the_newest_complete_checkpoint(tiny_cfg, tmp_path):
         ckpt.find_resume("latest", tmp_path / "empty")
 
 
-def test_bf16_mixed_offloaded_resume_is_exact(tiny_cfg, tmp_path):
+def test_bf16_mixed_offloaded_resume_is_exact(tmp_path):
     """fp32 masters and offloaded optimizer state survive a checkpoint round trip."""
     opts = ("trainer.precision=bf16-mixed", "model.dtype=bfloat16", "hift.offload=true",
             "trainer.max_steps=8", "hift.strategy=random")
-    straight = make_trainer(tiny_cfg, tmp_path / "straight", *opts)
+    straight = make_trainer(tmp_path / "straight", *opts)
     straight.train(evaluate=False)
-    second, _ = stop_and_resume(lambda name: make_trainer(tiny_cfg, tmp_path / name, *opts), 4,
+    second, _ = stop_and_resume(lambda name: make_trainer(tmp_path / name, *opts), 4,
                                 evaluate=False)
     second.train(evaluate=False)
     for a, b in zip(straight.model.parameters(), second.model.parameters()):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import compose_config
+from helpers import compose_config, metrics
 from hift_cli.cli import main
 
 RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "recipes" / "recipe").glob("*.yaml"))
@@ -72,7 +72,7 @@ def test_train_writes_config_metrics_and_a_loadable_model(capsys):
                  "trainer.max_steps=12"])
     assert code == 0
     (run,) = run_dirs()
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    rows = metrics(run)
     steps = [r for r in rows if "train/loss" in r]
     assert [r["group"] for r in steps] == [2, 1, 0] * 4
     assert [r["cycle"] for r in steps] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
@@ -100,8 +100,7 @@ def test_multirun_gives_one_dir_per_job():
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0_hift.k=2,recipe=tiny,trainer.max_steps=4",
                     "1_hift.k=4,recipe=tiny,trainer.max_steps=4"]
-    groups = [{json.loads(line).get("group") for line in open(sweep / j / "metrics.jsonl")}
-              - {None} for j in jobs]
+    groups = [{r["group"] for r in metrics(sweep / j, "group")} for j in jobs]
     assert groups == [{0, 1}, {0, 1, 2, 3}]
     # The sweep summary: one row per job with its overrides and final metrics.
     with open(sweep / "summary.csv") as f:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from hift_cli.cli import main
 from hift_cli.engine import HiftTrainer
-from conftest import compose_config
+from helpers import compose_config, losses, metrics
 
 # Every test here but the last two shares the torchrun runs of the `runs` fixture.
 pytestmark = pytest.mark.integration
@@ -69,9 +69,6 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model" / "model.safetensors")
 
 
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_two_ranks_match_one_process_with_the_same_global_batch(runs, shape):
@@ -80,8 +77,8 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(runs, shape):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
-    dp_losses = [r["train/loss"] for r in _rows(dp) if "train/loss" in r]
-    single_losses = [r["train/loss"] for r in _rows(single) if "train/loss" in r]
+    dp_losses = losses(dp)
+    single_losses = losses(single)
     assert dp_losses == pytest.approx(single_losses, rel=1e-5)
     assert len(dp_losses) == STEPS  # one writer: no row twice
 
@@ -94,7 +91,7 @@ def test_only_the_active_groups_gradients_are_all_reduced(runs, shape, tmp_path)
     group_bytes = [sum(p.numel() * p.element_size()
                        for p in {id(p): p for p in g.params.values()}.values())
                    for g in trainer.groups]
-    rows = [r for r in _rows(dp) if "train/loss" in r]
+    rows = metrics(dp, "train/loss")
     assert [r["dist/allreduce_bytes"] for r in rows] == [group_bytes[r["group"]] for r in rows]
     if shape == "hift":
         total = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
@@ -130,7 +127,7 @@ def assert_resume_from_step_3_is_exact(run: Path, tmp_path: Path, *extra: str) -
     for name in a:
         assert torch.equal(a[name], b[name]), name
     untimed = [[{k: v for k, v in r.items() if "seconds" not in k and "per_second" not in k}
-                for r in _rows(d)] for d in (copy, run)]
+                for r in metrics(d)] for d in (copy, run)]
     assert untimed[0] == untimed[1]
 
 

@@ -1,15 +1,12 @@
 """The hierarchical loop on the tiny LLaMA: what changes, when, and that it learns."""
 
-import json
-
 import pytest
 import torch
 
-from conftest import assert_same, build_trainer
-from conftest import snapshot as conftest_snapshot
+from helpers import assert_same, build_trainer, losses, metrics, snapshot
 
 
-def make_trainer(tiny_cfg, tmp_path, *overrides):
+def make_trainer(tmp_path, *overrides):
     return build_trainer(tmp_path, *overrides)
 
 
@@ -17,7 +14,7 @@ def run_steps(trainer, n):
     return trainer.train(n)
 
 
-def snapshot(model):
+def weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -25,14 +22,11 @@ def changed(before, model):
     return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
 
 
-def rows(tmp_path):
-    return [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-
 
 @pytest.mark.parametrize("strategy", ["bottom2up", "top2down", "random"])
-def test_one_step_changes_only_the_active_group(tiny_cfg, tmp_path, strategy):
-    trainer = make_trainer(tiny_cfg, tmp_path, f"hift.strategy={strategy}", "hift.k=3")
-    before = snapshot(trainer.model)
+def test_one_step_changes_only_the_active_group(tmp_path, strategy):
+    trainer = make_trainer(tmp_path, f"hift.strategy={strategy}", "hift.k=3")
+    before = weights(trainer.model)
     run_steps(trainer, 1)
     active = trainer.groups[trainer.schedule.group_at(0)]
     assert changed(before, trainer.model) == set(active.params)
@@ -42,18 +36,18 @@ def test_one_step_changes_only_the_active_group(tiny_cfg, tmp_path, strategy):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adafactor"])
-def test_one_cycle_changes_every_parameter(tiny_cfg, tmp_path, optimizer):
-    trainer = make_trainer(tiny_cfg, tmp_path, f"optimizer={optimizer}", "hift.k=4")
-    before = snapshot(trainer.model)
+def test_one_cycle_changes_every_parameter(tmp_path, optimizer):
+    trainer = make_trainer(tmp_path, f"optimizer={optimizer}", "hift.k=4")
+    before = weights(trainer.model)
     for step in range(4):
-        prev = snapshot(trainer.model)
+        prev = weights(trainer.model)
         run_steps(trainer, 1)
         assert changed(prev, trainer.model) == set(trainer.groups[step].params)
     assert changed(before, trainer.model) == set(before)
 
 
-def test_optimizer_state_persists_across_cycles(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "hift.k=3")
+def test_optimizer_state_persists_across_cycles(tmp_path):
+    trainer = make_trainer(tmp_path, "hift.k=3")
     run_steps(trainer, 3)
     p = next(iter(trainer.groups[0].params.values()))
     momentum = trainer.optimizer.state[p]["exp_avg"].clone()
@@ -64,28 +58,28 @@ def test_optimizer_state_persists_across_cycles(tiny_cfg, tmp_path):
     assert not torch.equal(trainer.optimizer.state[p]["exp_avg"], momentum)
 
 
-def test_lr_steps_once_per_cycle(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "hift.k=3", "trainer.lr_scheduler=linear",
+def test_lr_steps_once_per_cycle(tmp_path):
+    trainer = make_trainer(tmp_path, "hift.k=3", "trainer.lr_scheduler=linear",
                            "trainer.max_steps=9", "optimizer.lr=0.003")
     trainer.train()
-    lrs = [r["lr"] for r in rows(tmp_path) if "lr" in r]
+    lrs = [r["lr"] for r in metrics(tmp_path, "lr")]
     # 3 cycles, linear decay sized in cycles: lr_c = lr * (3 - c) / 3, same within a cycle.
     expected = [0.003 * (3 - c) / 3 for c in range(3) for _ in range(3)]
     assert lrs == pytest.approx(expected)
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0)  # ends at the end
 
 
-def test_warmup_is_counted_in_cycles(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "hift.k=2", "trainer.lr_scheduler=linear",
+def test_warmup_is_counted_in_cycles(tmp_path):
+    trainer = make_trainer(tmp_path, "hift.k=2", "trainer.lr_scheduler=linear",
                            "trainer.warmup_cycles=2", "trainer.max_steps=8",
                            "optimizer.lr=0.004")
     trainer.train()
-    lrs = [r["lr"] for r in rows(tmp_path) if "lr" in r]
+    lrs = [r["lr"] for r in metrics(tmp_path, "lr")]
     assert lrs == pytest.approx([0.0, 0.0, 0.002, 0.002, 0.004, 0.004, 0.002, 0.002])
 
 
-def test_grad_accum_keeps_the_group_for_the_whole_window(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "hift.k=3", "trainer.grad_accum=3")
+def test_grad_accum_keeps_the_group_for_the_whole_window(tmp_path):
+    trainer = make_trainer(tmp_path, "hift.k=3", "trainer.grad_accum=3")
     seen = []
 
     def record(module, args, kwargs):
@@ -98,8 +92,8 @@ def test_grad_accum_keeps_the_group_for_the_whole_window(tiny_cfg, tmp_path):
     assert seen[:9] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
-def test_no_graph_below_the_active_group(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "hift.k=6")  # one unit per group
+def test_no_graph_below_the_active_group(tmp_path):
+    trainer = make_trainer(tmp_path, "hift.k=6")  # one unit per group
     blocks = trainer.model.model.layers
     outputs = {}
     for i, block in enumerate(blocks):
@@ -125,11 +119,11 @@ def test_no_graph_below_the_active_group(tiny_cfg, tmp_path):
     assert len(saved_top) < len(saved) / 2
 
 
-def test_gradient_checkpointing_with_frozen_lower_layers(tiny_cfg, tmp_path):
+def test_gradient_checkpointing_with_frozen_lower_layers(tmp_path):
     grads = {}
     for ckpt in (False, True):
         torch.manual_seed(0)
-        trainer = make_trainer(tiny_cfg, tmp_path / str(ckpt), "hift.k=6",
+        trainer = make_trainer(tmp_path / str(ckpt), "hift.k=6",
                                f"model.gradient_checkpointing={str(ckpt).lower()}")
         trainer.model.eval()  # no dropout differences between the two runs
         trainer._activate(trainer.groups[2])  # block.1: frozen embeddings + block.0 below
@@ -147,8 +141,8 @@ def test_gradient_checkpointing_with_frozen_lower_layers(tiny_cfg, tmp_path):
 
 @pytest.mark.parametrize("strategy,k", [("bottom2up", 3), ("top2down", 3), ("random", 3),
                                         ("fpft", 1)])
-def test_hift_and_fpft_lower_the_loss(tiny_cfg, tmp_path, strategy, k):
-    trainer = make_trainer(tiny_cfg, tmp_path, f"hift.strategy={strategy}", f"hift.k={k}",
+def test_hift_and_fpft_lower_the_loss(tmp_path, strategy, k):
+    trainer = make_trainer(tmp_path, f"hift.strategy={strategy}", f"hift.k={k}",
                            "trainer.eval_before=true", "trainer.max_steps=30")
     metrics = trainer.train()
     # A random-init model starts near uniform over the 384-token vocabulary.
@@ -157,18 +151,18 @@ def test_hift_and_fpft_lower_the_loss(tiny_cfg, tmp_path, strategy, k):
     assert metrics["eval/loss"] < metrics["eval/loss_before"] - 1.0
 
 
-def test_bf16_autocast_runs_and_learns(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "trainer.precision=bf16-autocast",
+def test_bf16_autocast_runs_and_learns(tmp_path):
+    trainer = make_trainer(tmp_path, "trainer.precision=bf16-autocast",
                            "trainer.eval_before=true", "trainer.max_steps=15")
     metrics = trainer.train()
     assert metrics["eval/loss"] < metrics["eval/loss_before"] - 0.5
 
 
-def test_pure_bf16_weights(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "trainer.precision=bf16", "model.dtype=bfloat16",
+def test_pure_bf16_weights(tmp_path):
+    trainer = make_trainer(tmp_path, "trainer.precision=bf16", "model.dtype=bfloat16",
                            "trainer.max_steps=3")
     assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
-    before = snapshot(trainer.model)
+    before = weights(trainer.model)
     trainer.train()
     assert changed(before, trainer.model) == set(before)
 
@@ -192,24 +186,23 @@ def test_grad_accum_is_the_gradient_of_the_whole_window(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_train_in_chunks_equals_one_call(tiny_cfg, tmp_path):
+def test_train_in_chunks_equals_one_call(tmp_path):
     """train(num_steps) goes on where the last call stopped: the same numbers as one call."""
     opts = ("hift.k=3", "hift.strategy=random", "trainer.max_steps=7",
             "trainer.lr_scheduler=linear", "hift.offload=true")
-    whole = make_trainer(tiny_cfg, tmp_path / "whole", *opts)
+    whole = make_trainer(tmp_path / "whole", *opts)
     whole.train(evaluate=False)
-    chunked = make_trainer(tiny_cfg, tmp_path / "chunked", *opts)
+    chunked = make_trainer(tmp_path / "chunked", *opts)
     for n in (2, 1, 3):
         chunked.train(n, evaluate=False)
     chunked.train(evaluate=False)  # the rest: one step, to trainer.max_steps
     assert chunked.global_step == whole.global_step == 7
-    assert_same(conftest_snapshot(whole), conftest_snapshot(chunked))
-    assert [r["train/loss"] for r in rows(tmp_path / "whole")] == \
-        [r["train/loss"] for r in rows(tmp_path / "chunked")]
+    assert_same(snapshot(whole), snapshot(chunked))
+    assert losses(tmp_path / "whole") == losses(tmp_path / "chunked")
 
 
-def test_train_takes_injected_batches_and_can_skip_evaluation(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "hift.k=3", "trainer.eval_every=1",
+def test_train_takes_injected_batches_and_can_skip_evaluation(tmp_path):
+    trainer = make_trainer(tmp_path, "hift.k=3", "trainer.eval_every=1",
                            "trainer.eval_before=true")
     fixed = {"input_ids": torch.full((2, 5), 7), "attention_mask": torch.ones(2, 5, dtype=int),
              "labels": torch.full((2, 5), 7)}
@@ -218,7 +211,7 @@ def test_train_takes_injected_batches_and_can_skip_evaluation(tiny_cfg, tmp_path
         lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
     summary = trainer.train(2, evaluate=False, batches=iter([fixed] * 2))
     assert len(seen) == 2 and all(torch.equal(s, fixed["input_ids"]) for s in seen)
-    assert all("eval/loss" not in r for r in rows(tmp_path)) and "eval/loss" not in summary
+    assert all("eval/loss" not in r for r in metrics(tmp_path)) and "eval/loss" not in summary
     summary = trainer.train(1, batches=iter([fixed]))  # evaluations back on: before and after
-    evals = [r for r in rows(tmp_path) if "eval/loss" in r]
+    evals = metrics(tmp_path, "eval/loss")
     assert [r["step"] for r in evals] == [2, 3] and "eval/loss_before" in summary

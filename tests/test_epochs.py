@@ -13,7 +13,7 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import assert_same, build_trainer, snapshot, stop_and_resume
+from helpers import assert_same, build_trainer, losses, metrics, snapshot, stop_and_resume
 from hift_cli.checkpoint import complete_checkpoints
 from hift_cli.cli import main
 from hift_cli.config import ConfigError, command_line_wins
@@ -23,12 +23,9 @@ COMMON = ("trainer.eval_before=false", "trainer.save_model=false", "data.max_sam
           "data.max_eval_samples=4", "trainer.batch_size=8", "trainer.max_steps=null")
 
 
-def make(tiny_cfg, tmp_path, *overrides):
+def make(tmp_path, *overrides):
     return build_trainer(tmp_path, *COMMON[2:], *overrides)
 
-
-def rows(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
 def test_batches_per_epoch_is_what_train_batches_gives():
@@ -52,8 +49,8 @@ def _rows(n):
 
 
 @pytest.mark.parametrize("k,grad_accum", [(5, 1), (3, 2)])
-def test_epochs_run_whole_cycles_covering_the_epochs(tiny_cfg, tmp_path, k, grad_accum):
-    trainer = make(tiny_cfg, tmp_path, "trainer.epochs=2", f"hift.k={k}",
+def test_epochs_run_whole_cycles_covering_the_epochs(tmp_path, k, grad_accum):
+    trainer = make(tmp_path, "trainer.epochs=2", f"hift.k={k}",
                    f"trainer.grad_accum={grad_accum}")
     n = len(trainer.train_set)
     assert n == 50
@@ -63,24 +60,24 @@ def test_epochs_run_whole_cycles_covering_the_epochs(tiny_cfg, tmp_path, k, grad
     assert trainer.cfg.trainer.max_steps == expected
     assert trainer.num_cycles == expected // k
     trainer.train()
-    train_rows = [r for r in rows(tmp_path) if "train/loss" in r]
+    train_rows = metrics(tmp_path, "train/loss")
     assert [r["step"] for r in train_rows] == list(range(1, expected + 1))
     assert trainer.batches_consumed == expected * grad_accum
     assert train_rows[-1]["epoch"] == round(expected * grad_accum / per_epoch, 4)
 
 
-def test_the_resolution_is_logged(tiny_cfg, tmp_path, caplog):
+def test_the_resolution_is_logged(tmp_path, caplog):
     import logging
 
     caplog.set_level(logging.INFO, logger="hift_cli.engine")
-    make(tiny_cfg, tmp_path, "trainer.epochs=2", "hift.k=5")
+    make(tmp_path, "trainer.epochs=2", "hift.k=5")
     assert ("trainer.epochs=2: 2 x 6 batches = 12 steps, rounded up to 15 (3 cycles of 5"
             " groups)") in caplog.text
 
 
 @pytest.mark.parametrize("batch,grad_accum", [(8, 2), (7, 2)])
-def test_eval_and_save_every_epoch(tiny_cfg, tmp_path, batch, grad_accum):
-    trainer = make(tiny_cfg, tmp_path, "trainer.epochs=3", "hift.k=3",
+def test_eval_and_save_every_epoch(tmp_path, batch, grad_accum):
+    trainer = make(tmp_path, "trainer.epochs=3", "hift.k=3",
                    f"trainer.batch_size={batch}", f"trainer.grad_accum={grad_accum}",
                    "trainer.eval_every=epoch",
                    "trainer.save_every=epoch", "trainer.keep_last=10")
@@ -88,7 +85,7 @@ def test_eval_and_save_every_epoch(tiny_cfg, tmp_path, batch, grad_accum):
     trainer.train()
     last = trainer.cfg.trainer.max_steps
     ends = [math.ceil(e * per_epoch / grad_accum) for e in (1, 2, 3)]
-    evals = [r for r in rows(tmp_path) if "eval/loss" in r]
+    evals = metrics(tmp_path, "eval/loss")
     # Each epoch end before the last step, then the evaluation after training.
     assert [r["step"] for r in evals] == [s for s in ends if s < last] + [last]
     assert [r["epoch"] for r in evals] == [round(s * grad_accum / per_epoch, 4)
@@ -131,21 +128,18 @@ def test_both_or_neither_are_refused(tiny_cfg, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_resume_mid_epoch_is_exact(tiny_cfg, tmp_path):
+def test_resume_mid_epoch_is_exact(tmp_path):
     # 6 batches an epoch, k=3: 2 epochs = 12 steps; stop at step 8, in the second epoch.
     opts = ("trainer.epochs=2", "hift.k=3", "hift.strategy=random", "hift.offload=true",
             "trainer.lr_scheduler=linear", "trainer.eval_every=epoch")
-    straight = make(tiny_cfg, tmp_path / "straight", *opts)
+    straight = make(tmp_path / "straight", *opts)
     straight.train()
     assert straight.cfg.trainer.max_steps == 12
     # As if stopped after step 8.
-    second, _ = stop_and_resume(lambda name: make(tiny_cfg, tmp_path / name, *opts), 8)
+    second, _ = stop_and_resume(lambda name: make(tmp_path / name, *opts), 8)
     assert second.epoch == round(8 / 6, 4)
     second.train()
     assert_same(snapshot(straight), snapshot(second))
-
-    def losses(d):
-        return [r["train/loss"] for r in rows(d) if "train/loss" in r]
 
     assert losses(tmp_path / "straight") == (losses(tmp_path / "first")
                                              + losses(tmp_path / "second"))
@@ -166,7 +160,7 @@ def test_resume_through_the_command_line_re_resolves_epochs(tmp_path):
     assert main([*args, f"hydra.run.dir={tmp_path / 'new'}", f"resume={killed}"]) == 0
 
     def train_rows(d):
-        return [(r["step"], r["epoch"], r["train/loss"]) for r in rows(d) if "train/loss" in r]
+        return [(r["step"], r["epoch"], r["train/loss"]) for r in metrics(d, "train/loss")]
 
     assert train_rows(killed) == train_rows(straight)
     assert len(train_rows(straight)) == 12

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_trainer
+from helpers import build_trainer
 from hift_cli.cli import main
 from hift_cli.evaluate import (
     RULE_GSM,

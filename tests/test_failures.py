@@ -1,6 +1,5 @@
 """Runs that hit a wall: out of memory mid-run, a report that fails after training."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from hift_cli import engine
 from hift_cli import run as task
 from hift_cli.checkpoint import complete_checkpoints
 from hift_cli.cli import main
+from helpers import build_trainer, metrics
 
 
 @pytest.mark.integration
@@ -44,14 +44,12 @@ def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(capsys, monkeyp
     args = ["train", "recipe=tiny", "trainer.max_steps=9", "trainer.save_every=2"]
     assert main([*args, f"resume={run}"]) == 0
     assert main([*args, "hydra.run.dir=outputs/straight"]) == 0
-    resumed, straight = (losses(d / "metrics.jsonl") for d in (run, Path("outputs/straight")))
+    resumed, straight = (losses(d) for d in (run, Path("outputs/straight")))
     assert list(resumed) == list(range(1, 10)) and resumed == straight
 
 
-def test_a_library_caller_catches_an_out_of_memory_stop_as_an_exception(tmp_path,
-                                                                          monkeypatch):
+def test_a_library_caller_catches_an_out_of_memory_stop_as_an_exception(tmp_path, monkeypatch):
     # A notebook: build a trainer, train, catch the stop; no SystemExit below the CLI.
-    from conftest import build_trainer
     from hift_cli.errors import HiftError, TrainingStopped
 
     trainer = build_trainer(tmp_path, "trainer.max_steps=4")
@@ -75,9 +73,8 @@ def test_a_library_caller_catches_an_out_of_memory_stop_as_an_exception(tmp_path
     assert trainer.global_step == 2  # the two steps before it stand
 
 
-def losses(path: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in open(path)]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in metrics(run_dir, "train/loss")}
 
 
 @pytest.mark.integration

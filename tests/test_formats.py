@@ -191,7 +191,7 @@ def test_bad_classification_data(tmp_path, tiny_bert, monkeypatch, capsys, rows,
     assert message.format(path=path) in err, err
 
 
-def test_prompt_longer_than_max_length(tiny_cfg, tmp_path, capsys, monkeypatch):
+def test_prompt_longer_than_max_length(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "recipe=tiny", "data.max_length=20"]) == 2
     assert ("data.max_length=20 is smaller than the prompt template alone (33 tokens)"

@@ -11,7 +11,7 @@ from datasets import Dataset
 from omegaconf import OmegaConf
 from transformers import AutoConfig
 
-from conftest import compose_config
+from helpers import compose_config
 from hift_cli.cli import main
 from hift_cli.config import GenerateConfig
 from hift_cli.data import IGNORE_INDEX, tokenize

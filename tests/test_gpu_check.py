@@ -1,7 +1,6 @@
 """bench/gpu_check.py and gpu_stages.py: their CPU behaviour, and every stage on the tiny
 model from a plain checkout (no ``pip install -e .``), as the lent GPU machine runs it."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpu_check  # bench/ is on pytest's path (pyproject.toml)
+import gpu_stages
+
 ROOT = Path(__file__).parents[1]
-spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_check)
-gpu_stages = sys.modules["gpu_stages"]  # imported by gpu_check from beside it
 
 # Forget this checkout: setuptools' editable-install finders and path entries into it
 # (the venv inside it excepted). As sitecustomize it also runs in the stage processes.
@@ -214,7 +212,7 @@ sys.exit(3)
 
 
 def test_an_unmet_requirement_stops_it_in_one_line_before_any_stage(capsys, tmp_path,
-                                                                   monkeypatch):
+                                                                    monkeypatch):
     real = gpu_check.installed
     monkeypatch.setattr(gpu_check, "installed",
                         lambda name: "14.0.2" if name == "pyarrow" else real(name))

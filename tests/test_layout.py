@@ -1,8 +1,10 @@
-"""The package's import graph points one way: no module imports one that imports it back,
-and no function-local import hides such a circle (cli.py alone imports its commands
-lazily, so that `hift --help` starts fast)."""
+"""The package's shape: its import graph points one way (no module imports one that
+imports it back, and no function-local import hides such a circle; cli.py alone imports
+its commands lazily, so that `hift --help` starts fast), checkpoint I/O knows nothing of
+the trainer, and the state store is used through its protocol."""
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "hift_cli"
@@ -61,3 +63,25 @@ def test_train_reads_in_about_a_screen():
     (train,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
                 and n.name == "train"]
     assert train.end_lineno - train.lineno + 1 <= 70
+
+
+STORE_PROTOCOL = {"enabled", "strict", "pending", "prefetch", "wait", "updating", "release",
+                  "flush", "synchronize", "readable", "load", "take_stats", "footprint",
+                  "holds", "close"}
+
+
+def test_the_state_store_is_used_through_its_protocol():
+    """GroupStateStore's public names are its protocol (docs/concepts.md), and nothing in
+    the package or the benchmarks reaches past it."""
+    import torch
+
+    from hift_cli.offload import GroupStateStore
+
+    params = [[torch.nn.Parameter(torch.zeros(4))] for _ in range(3)]
+    store = GroupStateStore(torch.optim.SGD([p for ps in params for p in ps], lr=0.1,
+                                            momentum=0.9), params, torch.device("cpu"), True)
+    assert {n for n in dir(store) if not n.startswith("_")} == STORE_PROTOCOL
+    reach = re.compile(r"\bstore\._[a-z]")
+    files = [*PACKAGE.glob("*.py"), *(PACKAGE.parent / "bench").glob("*.py")]
+    past = [p.name for p in files if p.name != "offload.py" and reach.search(p.read_text())]
+    assert not past, f"private state-store names used in {past}"

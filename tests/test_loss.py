@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,
                           Gemma2Config, LlamaConfig)
 
-from conftest import build_trainer
+from helpers import build_trainer
 from hift_cli.loss import ChunkedLoss, chunk_tokens, chunkable, linear_cross_entropy
 
 SMALL = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

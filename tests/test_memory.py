@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import compose_config
+from helpers import compose_config
 from hift_cli.cli import main
 from hift_cli.config import ASSETS_DIR, SHAPES, ConfigError
 from hift_cli.grouping import GroupSchedule

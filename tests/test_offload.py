@@ -8,12 +8,12 @@ race fails here too.
 
 import dataclasses
 import importlib.util
-import json
 
 import pytest
 import torch
 
-from conftest import assert_same, build_trainer, snapshot, stop_and_resume, store_by_hand
+from helpers import (assert_same, build_trainer, metrics, snapshot, stop_and_resume,
+                     store_by_hand)
 from hift_cli import offload
 from hift_cli.config import ConfigError
 from hift_cli.grouping import GroupSchedule
@@ -31,17 +31,17 @@ STRATEGIES = {"bottom2up": ("hift.strategy=bottom2up",),
 def aligned_bytes(store, masters_only=False) -> int:
     """The bytes of every group's masters and state, each started at a 256-byte boundary."""
     with store.readable():
-        return sum(-(-store._get(h).nbytes // 256) * 256 for g in store.layouts
+        return sum(-(-store._get(h).nbytes // 256) * 256 for g in store._layouts
                    for h in store._handles(g) if not masters_only or h[1] is None)
 
 
-def make(tiny_cfg, tmp_path, *overrides, steps=8):
+def make(tmp_path, *overrides, steps=8):
     return build_trainer(tmp_path, "hift.k=3", f"trainer.max_steps={steps}",
                          "data.max_eval_samples=4", *overrides)
 
 
-def train(tiny_cfg, tmp_path, *overrides, steps=8):
-    trainer = make(tiny_cfg, tmp_path, *overrides, steps=steps)
+def train(tmp_path, *overrides, steps=8):
+    trainer = make(tmp_path, *overrides, steps=steps)
     trainer.summary = trainer.train()
     return trainer
 
@@ -50,16 +50,15 @@ def train(tiny_cfg, tmp_path, *overrides, steps=8):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("optimizer", ["adamw", *(pytest.param(o, marks=pytest.mark.slow)
                                                  for o in ("sgd", "adafactor"))])
-def test_offload_gives_the_same_weights_masters_and_state(tiny_cfg, tmp_path, optimizer,
-                                                           precision, strategy):
+def test_offload_gives_the_same_weights_masters_and_state(tmp_path, optimizer,
+                                                          precision, strategy):
     common = (f"optimizer={optimizer}", f"trainer.precision={precision}",
               f"model.dtype={PRECISIONS[precision]}", *STRATEGIES[strategy])
-    off = train(tiny_cfg, tmp_path / "off", *common, "hift.offload=false")
-    on = train(tiny_cfg, tmp_path / "on", *common, "hift.offload=true")
+    off = train(tmp_path / "off", *common, "hift.offload=false")
+    on = train(tmp_path / "on", *common, "hift.offload=true")
     assert on.store.enabled and on.store.strict and not off.store.enabled
     assert_same(snapshot(off), snapshot(on))
-    rows = [json.loads(line) for line in open(tmp_path / "on" / "metrics.jsonl")]
-    rows = [r for r in rows if "group" in r]  # training steps, not evaluations
+    rows = metrics(tmp_path / "on", "group")  # training steps, not evaluations
     repeats = {i for i in range(len(rows) - 1) if rows[i]["group"] == rows[i + 1]["group"]}
     assert (len(repeats) > 0) == (strategy == "random-repeat")
     for i, r in enumerate(rows):  # every update goes back out during the next step,
@@ -69,13 +68,13 @@ def test_offload_gives_the_same_weights_masters_and_state(tiny_cfg, tmp_path, op
     assert on.summary["offload/d2h_bytes"] > sum(r["offload/d2h_bytes"] for r in rows)
 
 
-def test_strict_mode_poisons_state_until_it_is_waited_for(tiny_cfg, tmp_path):
-    trainer = train(tiny_cfg, tmp_path, "hift.offload=true", "trainer.precision=bf16-mixed",
+def test_strict_mode_poisons_state_until_it_is_waited_for(tmp_path):
+    trainer = train(tmp_path, "hift.offload=true", "trainer.precision=bf16-mixed",
                     "model.dtype=bfloat16", steps=3)
     store, params = trainer.store, trainer.opt_params[0]
     master, state = params[0], trainer.optimizer.state[params[0]]
     assert master.numel() == 0 and state["exp_avg"].numel() == 0  # away: poisoned
-    shape = store.layouts[0].entries[(master, None)][2]
+    shape = store._layouts[0].entries[(master, None)][2]
     with pytest.raises(RuntimeError):  # what step 0 did before its group was fetched
         master.grad = torch.zeros(shape)
     store.prefetch(0)
@@ -84,24 +83,24 @@ def test_strict_mode_poisons_state_until_it_is_waited_for(tiny_cfg, tmp_path):
     assert not store.pending and master.dtype == torch.float32 and master.numel() > 0
     assert state is trainer.optimizer.state[params[0]]
     assert trainer.optimizer.state[params[0]]["exp_avg"].shape == master.shape
-    store.offload(0)  # put off: on the device until the next flush
+    store.release(0)  # put off: on the device until the next flush
     assert not store.pending and master.numel() > 0
     store.flush()
     assert store.pending == 1 and master.numel() == 0
     with store.readable():  # checkpoints read through this
         assert not store.pending and master.numel() > 0
-        assert store.exact_host_bytes() > 0  # nested: the outer block stays readable
+        # nested: the outer block stays readable
+        assert store.footprint(exact=True).exact_host_bytes > 0
         assert master.numel() > 0
     assert master.numel() == 0
 
 
-def test_a_write_back_goes_out_once_the_next_forward_pass_is_queued(tiny_cfg, tmp_path,
-                                                                   monkeypatch):
+def test_a_write_back_goes_out_once_the_next_forward_pass_is_queued(tmp_path, monkeypatch):
     # A copy engine serves its queue in order: a host read in the forward pass (a mask
     # check, the loss's nonzero, .item()) issued behind a write-back waits for all of it,
     # and the GPU idles meanwhile (measured on an H200). So a group's write-back goes out
     # during the next step, after that step's forward pass; the last one at the end.
-    trainer = make(tiny_cfg, tmp_path, "hift.offload=true", steps=6)
+    trainer = make(tmp_path, "hift.offload=true", steps=6)
     events = []
     trainer.model.register_forward_hook(lambda *_: events.append("forward"))
     trainer.after_update.append(lambda *_: events.append("update"))
@@ -113,84 +112,85 @@ def test_a_write_back_goes_out_once_the_next_forward_pass_is_queued(tiny_cfg, tm
         "write-back"]
 
 
-def test_train_returns_with_every_write_back_done(tiny_cfg, tmp_path):
-    trainer = train(tiny_cfg, tmp_path, "hift.offload=true", steps=4)
+def test_train_returns_with_every_write_back_done(tmp_path):
+    trainer = train(tmp_path, "hift.offload=true", steps=4)
     assert trainer.store.pending == 0
 
 
-def test_slots_are_reused_and_away_state_lives_in_host_buffers(tiny_cfg, tmp_path,
+def test_slots_are_reused_and_away_state_lives_in_host_buffers(tmp_path,
                                                                monkeypatch):
     # The plain (non-strict) path users get with hift.offload=true on a CPU: away state is
     # bound to views of the host buffers. The slots' buffer is allocated once, at the first
     # fetch, for the largest pair of groups that follow each other.
     monkeypatch.setenv("HIFT_STRICT_OFFLOAD", "0")
-    trainer = train(tiny_cfg, tmp_path, "hift.offload=true", steps=6)
+    trainer = train(tmp_path, "hift.offload=true", steps=6)
     store = trainer.store
-    assert not store.strict and store.arena
-    slot_ptrs = {dt: b.data_ptr() for dt, b in store.arena.items()}
+    assert not store.strict and store._arena
+    slot_ptrs = {dt: b.data_ptr() for dt, b in store._arena.items()}
     trainer.train(6)  # on to step 12
-    assert {dt: b.data_ptr() for dt, b in store.arena.items()} == slot_ptrs
+    assert {dt: b.data_ptr() for dt, b in store._arena.items()} == slot_ptrs
     for g, params in enumerate(trainer.opt_params):
         for p in params:
             for v in trainer.optimizer.state[p].values():
                 if v.dim() > 0:
                     assert any(b.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-                               for b in store.host[g].values())
-        assert g not in store.resident  # after the last step every group is back on the host
+                               for b in store._host[g].values())
+        assert g not in store._resident  # after the last step every group is back on the host
 
 
-def test_resident_groups_are_written_back_with_one_copy_per_dtype(tiny_cfg, tmp_path):
-    trainer = train(tiny_cfg, tmp_path, "hift.offload=true", "trainer.precision=bf16-mixed",
+def test_resident_groups_are_written_back_with_one_copy_per_dtype(tmp_path):
+    trainer = train(tmp_path, "hift.offload=true", "trainer.precision=bf16-mixed",
                     "model.dtype=bfloat16", steps=9)
     # Cycle 0 creates each group's state outside the slots; from then on every tensor of
     # a resident group is a view of its slot.
-    assert trainer.store.writebacks == {"per_tensor": 3, "flat": 6}
+    assert trainer.store.footprint().writebacks == {"per_tensor": 3, "flat": 6}
 
 
 @pytest.mark.parametrize("optimizer,precision", [
     ("adamw", "bf16-mixed"), ("adamw", "fp32"),
     *(pytest.param(*c, marks=pytest.mark.slow) for c in (("adafactor", "bf16-mixed"),
                                                          ("sgd", "fp32")))])
-def test_host_memory_is_allocated_once_at_its_exact_size(tiny_cfg, tmp_path, optimizer,
+def test_host_memory_is_allocated_once_at_its_exact_size(tmp_path, optimizer,
                                                          precision):
     common = ("hift.offload=true", f"optimizer={optimizer}", f"trainer.precision={precision}",
               f"model.dtype={PRECISIONS[precision]}", "hift.strategy=random", "trainer.seed=3")
-    trainer = train(tiny_cfg, tmp_path / "a", *common, steps=6)
+    trainer = train(tmp_path / "a", *common, steps=6)
     store = trainer.store
     # Exact: the bytes of every group's masters and non-scalar optimizer state, read off
     # the tensors; allocated: every host buffer the store ever asked for.
-    exact = store.exact_host_bytes()
+    exact = store.footprint(exact=True).exact_host_bytes
     with store.readable():
         masters = sum(p.numel() * 4 for ps in trainer.opt_params for p in ps) \
             if precision == "bf16-mixed" else 0
     assert exact > masters > 0 or (exact > 0 and precision == "fp32")
     # Each tensor starts 256-byte aligned: exact plus under 256 bytes per tensor.
-    assert store.allocated_host_bytes == store.host_bytes() == aligned_bytes(store) >= exact
-    for layout in store.layouts.values():
+    held = store.footprint()
+    assert held.allocated_host_bytes == held.host_bytes == aligned_bytes(store) >= exact
+    for layout in store._layouts.values():
         assert all(off * dtype.itemsize % 256 == 0 for dtype, off, _ in layout.entries.values())
     path = trainer.checkpoint(keep_last=1)
-    resumed = make(tiny_cfg, tmp_path / "b", *common, steps=9)
+    resumed = make(tmp_path / "b", *common, steps=9)
     resumed.resume(path)
     resumed.train()
-    assert resumed.store.exact_host_bytes() == exact
-    assert resumed.store.allocated_host_bytes == aligned_bytes(resumed.store) == \
-        store.host_bytes()
+    assert resumed.store.footprint(exact=True).exact_host_bytes == exact
+    assert resumed.store.footprint().allocated_host_bytes == aligned_bytes(resumed.store) == \
+        store.footprint().host_bytes
 
 
-def test_a_layout_that_was_not_predicted_is_learnt_at_the_first_update(tiny_cfg, tmp_path,
+def test_a_layout_that_was_not_predicted_is_learnt_at_the_first_update(tmp_path,
                                                                        monkeypatch):
     common = ("trainer.precision=bf16-mixed", "model.dtype=bfloat16", "hift.strategy=random")
-    off = train(tiny_cfg, tmp_path / "off", *common, "hift.offload=false")
+    off = train(tmp_path / "off", *common, "hift.offload=false")
 
     def cannot_step(*args, **kwargs):  # an optimizer that steps nowhere but in training
         raise RuntimeError("no")
 
     monkeypatch.setattr(offload, "state_shapes", cannot_step)
-    on = train(tiny_cfg, tmp_path / "on", *common, "hift.offload=true")
+    on = train(tmp_path / "on", *common, "hift.offload=true")
     assert_same(snapshot(off), snapshot(on))
     # Masters-only buffers first, then each group's whole layout once.
-    assert on.store.allocated_host_bytes == (aligned_bytes(on.store, masters_only=True)
-                                             + aligned_bytes(on.store))
+    assert on.store.footprint().allocated_host_bytes == (
+        aligned_bytes(on.store, masters_only=True) + aligned_bytes(on.store))
 
 
 def test_k_of_two_or_less_turns_offload_off(tiny_cfg, tmp_path):
@@ -201,15 +201,15 @@ def test_k_of_two_or_less_turns_offload_off(tiny_cfg, tmp_path):
     paged = dataclasses.replace(tiny_cfg("hift.offload=true"),  # unvalidated: no CUDA here
                                 optimizer={"_target_": "bitsandbytes.optim.PagedAdamW8bit"})
     assert offload_enabled(paged, "cuda", 8)[0] is False
-    trainer = make(tiny_cfg, tmp_path, "hift.offload=true", "hift.k=2")
+    trainer = make(tmp_path, "hift.offload=true", "hift.k=2")
     assert not trainer.store.enabled
     assert estimate(tiny_cfg("hift.offload=true", "hift.k=2"))["offload"] is False
     assert estimate(tiny_cfg("hift.offload=true", "hift.k=3"))["offload"] is True
     assert estimate(tiny_cfg("hift.strategy=fpft", "hift.k=3"))["offload"] is False
 
 
-def test_inputs_are_fetched_before_the_next_groups_state(tiny_cfg, tmp_path):
-    trainer = make(tiny_cfg, tmp_path, "hift.offload=true", "trainer.grad_accum=2", steps=5)
+def test_inputs_are_fetched_before_the_next_groups_state(tmp_path):
+    trainer = make(tmp_path, "hift.offload=true", "trainer.grad_accum=2", steps=5)
     events = []
     next_batch, prefetch = trainer._next_batch, trainer.store.prefetch
     trainer._next_batch = lambda: events.append("batch") or next_batch()
@@ -223,8 +223,8 @@ def test_inputs_are_fetched_before_the_next_groups_state(tiny_cfg, tmp_path):
     assert steps[-1] == ["batch", "batch", "prefetch 1"]  # the last step prefetches nothing
 
 
-def test_bf16_mixed_trains_fp32_masters(tiny_cfg, tmp_path):
-    trainer = train(tiny_cfg, tmp_path, "trainer.precision=bf16-mixed", "model.dtype=bfloat16",
+def test_bf16_mixed_trains_fp32_masters(tmp_path):
+    trainer = train(tmp_path, "trainer.precision=bf16-mixed", "model.dtype=bfloat16",
                     "hift.offload=true", steps=6)
     with trainer.store.readable():
         for g, params in zip(trainer.groups, trainer.opt_params):
@@ -236,8 +236,8 @@ def test_bf16_mixed_trains_fp32_masters(tiny_cfg, tmp_path):
         assert state["exp_avg"].dtype == torch.float32
 
 
-def test_fpft_never_offloads(tiny_cfg, tmp_path):
-    trainer = train(tiny_cfg, tmp_path, "hift.strategy=fpft", "hift.offload=true", steps=2)
+def test_fpft_never_offloads(tmp_path):
+    trainer = train(tmp_path, "hift.strategy=fpft", "hift.offload=true", steps=2)
     assert not trainer.store.enabled
 
 
@@ -257,11 +257,11 @@ def test_restored_step_counters_go_where_load_state_dict_puts_them(flag):
     assert opt.state[p]["exp_avg"].device.type == "cpu"  # the store takes it from there
 
 
-def test_fused_adamw_with_offload_resumes_exactly(tiny_cfg, tmp_path):
+def test_fused_adamw_with_offload_resumes_exactly(tmp_path):
     common = ("hift.offload=true", "+optimizer.fused=true", "trainer.precision=bf16-mixed",
               "model.dtype=bfloat16", "hift.strategy=random")
-    straight = train(tiny_cfg, tmp_path / "straight", *common, steps=8)
-    second, _ = stop_and_resume(lambda name: make(tiny_cfg, tmp_path / name, *common, steps=8),
+    straight = train(tmp_path / "straight", *common, steps=8)
+    second, _ = stop_and_resume(lambda name: make(tmp_path / name, *common, steps=8),
                                 4)
     second.train()
     assert_same(snapshot(straight), snapshot(second))
@@ -283,12 +283,12 @@ class InitializedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def test_resume_marks_a_bitsandbytes_style_optimizer_initialized(tiny_cfg, tmp_path):
+def test_resume_marks_a_bitsandbytes_style_optimizer_initialized(tmp_path):
     target = f"optimizer._target_={__name__}.InitializedAdamW"
-    first = train(tiny_cfg, tmp_path / "a", "hift.offload=true", target, steps=3)
+    first = train(tmp_path / "a", "hift.offload=true", target, steps=3)
     assert not first.optimizer.moved_everything  # a fresh run has no state at step 1
     path = first.checkpoint(keep_last=1)
-    second = make(tiny_cfg, tmp_path / "b", "hift.offload=true", target, steps=6)
+    second = make(tmp_path / "b", "hift.offload=true", target, steps=6)
     second.resume(path)
     second.train()
     assert second.optimizer.initialized and not second.optimizer.moved_everything
@@ -313,18 +313,18 @@ def test_8bit_optimizer_without_cuda_is_one_clear_error(tiny_cfg, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
-def test_cuda_offload_matches_and_reuses_buffers(tiny_cfg, tmp_path, precision):
+def test_cuda_offload_matches_and_reuses_buffers(tmp_path, precision):
     dtype = "float32" if precision == "fp32" else "bfloat16"
     common = ("trainer.device=cuda", f"trainer.precision={precision}", f"model.dtype={dtype}",
               "hift.strategy=random", f"trainer.seed={REPEAT_SEED}")
-    off = train(tiny_cfg, tmp_path / "off", *common, "hift.offload=false", steps=18)
-    on = train(tiny_cfg, tmp_path / "on", *common, "hift.offload=true", steps=9)
-    slots = {dt: b.data_ptr() for dt, b in on.store.arena.items()}
+    off = train(tmp_path / "off", *common, "hift.offload=false", steps=18)
+    on = train(tmp_path / "on", *common, "hift.offload=true", steps=9)
+    slots = {dt: b.data_ptr() for dt, b in on.store._arena.items()}
     on.train(9)  # on to step 18
-    assert {dt: b.data_ptr() for dt, b in on.store.arena.items()} == slots
+    assert {dt: b.data_ptr() for dt, b in on.store._arena.items()} == slots
     assert_same(snapshot(off), snapshot(on))
-    assert all(b.is_pinned() for bufs in on.store.host.values() for b in bufs.values())
-    assert on.store.allocated_host_bytes == aligned_bytes(on.store)
+    assert all(b.is_pinned() for bufs in on.store._host.values() for b in bufs.values())
+    assert on.store.footprint().allocated_host_bytes == aligned_bytes(on.store)
 
 
 @pytest.mark.parametrize("strategy,elements", [("bottom2up", 704), ("random", 1280)])
@@ -336,8 +336,8 @@ def test_the_slots_hold_the_largest_pair_of_groups_that_follow_each_other(strate
     # random order any two can follow each other.
     store, groups, twins, opt, reference = store_by_hand([64, 640, 64, 640], strategy, 1, 12,
                                                          strict=strict)
-    assert {dt: b.numel() for dt, b in store.arena.items()} == {torch.float32: elements}
-    assert store.device_bytes() == 4 * elements
+    assert {dt: b.numel() for dt, b in store._arena.items()} == {torch.float32: elements}
+    assert store.footprint().device_bytes == 4 * elements
     with store.readable():
         for ps, ts in zip(groups, twins):
             for p, t in zip(ps, ts):

@@ -5,14 +5,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import compare  # bench/ is on pytest's path (pyproject.toml)
+import peers
 import pytest
 import torch
-
-spec = importlib.util.spec_from_file_location(
-    "compare", Path(__file__).parents[1] / "bench" / "compare.py")
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
-peers = compare.peers
 
 
 def _write_run(path: Path, step_seconds: float, evals: list[tuple], updated: float) -> Path:

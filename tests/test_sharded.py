@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from hift_cli.checkpoint import CheckpointError, load_checkpoint
 from hift_cli.cli import main
+from helpers import losses, metrics
 from test_distributed import (COMMON, SHAPES, assert_resume_from_step_3_is_exact, paired_runs,
                               torchrun)
 
@@ -36,9 +37,6 @@ def runs(tmp_path_factory):
     return paired_runs(tmp_path_factory.mktemp("sharded"), *SHARDED)
 
 
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 def _assert_weights_close(a: Path, b: Path, **tol) -> None:
     a, b = (load_file(run / "model" / "model.safetensors") for run in (a, b))
@@ -52,14 +50,14 @@ def test_sharded_ranks_match_one_process_with_the_same_global_batch(runs, shape)
     run, single, done = runs[shape]
     assert "Sharded weights (FSDP2)" in done.stdout + done.stderr
     _assert_weights_close(run, single, rtol=1e-5, atol=1e-6)
-    losses = [r["train/loss"] for r in _rows(run) if "train/loss" in r]
-    assert losses == pytest.approx([r["train/loss"] for r in _rows(single) if "train/loss" in r],
+    got = losses(run)
+    assert got == pytest.approx(losses(single),
                                    rel=1e-5)
-    evals = [r["eval/loss"] for r in _rows(run) if "eval/loss" in r]
-    assert evals == pytest.approx([r["eval/loss"] for r in _rows(single) if "eval/loss" in r],
+    evals = [r["eval/loss"] for r in metrics(run, "eval/loss")]
+    assert evals == pytest.approx([r["eval/loss"] for r in metrics(single, "eval/loss")],
                                   rel=1e-5)
     # FSDP reduce-scatters the gradients; hift's own all-reduce is not used on top.
-    rows = [r for r in _rows(run) if "train/loss" in r]
+    rows = metrics(run, "train/loss")
     assert all(r["dist/reduce_scatter_bytes"] > 0 and "dist/allreduce_bytes" not in r
                for r in rows)
     # The run's memory report is the per-GPU estimate for its 2 processes.
@@ -105,7 +103,7 @@ def test_sharded_checkpoint_refuses_another_process_count(runs, capsys):
 
 
 def test_sharded_bf16_mixed_with_checkpointing_and_offload_follows_one_process(tmp_path,
-                                                                                monkeypatch):
+                                                                               monkeypatch):
     """bf16 compute: the two runs round differently, so agreement is to bf16 precision."""
     monkeypatch.setenv("HIFT_STRICT_OFFLOAD", "1")  # the torchrun children inherit it
     done = torchrun(tmp_path, *MIXED, "trainer.shard_weights=true", "trainer.batch_size=2")
@@ -114,8 +112,8 @@ def test_sharded_bf16_mixed_with_checkpointing_and_offload_follows_one_process(t
     (run,) = (tmp_path / "outputs" / "train").iterdir()
     single = tmp_path / "single"
     assert main(["train", *MIXED, "trainer.batch_size=4", f"hydra.run.dir={single}"]) == 0
-    losses = [r["train/loss"] for r in _rows(run) if "train/loss" in r]
-    assert losses == pytest.approx([r["train/loss"] for r in _rows(single) if "train/loss" in r],
+    got = losses(run)
+    assert got == pytest.approx(losses(single),
                                    abs=2e-3)
     _assert_weights_close(run, single, rtol=0, atol=2e-2)
 
@@ -139,5 +137,5 @@ def test_real_weights_read_by_rank_0_shard_like_data_parallel(tmp_path):
         (run,) = (tmp_path / name / "outputs" / "train").iterdir()
         runs.append(run)
     _assert_weights_close(*runs, rtol=1e-5, atol=1e-6)
-    sharded, dp = ([r["train/loss"] for r in _rows(run) if "train/loss" in r] for run in runs)
+    sharded, dp = (losses(run) for run in runs)
     assert sharded == pytest.approx(dp, rel=1e-5)

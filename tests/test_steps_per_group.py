@@ -1,13 +1,12 @@
 """hift.steps_per_group (K): a group stays active for K steps; a cycle is k x K steps; the
 LR steps once per cycle; state moves only at switches; resume mid-group is exact."""
 
-import json
 import math
 import random
 
 import pytest
 
-from conftest import assert_resume_is_exact, build_trainer, compose_config
+from helpers import assert_resume_is_exact, build_trainer, compose_config, metrics
 from hift_cli.config import ConfigError
 from hift_cli.memory import estimate
 
@@ -43,8 +42,7 @@ def test_group_sequence_and_lr_follow_k_times_K_cycles(tmp_path, strategy, K):
                       "trainer.lr_scheduler=linear", f"trainer.warmup_cycles={warmup}",
                       "trainer.seed=5", "optimizer.lr=1e-3")
     t.train(evaluate=False)
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    rows = [r for r in rows if "group" in r]
+    rows = metrics(tmp_path, "group")
     assert [r["group"] for r in rows] == expected_groups(strategy, k, K, 5, len(rows))
     assert [r["cycle"] for r in rows] == [i // (k * K) for i in range(len(rows))]
     assert len(rows) == steps  # trainer.max_steps as given (epochs round up: below)
@@ -56,7 +54,7 @@ def test_state_moves_only_at_switches_with_offload(tmp_path):
     t = build_trainer(tmp_path, "hift.k=3", "hift.steps_per_group=4", "hift.offload=true",
                       "trainer.max_steps=24")
     t.train(evaluate=False)
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"group"' in line]
+    rows = metrics(tmp_path, "group")
     # From the 2nd cycle on (every group's state exists): the last step of a group's K
     # fetches the next group, its first step writes the previous one back (once the
     # forward pass is queued), the steps between copy nothing; the last step of the run

@@ -8,16 +8,17 @@ write-back and the next fill of the same slot run side by side, one chunk apart.
 import pytest
 import torch
 
-from conftest import build_trainer, store_by_hand
+from helpers import build_trainer, store_by_hand
 from hift_cli import offload
 from hift_cli.engine import HiftTrainer
 from hift_cli.offload import GroupStateStore
 from hift_cli.streams import COMPUTE, D2H, StreamModel, StreamRace
 
 
-def tiny(tmp_path, *overrides, steps=6):
+def tiny(tmp_path, *overrides, steps=6, delays=None):
     return build_trainer(tmp_path, "hift.k=3", "hift.offload=true", f"trainer.max_steps={steps}",
-                         "data.max_eval_samples=2", "trainer.eval_every=null", *overrides)
+                         "data.max_eval_samples=2", "trainer.eval_every=null", *overrides,
+                         store_delays=delays)
 
 
 # --------------------------------------------------------------------- the model itself
@@ -51,7 +52,7 @@ def test_the_model_finds_an_unordered_write_after_a_read_and_a_read_after_a_writ
 
 # --------------------------------------------------------------------- each fix, removed
 def _fill_without_waiting(self, buffers):  # item 1: new memory filled before compute's work
-    self.streams.allocated(buffers.values())
+    self._streams.allocated(buffers.values())
 
 
 def _ignore(stream):
@@ -97,31 +98,31 @@ def _forget(events):
      " d2h's write of group 0's write-back"),
 ])
 def test_without_each_ordering_fix_the_model_finds_the_race(tmp_path, monkeypatch, broken,
-                                                           overrides, race):
+                                                            overrides, race):
     patches = {
         "fill_after_compute": (GroupStateStore, "_fill_after_compute", _fill_without_waiting),
         "compute_waits_for_fill": (StreamModel, "wait", _ignore(COMPUTE)[0]),
         "writeback_after_update": (StreamModel, "wait", _ignore(D2H)[0]),
-        "fill_after_drain": (GroupStateStore, "_write_back", _forget("drained")),
-        "read_after_landing": (GroupStateStore, "_write_back", _forget("landed")),
+        "fill_after_drain": (GroupStateStore, "_write_back", _forget("_drained")),
+        "read_after_landing": (GroupStateStore, "_write_back", _forget("_landed")),
     }
     # With every fix, every strict-mode test trains through the model without a race.
     monkeypatch.setattr(*patches[broken])
     trainer = tiny(tmp_path, *overrides)
-    assert isinstance(trainer.store.streams, StreamModel)
+    assert isinstance(trainer.store._streams, StreamModel)
     with pytest.raises(StreamRace, match=race):
         trainer.train(evaluate=False)
 
 
 # --------------------------------------------------------------------- item 3: the delay
 def test_the_compute_delay_runs_after_the_finite_check_right_before_the_update(tmp_path,
-                                                                              monkeypatch):
+                                                                               monkeypatch):
     events = []
     finite = HiftTrainer._finite
     monkeypatch.setattr(HiftTrainer, "_finite",
                         staticmethod(lambda *a: events.append("sync") or finite(*a)))
-    trainer = tiny(tmp_path, steps=4)
-    trainer.store.compute_delay = lambda: events.append("delay")
+    delays = offload.Delays(update=lambda: events.append("delay"))
+    trainer = tiny(tmp_path, steps=4, delays=delays)
     trainer.after_update.append(lambda *_: events.append("step"))  # right after the step
     trainer.train(evaluate=False)
     # The host sync of the finite check comes first: a delay before it would be waited
@@ -135,7 +136,7 @@ def test_each_direction_has_its_stream_and_a_refill_follows_the_write_back_chunk
     # fp32 momentum of 640 elements: 2560 bytes a group, 10 chunks of 256 bytes
     store, groups, twins, opt, reference = store_by_hand([640, 640, 640], "bottom2up", 0, 9,
                                                          strict=True, chunk_bytes=256)
-    model = store.streams
+    model = store._streams
     with store.readable():  # the data came through every late copy intact
         for ps, ts in zip(groups, twins):
             assert torch.equal(opt.state[ps[0]]["momentum_buffer"],

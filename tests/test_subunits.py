@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig, LlamaConfig
 
-from conftest import assert_resume_is_exact, assert_same, build_trainer, snapshot
+from helpers import assert_resume_is_exact, assert_same, build_trainer, snapshot
 from hift_cli import engine as engine_mod
 from hift_cli.checkpoint import CheckpointError
 from hift_cli.config import ASSETS_DIR
@@ -112,7 +112,7 @@ def parents_grouped_like_the_unsplit_run(monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adafactor"])
 def test_every_sub_unit_in_one_group_trains_exactly_as_the_unit(wide, tmp_path, monkeypatch,
-                                                                  optimizer, precision):
+                                                                optimizer, precision):
     common = (f"optimizer={optimizer}", f"trainer.precision={precision}", "hift.k=3",
               "trainer.max_grad_norm=0.5")
     whole = make(wide, tmp_path / "whole", *common, "hift.max_unit_params=null")

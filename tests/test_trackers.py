@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_config
+from helpers import compose_config, metrics
 from hift_cli import trackers as trackers_lib
 from hift_cli.cli import main
 from hift_cli.trackers import Trackers
@@ -36,9 +36,6 @@ def train(*args: str) -> Path:
     return run
 
 
-def jsonl(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -64,7 +61,7 @@ def test_tensorboard_gets_every_step_and_the_eval_rows():
                 "trainer.loggers=[tensorboard]")
     assert list(run.glob("events.out.tfevents.*")), "no event file in the run dir"
     scalars = tensorboard_scalars(run)
-    rows = jsonl(run)
+    rows = metrics(run)
     train_rows = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([v for _, v in train_rows])
@@ -79,7 +76,7 @@ def test_mlflow_file_store_in_the_run_dir_holds_metrics_and_config():
     client, (found,) = mlflow_runs((run / "mlruns").resolve().as_uri())
     assert found.info.status == "FINISHED" and found.info.run_name == run.name
     history = client.get_metric_history(found.info.run_id, "train/loss")
-    losses = [(r["step"], r["train/loss"]) for r in jsonl(run) if "train/loss" in r]
+    losses = [(r["step"], r["train/loss"]) for r in metrics(run, "train/loss")]
     assert [m.step for m in history] == [s for s, _ in losses]
     assert [m.value for m in history] == pytest.approx([v for _, v in losses])
     assert [m.step for m in client.get_metric_history(found.info.run_id, "eval/loss")] == [0, 4]
@@ -136,7 +133,7 @@ def test_wandb_offline_writes_its_run_folder_in_the_run_dir():
             assert record.run.display_name == run.name and record.run.project == "hift"
         elif kind == "exit":
             exit_code = record.exit.exit_code
-    losses = {r["step"]: r["train/loss"] for r in jsonl(run) if "train/loss" in r}
+    losses = {r["step"]: r["train/loss"] for r in metrics(run, "train/loss")}
     assert {s: h["train/loss"] for s, h in history.items() if "train/loss" in h} \
         == pytest.approx(losses)
     assert "eval/loss" in history[0] and "eval/loss" in history[4]
@@ -267,7 +264,7 @@ def test_a_resumed_run_continues_its_tracker_runs():
                  "trainer.keep_last=5", "trainer.loggers=[tensorboard,mlflow,wandb]",
                  f"resume={run}"]) == 0
     assert json.loads((run / "trackers.json").read_text()) == first
-    losses = [(r["step"], r["train/loss"]) for r in jsonl(run) if "train/loss" in r]
+    losses = [(r["step"], r["train/loss"]) for r in metrics(run, "train/loss")]
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
     # TensorBoard dropped the first attempt's steps 5 and 6; the resumed run's replace them.
     scalars = tensorboard_scalars(run)["train/loss"]
