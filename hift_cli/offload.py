@@ -370,7 +370,7 @@ class GroupStateStore:
             return None
 
     def _allocate(self, g: int, layout: _Layout) -> None:
-        self._release(g)
+        self._drop_host_buffers(g)
         self._layouts[g] = layout
         self._host[g] = {dt: self._host_buffer(g, n, dt) for dt, n in layout.numel.items()}
         self._allocated_host_bytes += layout.nbytes
@@ -386,14 +386,14 @@ class GroupStateStore:
             return torch.empty(numel, dtype=dtype, pin_memory=True)
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        # Un-registered when the memory goes, or by _release / close (whichever comes
-        # first); not at exit, when the CUDA context may be gone.
+        # Un-registered when the memory goes, or by _drop_host_buffers / close (whichever
+        # comes first); not at exit, when the CUDA context may be gone.
         unregister = weakref.finalize(storage, _unregister, ptr)
         unregister.atexit = False
         self._registered.setdefault(g, []).append(unregister)
         return t
 
-    def _release(self, g: int) -> None:
+    def _drop_host_buffers(self, g: int) -> None:
         """Drop group g's host buffers (a layout that was not predicted)."""
         if g not in self._host:
             return
