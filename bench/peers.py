@@ -120,7 +120,8 @@ def _seeded(family: str, spec: dict) -> dict[str, dict]:
 
 # The quality suites' data, epochs, evaluation and seeds (bench/quality.py), a seed per
 # suite. On SmolLM2 (generative, ~4 min a run here) only fpft, LISA and one setting of each
-# peer fit the 30 minutes of a suite; HiFT's rows are quality-smollm2's, on the same seeds.
+# peer fit the 30 minutes of a suite; HiFT's rows join them by a later `--only hift-k4
+# --only hift-auto-x3` (2026-12-04: ~11 minutes a seed).
 SUITES = {
     **_seeded("peers-minilm", {
         **quality.SUITES["quality-minilm"], "lora_lr": 5e-4,
