@@ -24,8 +24,9 @@ halfway between the smallest grouping's estimated peak and fpft's, from ``hift m
 
 ``-x<n>``: n times the epochs. Used by ``bench/compare.py`` (``--suite quality-minilm``,
 ``--suite quality-minilm-settings``, ``--suite quality-minilm-time``, ``--suite
-quality-smollm2-seed<n>``). The generative suite scores exact match and, beside it (``also``), the
-eval loss: a task learnt to 100% still ranks the methods by how sure they are.
+quality-smollm2-seed<n>``, ``--suite quality-smollm2-settings-seed<n>``). The generative
+suites score exact match and, beside it (``also``), the eval loss: a task learnt to 100%
+still ranks the methods by how sure they are.
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ SUITES = {
         "title": "SmolLM2-135M-Instruct, kinship relation of two couples in words (generative)",
         # auto is 3 groups here: auto-x3 gives every parameter fpft's 200 updates.
         "configs": ("fpft", "auto", "k4", "auto-x3"),
+    }),
+    # HiFT's LR and steps per group on the generative task (MiniLM's settings suite). No
+    # `+head`: SmolLM2 ties its head to the embeddings, so its head unit is the final norm.
+    **per_seed("quality-smollm2-settings", {
+        "metric": "eval/exact_match", "higher_is_better": True, "also": "eval/loss",
+        "epochs": 4, "lr": 1e-4, "seeds": SEEDS, "base": SMOLLM2,
+        "title": "SmolLM2-135M-Instruct, kinship relation of two couples in words (generative):"
+                 " HiFT's LR and steps per group",
+        "configs": ("fpft", "k4-lr2x", "k4-lr4x", "k4-K4", "k4-K16", "auto-lr2x"),
     }),
     "quality-minilm": {
         **MINILM_SPEC,
