@@ -47,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (bench/peers.py: LoRA, BAdam, GaLore, LOMO, LISA beside HiFT)
+from collect import collect  # noqa: E402  (bench/collect.py: one run read back)
 from peers import interpolate, merge  # noqa: E402  (shared with the peers suites)
 import quality  # noqa: E402  (bench/quality.py: the per-epoch quality suites)
 
@@ -117,49 +118,20 @@ def train(run_dir: Path, overrides: list[str]) -> None:
 def run_one(run_dir: Path, overrides: list[str]) -> dict:
     """Train one configuration; returns what the comparison needs."""
     train(run_dir, overrides)
-    return collect(run_dir)
+    return record(collect(run_dir))
 
 
-def collect(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    memory = json.loads((run_dir / "memory_report.json").read_text())
-    steps = [r for r in rows if "step_seconds" in r]
-    seconds = [r["step_seconds"] for r in steps]
-    tokens = [r["tokens_per_second"] * r["step_seconds"] for r in steps]
-    # Cumulative training time and tokens at the end of each step (step 0: nothing yet).
-    at_step = {0: (0.0, 0.0)}
-    t = n = 0.0
-    for r, s, k in zip(steps, seconds, tokens):
-        t, n = t + s, n + k
-        at_step[r["step"]] = (t, n)
-    curve = [{"step": r["step"], "seconds": at_step[r["step"]][0],
-              "tokens": at_step[r["step"]][1], "eval_loss": r["eval/loss"]}
-             for r in rows if "eval/loss" in r and r["step"] in at_step]
-    out = {
-        "steps": len(steps),
-        "groups": summary["groups"],
-        "epochs": len(steps) * _batch(run_dir) / summary["data/train_samples"],
-        "mean_step_seconds": sum(seconds) / len(seconds),
-        "train_seconds": t,
-        "tokens": n,
-        "tokens_per_second": n / t,
-        "peak_rss_gib": memory["measured"].get("peak_rss", 0) / 2**30,
-        "eval_loss": curve[-1]["eval_loss"],
-        "eval_curve": curve,
-        "train_loss": [(r["step"], r["train/loss"]) for r in steps],
-    }
-    for key in ("eval/accuracy", "eval/accuracy_before"):
-        if key in summary:
-            out[key.replace("eval/", "eval_")] = summary[key]
+def record(run: dict) -> dict:
+    """What the strategies suites keep of a run (:func:`collect.collect`): speed, memory,
+    the eval loss curve (with training seconds and tokens) and the training loss."""
+    curve = [{"step": c["step"], "seconds": c["seconds"], "tokens": c["tokens"],
+              "eval_loss": c["value"]} for c in run["curve"]]
+    out = {key: run[key] for key in ("steps", "groups", "mean_step_seconds", "train_seconds",
+                                     "tokens", "tokens_per_second", "peak_rss_gib")}
+    out.update(epochs=run["epochs_trained"], eval_loss=curve[-1]["eval_loss"],
+               eval_curve=curve, train_loss=run["train_loss"])
+    out.update({k: run[k] for k in ("eval_accuracy", "eval_accuracy_before") if k in run})
     return out
-
-
-def _batch(run_dir: Path) -> int:
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    return int(cfg.trainer.batch_size) * int(cfg.trainer.grad_accum)
 
 
 def compare(runs: dict[str, dict]) -> dict:
@@ -414,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_results(result, args.out, name, not args.no_docs)
                 continue
             if not args.quick and not memory_done:  # LLaMA-7B per method (~1 min, once)
-                result["peers_memory_7b"] = peers.memory_7b(ENV)
+                result["peers_memory_7b"] = peers.memory_7b()
                 memory_done = True
                 peers.plot_memory(result["peers_memory_7b"], args.out / f"{name}-memory-7b.png")
             s["minutes"] = (time.perf_counter() - suite_start) / 60
@@ -465,7 +437,7 @@ def run_quality(spec: dict, runs_dir: Path, start: float, plot_path: Path,
     """One quality suite (``only``: these configurations): the budget for k=auto, every
     configuration on every seed, means and spreads, ratios to fpft (when it ran)."""
     names = [n for n in spec["configs"] if not only or n in only]
-    budget = (quality.budget_gib(spec["base"], ENV, ROOT)
+    budget = (quality.budget_gib(spec["base"])
               if any(n.startswith("auto") for n in names) else None)
     higher, runs, fpft = spec["higher_is_better"], {}, None
     for config in names:
@@ -478,8 +450,8 @@ def run_quality(spec: dict, runs_dir: Path, start: float, plot_path: Path,
                   flush=True)
             train(run_dir, merge(spec["base"], quality.overrides(config, spec, budget),
                                  [f"trainer.seed={seed}"]))
-            by_seed[seed] = r = quality.collect(run_dir, spec["metric"], higher,
-                                                spec.get("also"))
+            by_seed[seed] = r = quality.seed_record(collect(
+                run_dir, spec["metric"], higher, also=spec.get("also")))
             print(f"         {r['groups']} groups, {r['cycles']} cycles, best"
                   f" {r['best']['value']:.4f} at epoch {r['best']['epoch']}, final"
                   f" {r['final']['value']:.4f}, {r['train_seconds']:.0f} s", flush=True)

@@ -235,14 +235,14 @@ def built(ctx: StageContext, cfg, name: str, delays=None):
     trainer = HiftTrainer(cfg, ctx.runs / name)
     trainer.store_delays = delays
     trainer.explain_out_of_memory = False
-    if os.environ.get(OOM_ENV) == f"{ctx.name}/{name}":
-        def out_of_memory(*args, **kwargs):
-            raise torch.OutOfMemoryError(
-                f"{OOM_ENV}={ctx.name}/{name}: out of memory on purpose (test hook)")
-
-        trainer._step = out_of_memory
     try:
         trainer.setup()
+        if os.environ.get(OOM_ENV) == f"{ctx.name}/{name}":
+            def out_of_memory(*args, **kwargs):
+                raise torch.OutOfMemoryError(
+                    f"{OOM_ENV}={ctx.name}/{name}: out of memory on purpose (test hook)")
+
+            trainer.update.step = out_of_memory  # HiFT's update rule, this trainer's
         yield trainer  # train(evaluate=False) throughout: time training only
     finally:
         with contextlib.suppress(Exception):

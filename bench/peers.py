@@ -7,11 +7,12 @@ epoch, and runs in its own process (its peak RSS is its own, read with ``wait4``
 - ``fpft`` (AdamW), HiFT (the quality suite's best configuration and ``m=1``) and LISA's
   layer sampling run by ``hift train`` itself;
 - LoRA (``peft``), BAdam (``badam``), GaLore (``galore-torch``) and LOMO / AdaLomo
-  (``lomo-optim``) run by this file's ``--child`` mode: the batches, the loss weighting,
-  the LR schedule, gradient clipping and the evaluation are hift's own (an fpft
-  ``HiftTrainer`` is set up and only its update is replaced), so the update rule is the
-  only difference. Each peer is configured as its own documentation advises; the
-  settings and the package version go into the results.
+  (``lomo-optim``) run by this file's ``--child`` mode as update rules
+  (``hift_cli.update.Update``) of ``hift train``'s own task and loop: an fpft
+  ``HiftTrainer`` is set up and trains with the peer's update, so the batches, the loss
+  weighting, the metrics rows, the evaluation and the summary are hift's own and the
+  update rule is the only difference. Each peer is configured as its own documentation
+  advises; the settings and the package version go into the results.
 
 A peer that is not installed, or that cannot run here (AdaLomo allocates its state with
 ``.cuda()``), gets a row that says why. The peers are the optional extra
@@ -40,6 +41,8 @@ import time
 from pathlib import Path
 
 import quality
+from collect import collect, point
+from hift_cli.update import StepResult, Update
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,12 +113,10 @@ def peer_methods(spec: dict) -> dict[str, dict]:
 
 
 def _seeded(family: str, spec: dict) -> dict[str, dict]:
-    """One suite per seed (``family``, ``family-seed<n>``): each fits the 30 minutes a suite
-    may take here, where all seeds in one would not; the tables combine them."""
-    return {family + ("" if seed == spec["seeds"][0] else f"-seed{seed}"):
-            {**spec, "family": family, "seed": seed,
-             "base": merge(spec["base"], [f"trainer.seed={seed}"])}
-            for seed in spec["seeds"]}
+    """quality.per_seed's suites (the first seed's named ``family``), each seed in the
+    base overrides (a peers suite runs the one seed it names)."""
+    return {name: {**s, "base": merge(s["base"], [f"trainer.seed={s['seed']}"])}
+            for name, s in quality.per_seed(family, spec, first_bare=True).items()}
 
 
 # The quality suites' data, epochs, evaluation and seeds (bench/quality.py), a seed per
@@ -174,7 +175,7 @@ def run_suite(spec: dict, runs_dir: Path, env: dict, start: float,
     runs; ``compare`` is the caller's when ``only``)."""
     runs = {}
     chosen = {k: m for k, m in methods(spec, every=bool(only)).items() if not only or k in only}
-    budget = (quality.budget_gib(spec["base"], env, ROOT)
+    budget = (quality.budget_gib(spec["base"])
               if any(m.get("budget") for m in chosen.values()) else None)
     for name, method in chosen.items():
         if name in spec.get("after", {}):  # a suite's settings over the method's own
@@ -229,8 +230,9 @@ def run_method(method: dict, spec: dict, run_dir: Path, env: dict,
     # What the peer resolved at run time (e.g. BAdam's switch interval) joins its settings.
     summary = json.loads((run_dir / "summary.json").read_text())
     settings.update(summary.get("settings", {}))
-    return {**what, "settings": settings,
-            **collect(run_dir, spec["metric"], spec["higher_is_better"], rss, spec["epochs"])}
+    return {**what, "settings": settings, **method_record(
+        collect(run_dir, spec["metric"], spec["higher_is_better"], peak_rss=rss),
+        spec["epochs"])}
 
 
 def _at_epoch(points: list[dict], epoch: float) -> dict:
@@ -239,31 +241,18 @@ def _at_epoch(points: list[dict], epoch: float) -> dict:
     return next((c for c in points if c["epoch"] >= epoch - 1e-9), points[-1])
 
 
-def collect(run_dir: Path, metric: str, higher_is_better: bool, peak_rss: int,
-            epochs_wanted: int) -> dict:
-    """Speed, memory and the eval curve of one run (hift's or a peer's: the same files)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    steps = [r for r in rows if "step_seconds" in r]
-    seconds = tokens = 0.0
-    at_step = {0: 0.0}
-    for r in steps:
-        seconds += r["step_seconds"]
-        tokens += r["tokens_per_second"] * r["step_seconds"]
-        at_step[r["step"]] = seconds
-    curve = [{"step": r["step"], "epoch": r.get("epoch"), "value": r[metric],
-              "seconds": at_step.get(r["step"], seconds)} for r in rows if metric in r]
-    epochs = [c for c in curve if c["step"] > 0]
-    pick = max if higher_is_better else min
-    return {
-        "steps": len(steps), "train_seconds": seconds, "tokens": tokens,
-        "mean_step_seconds": seconds / len(steps), "tokens_per_second": tokens / seconds,
-        "peak_rss_gib": peak_rss / 2**30,
-        "params_updated_per_step": summary["train/params_updated_per_step"],
-        "curve": curve, "before": curve[0]["value"] if curve[0]["step"] == 0 else None,
-        "epoch1": _at_epoch(epochs, 1), "epochs": _at_epoch(epochs, epochs_wanted),
-        "final": epochs[-1], "best": pick(epochs, key=lambda c: c["value"]),
-    }
+def method_record(run: dict, epochs_wanted: int) -> dict:
+    """What a peers suite keeps of a method's run (:func:`collect.collect`): speed, memory,
+    the eval curve, and the metric after one epoch, after ``epochs_wanted``, the final and
+    the best."""
+    evals = [point(c) for c in run["evals"]]
+    out = {key: run[key] for key in ("steps", "train_seconds", "tokens", "mean_step_seconds",
+                                     "tokens_per_second", "peak_rss_gib",
+                                     "params_updated_per_step", "before")}
+    out.update(curve=[point(c) for c in run["curve"]], epoch1=_at_epoch(evals, 1),
+               epochs=_at_epoch(evals, epochs_wanted), final=evals[-1],
+               best=point(run["best"]))
+    return out
 
 
 RATIOS = ("mean_step_seconds", "tokens_per_second", "peak_rss_gib", "params_updated_per_step",
@@ -445,41 +434,31 @@ SETTING_7B = ["recipe=llama7b_alpaca", "trainer.batch_size=8", "data.max_length=
               "trainer.precision=bf16"]
 
 
-def memory_7b(env: dict) -> dict:
+def memory_7b() -> dict:
     """Device memory of each method for LLaMA-7B at batch 8 x 512 in bf16 (weights,
     gradients and AdamW states in bf16; the recipe's gradient checkpointing for all).
 
-    fpft, HiFT and LISA: ``hift memprofile``. The peers: their documented memory models on
-    the same parameter shapes, with memprofile's activations (the full graph's for methods
-    that back-propagate to the embeddings; BAdam's lowest block active for BAdam).
+    fpft, HiFT and LISA: ``hift memprofile``'s estimate. The peers: their documented memory
+    models on the same parameter shapes, with memprofile's activations (the full graph's
+    for methods that back-propagate to the embeddings; BAdam's lowest block active for
+    BAdam).
     """
-    def memprofile(*overrides: str) -> dict:
-        out = subprocess.run(
-            [sys.executable, "-c", "import sys; from hift_cli.cli import main; sys.exit(main())",
-             "memprofile", *SETTING_7B, *overrides, "memprofile.format=json"],
-            capture_output=True, text=True, env=env, cwd=ROOT, check=True).stdout
-        return json.loads(out[out.index("{"):])
-
-    auto = memprofile()  # the recipe: k=auto under its 24 GiB budget
-    m1 = memprofile("hift.m=1")
-    lisa = memprofile("hift.strategy=random", "hift.m=1",
-                      "hift.always_active=[embeddings,head]")
-    shapes = _llama7b_shapes()
-    return peer_memory(auto, m1, lisa, shapes)
+    auto = quality.estimate(SETTING_7B)  # the recipe: k=auto under its 24 GiB budget
+    m1 = quality.estimate([*SETTING_7B, "hift.m=1"])
+    lisa = quality.estimate([*SETTING_7B, "hift.strategy=random", "hift.m=1",
+                             "hift.always_active=[embeddings,head]"])
+    return peer_memory(auto, m1, lisa, _llama7b_shapes())
 
 
 def _llama7b_shapes() -> dict:
     """Parameter shapes of the LLaMA-7B preset (a meta model: no download, no memory)."""
-    from hydra import compose, initialize_config_module
     from torch import nn
 
-    from hift_cli.config import to_config
+    from hift_cli.config import compose
     from hift_cli.grouping import find_units
     from hift_cli.memory import meta_model
 
-    with initialize_config_module("hift_cli.recipes", version_base="1.3"):
-        cfg = to_config(compose("config", overrides=SETTING_7B), SETTING_7B)
-    model = meta_model(cfg)
+    model = meta_model(compose(SETTING_7B))
     units = find_units(model)
     blocks = [u for u in units if u.name.startswith("block.")]
     in_blocks = {id(p) for u in blocks for p in u.params.values()}
@@ -597,71 +576,28 @@ class Unavailable(Exception):
 
 
 def child(settings: dict, run_dir: Path, overrides: list[str]) -> int:
-    """Train one peer with hift's data, schedule, clipping and evaluation."""
-    from hydra import compose, initialize_config_module
-
-    from hift_cli.config import to_config
-    from hift_cli.engine import HiftTrainer
+    """Train one peer through hift's own loop (``hift train``'s task with the peer's update
+    rule): hift's batches, loss weighting, metrics rows, evaluation and summary."""
+    from hift_cli.config import compose
+    from hift_cli.run import run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = [*overrides, "hift.strategy=fpft"]
-    with initialize_config_module("hift_cli.recipes", version_base="1.3"):
-        cfg = to_config(compose("config", overrides=overrides), overrides)
+    overrides = [*overrides, "hift.strategy=fpft", "trainer.save_model=false",
+                 "trainer.save_every=null"]
+    cfg = compose(overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = HiftTrainer(cfg, run_dir)
-    trainer.setup()  # fpft: the model, the batches, the evaluator, max_steps from epochs
-    try:
-        peer = PEERS[settings["peer"]](trainer, settings)
+    try:  # fpft's trainer: the model, the batches, the evaluator, the steps from epochs
+        run_training(cfg, run_dir, update=lambda trainer: PEERS[settings["peer"]](
+            trainer, settings))
     except Unavailable as e:
         (run_dir / "unavailable.json").write_text(json.dumps({"reason": str(e)}))
-        return 0
-    train_peer(trainer, peer, run_dir)
     return 0
 
 
-def train_peer(trainer, peer, run_dir: Path) -> None:
-    """hift's step loop with the peer's update: same batches, loss weighting, schedule,
-    evaluation points and metrics rows."""
-    tcfg = trainer.cfg.trainer
-    with open(run_dir / "metrics.jsonl", "w") as rows:
-        updated = _peer_loop(trainer, peer, rows)
-    (run_dir / "summary.json").write_text(json.dumps({
-        "train/params_updated_per_step": updated / tcfg.max_steps,
-        "data/train_samples": len(trainer.train_set), "groups": None,
-        "settings": peer.settings}, indent=2))
-
-
-def _peer_loop(trainer, peer, rows) -> int:
-    """The steps and evaluations, one metrics row each; the parameters updated in all."""
-    tcfg = trainer.cfg.trainer
-
-    def record(row):
-        rows.write(json.dumps(row) + "\n")
-        rows.flush()
-
-    if tcfg.eval_before:
-        record({"step": 0, "epoch": 0.0, **trainer.evaluate()})
-    updated = 0
-    for step in range(tcfg.max_steps):
-        start = time.perf_counter()
-        window = [trainer._next_batch() for _ in range(tcfg.grad_accum)]
-        total_items = max(sum(w[1] for w in window), 1)
-        lr = peer.lr()
-        loss, n = peer.step([(b, items / total_items) for b, items, _ in window])
-        updated += n
-        trainer.global_step = step + 1
-        seconds = time.perf_counter() - start
-        tokens = sum(w[2] for w in window)
-        record({"step": step + 1, "epoch": trainer.epoch, "train/loss": loss, "lr": lr,
-                "tokens_per_second": tokens / seconds, "step_seconds": seconds})
-        if trainer._due(tcfg.eval_every) and step + 1 < tcfg.max_steps:
-            record({"step": step + 1, "epoch": trainer.epoch, **trainer.evaluate()})
-    record({"step": tcfg.max_steps, "epoch": trainer.epoch, **trainer.evaluate()})
-    return updated
-
-
-class Peer:
-    """A torch optimizer over some parameters, stepped like hift's fpft step."""
+class Peer(Update):
+    """A torch optimizer over some parameters, stepped like hift's fpft step: the
+    window's micro-batches, each loss scaled by its weight, clipped at
+    ``trainer.max_grad_norm``, the LR schedule stepped every step."""
 
     def __init__(self, trainer, settings: dict):
         self.trainer, self.settings = trainer, settings
@@ -672,28 +608,32 @@ class Peer:
     def schedule(self, optimizer) -> None:
         from transformers import get_scheduler
 
-        t = self.cfg.trainer  # fpft's: one cycle per step
+        t, steps = self.cfg.trainer, self.trainer.plan.max_steps  # fpft's: a cycle a step
         self.scheduler = get_scheduler(t.lr_scheduler, optimizer,
-                                       num_warmup_steps=t.warmup(t.max_steps),
-                                       num_training_steps=t.max_steps)
+                                       num_warmup_steps=t.warmup(steps),
+                                       num_training_steps=steps)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def summary(self) -> dict:
+        return {"settings": self.settings}  # with what the peer resolved at run time
 
     def forward_backward(self, window) -> float:
         from hift_cli.models import autocast
 
         total = 0.0
-        for batch, weight in window:
+        for batch, weight in zip(window.batches, window.weights):
             with autocast(self.cfg.trainer.precision, self.trainer.device):
                 loss = self.model(**batch).loss * weight
             loss.backward()
             total += loss.item()
         return total
 
-    def step(self, window) -> tuple[float, int]:
+    def step(self, step, stop, window) -> StepResult:
         import torch
 
+        lr = self.lr()
         loss = self.forward_backward(window)
         params = [p for g in self.optimizer.param_groups for p in g["params"]
                   if p.grad is not None]
@@ -703,7 +643,7 @@ class Peer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, n
+        return StepResult(loss, lr, finite=True, updated=n)
 
     def updated(self) -> int:
         return sum(p.numel() for g in self.optimizer.param_groups for p in g["params"]
@@ -810,8 +750,8 @@ class LOMO(Peer):
         self.stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.lr_value)
         self.schedule(self.stand_in)
 
-    def step(self, window):
-        ((batch, weight),) = window
+    def step(self, step, stop, window):
+        ((batch, weight),) = zip(window.batches, window.weights)
         from hift_cli.models import autocast
 
         lr = self.lr()
@@ -822,7 +762,8 @@ class LOMO(Peer):
         self.optimizer.fused_backward(loss, lr)
         self.stand_in.step()
         self.scheduler.step()
-        return loss.item(), sum(p.numel() for p in self.model.parameters())
+        return StepResult(loss.item(), lr, finite=True,
+                          updated=sum(p.numel() for p in self.model.parameters()))
 
 
 PEERS = {"lora": LoRA, "badam": BAdam, "galore": GaLore, "lomo": LOMO, "adalomo": LOMO}

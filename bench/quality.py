@@ -31,11 +31,10 @@ still ranks the methods by how sure they are.
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from collect import point
 
 HEAD = ["hift.always_active=[head]"]
 SEEDS = (42, 1, 2)
@@ -69,10 +68,12 @@ SMOLLM2 = ["recipe=demo", "data.path=reasoning_gym:family_relationships",
            "eval.exact_match=true", "eval.max_new_tokens=8", "eval.batch_size=64",
            "eval.show_samples=0"]
 
-def per_seed(family: str, spec: dict) -> dict[str, dict]:
-    """A suite per seed (``<family>-seed<n>``), where all seeds in one would take more than
-    the 30 minutes a suite may take here; their results join under ``family``."""
-    return {f"{family}-seed{seed}": {**spec, "family": family, "seeds": (seed,)}
+def per_seed(family: str, spec: dict, first_bare: bool = False) -> dict[str, dict]:
+    """A suite per seed (``<family>-seed<n>``; ``first_bare``: the first seed's is
+    ``<family>``), where all seeds in one would take more than the 30 minutes a suite may
+    take here; their results join under ``family``."""
+    return {family + ("" if first_bare and seed == spec["seeds"][0] else f"-seed{seed}"):
+            {**spec, "family": family, "seeds": (seed,), "seed": seed}
             for seed in spec["seeds"]}
 
 
@@ -127,18 +128,24 @@ QUICK = {  # the same code path on the random-init tiny LLaMA: seconds (tests)
 QUICK.update(per_seed("quality-tiny-seeds", {**QUICK["quality-tiny"], "configs": ("fpft", "k4")}))
 
 
-def budget_gib(base: list[str], env: dict, cwd: Path) -> float:
+def estimate(overrides: list[str]) -> dict:
+    """The memory estimate of ``hift memprofile <overrides>`` (its JSON report), computed
+    in this process."""
+    from hift_cli.config import compose
+    from hift_cli.memory import estimate as estimate_memory
+
+    cfg = compose(overrides, estimate_only=True)
+    return estimate_memory(cfg, largest_batch=cfg.hift.memory_budget is not None)
+
+
+def budget_gib(base: list[str]) -> float:
     """Halfway between the smallest grouping's estimated peak (one unit per group) and
     full fine-tuning's, for the suite's own settings, on the device the runs will use (the
     offload rule differs: on with CUDA, off on a CPU)."""
     import torch
 
     device = [] if torch.cuda.is_available() else ["trainer.device=cpu"]
-    out = subprocess.run(
-        [sys.executable, "-c", "import sys; from hift_cli.cli import main; sys.exit(main())",
-         "memprofile", *base, *device, "hift.k=null", "hift.m=1", "memprofile.format=json"],
-        capture_output=True, text=True, env=env, cwd=cwd, check=True).stdout
-    report = json.loads(out[out.index("{"):])
+    report = estimate([*base, *device, "hift.k=null", "hift.m=1"])
     return round((report["fpft"]["total"] + report["hift"]["total"]) / 2 / 2**30, 4)
 
 
@@ -169,32 +176,16 @@ def overrides(name: str, spec: dict, budget: float | None) -> list[str]:
     return out
 
 
-def collect(run_dir: Path, metric: str, higher_is_better: bool, also: str | None = None) -> dict:
-    """One seed's run: every epoch's metric with the training seconds spent until then;
-    best and final; cycles and updates per group; ``also``: a loss (lower is better) beside
-    the metric, its best and final."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    seconds, at_step = 0.0, {0: 0.0}
-    cycles = 0
-    for r in rows:
-        if "step_seconds" in r:
-            seconds += r["step_seconds"]
-            at_step[r["step"]] = seconds
-            cycles = max(cycles, r.get("cycle", 0) + 1)
-    epochs = [{"step": r["step"], "epoch": r.get("epoch"), "value": r[metric],
-               "seconds": at_step.get(r["step"], seconds)}
-              for r in rows if metric in r and r["step"] > 0]
-    pick = max if higher_is_better else min
-    best = pick(epochs, key=lambda e: e["value"])
-    steps = max(at_step)
-    out = {"groups": summary["groups"], "steps": steps, "cycles": cycles,
-           "updates_per_group": steps / summary["groups"], "train_seconds": seconds,
-           "epochs": epochs, "best": best, "final": epochs[-1],
-           "before": next((r[metric] for r in rows if metric in r and r["step"] == 0), None)}
-    if also:
-        losses = [r[also] for r in rows if also in r and r["step"] > 0]
-        out["also"] = {"best": min(losses), "final": losses[-1]}
+def seed_record(run: dict) -> dict:
+    """What a quality suite keeps of one seed's run (:func:`collect.collect`): every
+    epoch's metric with the training seconds spent until then; best and final; cycles and
+    updates per group; ``also``: the loss beside the metric, its best and final."""
+    out = {key: run[key] for key in ("groups", "steps", "cycles", "updates_per_group",
+                                     "train_seconds", "before")}
+    out.update(epochs=[point(c) for c in run["evals"]], best=point(run["best"]),
+               final=point(run["final"]))
+    if "also" in run:
+        out["also"] = run["also"]
     return out
 
 

@@ -705,6 +705,22 @@ def to_config(cfg: DictConfig, overrides=(), estimate_only: bool = False) -> Con
     return obj
 
 
+def compose(overrides=(), estimate_only: bool = False) -> Config:
+    """The typed config of ``hift <command> <overrides>``, from Python: ``recipes/``
+    composed with the ``key=value`` strings and validated (a trainer or an estimate in a
+    notebook, the benchmark's peers). Not inside a running Hydra app (it has its own).
+
+    Raises:
+        ConfigError: as :func:`to_config`.
+    """
+    from hydra import compose as compose_recipes
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(recipes_dir()), version_base="1.3"):
+        cfg = compose_recipes("config", overrides=list(overrides))
+    return to_config(cfg, list(overrides), estimate_only)
+
+
 def checkpoint_dir(path: str) -> Path:
     """A saved model folder, or a ``hift train`` run dir holding one in ``model/``."""
     root = Path(path).expanduser()

@@ -1,12 +1,12 @@
 """The hierarchical training engine.
 
 One step trains one group of units; the others are frozen. :meth:`HiftTrainer.train`
-runs steps and evaluations; :meth:`HiftTrainer._step` is one step, top to bottom: pick
-group -> activate it -> fetch inputs (and this group's state if it is not on the device
-yet) -> forward/backward (grad_accum micro-batches) -> send the previous group's state
-back, prefetch the next group's -> wait for this group's state -> clip -> optimizer step
--> (end of cycle: LR step); its own state goes back during the next step. The resumable state is :meth:`~HiftTrainer.state_dict`; ``checkpoint.py`` only
-writes and reads it.
+runs the loop: each step's micro-batches (the :class:`~hift_cli.update.Window`), the
+update, the metrics row, evaluations, checkpoints and stops. The update is a rule
+(``hift_cli/update.py``): :class:`~hift_cli.update.HiftUpdate` is HiFT's, top to bottom
+(pick the group -> activate it -> forward/backward -> prefetch the next group's state ->
+clip -> optimizer step -> at a cycle's end, the LR step). The resumable state is
+:meth:`~HiftTrainer.state_dict`; ``checkpoint.py`` only writes and reads it.
 
 Why it is cheap:
   * Only the active group has ``requires_grad``, so autograd records nothing below it:
@@ -24,11 +24,8 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import functools
 import logging
-import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -41,24 +38,8 @@ from transformers import get_scheduler, set_seed
 
 from hift_cli import data as data_lib
 from hift_cli import distributed
-from hift_cli.checkpoint import (
-    MARKER,
-    SHARDS,
-    STATE_FILE,
-    WRITE_ERRORS,
-    CheckpointError,
-    DiskSpaceError,
-    checkpoints_dir,
-    clear_staged_shards,
-    load_checkpoint,
-    require_space,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    stage_shard,
-    tensor_bytes,
-    write_failure,
-)
+from hift_cli.checkpoint import (CheckpointError, load_checkpoint, require_space, rng_state,
+                                 set_rng_state)
 from hift_cli.config import Config, ConfigError
 from hift_cli.errors import TrainingStopped
 from hift_cli.evaluate import build_evaluator
@@ -67,7 +48,6 @@ from hift_cli.grouping import (Group, GroupSchedule, block_stack, find_units, pl
 from hift_cli.loss import ChunkedLoss, chunk_tokens, chunkable
 from hift_cli.memory import build_groups, estimate
 from hift_cli.models import (
-    autocast,
     enable_checkpointing,
     load_model,
     load_tokenizer,
@@ -77,112 +57,30 @@ from hift_cli.models import (
 from hift_cli.offload import (Delays, GroupStateStore, TransferStats, offload_enabled,
                               state_shapes)
 from hift_cli.progress import RunLog
+from hift_cli.runplan import RunPlan
+from hift_cli.saving import Saver, tied_names
+from hift_cli.update import HiftUpdate, Masters, StepResult, Update, Window
 
 log = logging.getLogger(__name__)
 
 
-class Masters:
-    """What the optimizer updates for each :class:`~hift_cli.grouping.Piece` of a model
-    parameter, the one place that knows: bf16-mixed's fp32 master weights (the model
-    computes in bf16), else the parameter itself; for a sub-unit's rows, a view of those
-    rows of either. :meth:`take_grads` brings the gradients in, :meth:`write_back` the
-    updated weights out. ``bool(masters)``: bf16-mixed."""
-
-    def __init__(self, model: torch.nn.Module, enabled: bool):
-        self.enabled = enabled
-        # Made before the model goes to bf16: the masters keep the fp32 storage (sharded
-        # weights: a copy of this rank's fp32 part, sharded like its parameter).
-        self.by_id: dict[int, torch.nn.Parameter] = (
-            {id(p): torch.nn.Parameter(
-                distributed.wrap_like(distributed.local(p).detach().clone(), p)
-                if distributed.is_sharded(p) else p.data, requires_grad=False)
-             for p in model.parameters()} if enabled else {})
-        self.rows: dict[tuple[int, int, int], torch.nn.Parameter] = {}  # sub-units' views
-
-    def __bool__(self) -> bool:
-        return self.enabled
-
-    def of(self, pieces) -> list[torch.Tensor]:
-        """What the optimizer updates for ``pieces`` (the same objects at every call)."""
-        out = []
-        for piece in pieces:
-            full = self.by_id.get(id(piece.param), piece.param)
-            if piece.whole:
-                out.append(full)
-                continue
-            key = (id(piece.param), piece.start, piece.stop)
-            if key not in self.rows:  # shares the full tensor's storage
-                self.rows[key] = torch.nn.Parameter(piece.of(full.data), requires_grad=False)
-            out.append(self.rows[key])
-        return out
-
-    def settle(self, whole: set[int]) -> None:
-        """After every piece has its tensor: drop the full fp32 master of a parameter that
-        trains only in parts (``whole``: ids of those trained whole), so that moving its
-        pieces' storage (offload) frees it."""
-        for pid in [pid for pid in self.by_id if pid not in whole]:
-            if any(key[0] == pid for key in self.rows):
-                del self.by_id[pid]
-
-    def take_grads(self, pieces, updated: list) -> None:
-        """The model's gradients -> what the optimizer updates: fp32 gradients on the
-        masters (bf16-mixed, freeing the bf16 ones), a sub-unit's rows (a dense view, or
-        the rows of a sparse gradient made dense)."""
-        for piece, target in zip(pieces, updated):
-            p = piece.param
-            if target is p:  # updated in place with its own gradient
-                continue
-            grad = p.grad
-            if grad is not None:
-                target.grad = _rows_of(grad, piece, target.dtype)
-            p.grad = None
-
-    def write_back(self, pieces, updated: list) -> None:
-        """Updated fp32 masters -> the bf16 weights the model computes with (other
-        precisions update the weights, or views of their rows, in place)."""
-        if self:
-            for piece, master in zip(pieces, updated):
-                piece.of(piece.param.data).copy_(master.data)
-
-    def rekey(self, names: dict[int, str], model: torch.nn.Module) -> None:
-        """The model's parameters were replaced (sharded ones converted to bf16 are new
-        objects): find each master's parameter again by name (``names``: old id -> name)."""
-        params = dict(model.named_parameters(remove_duplicate=False))
-        self.by_id = {id(params[names[i]]): m for i, m in self.by_id.items()}
-
-
-def _rows_of(grad: torch.Tensor, piece, dtype: torch.dtype) -> torch.Tensor:
-    """``piece``'s rows of a parameter's gradient, dense, in ``dtype``: a view where they
-    already are (dense, same dtype)."""
-    if not grad.is_sparse:
-        return piece.of(grad).to(dtype)
-    grad = grad.coalesce()  # an embedding's (a row per token) or a chunked head's rows
-    index, values = grad.indices()[0], grad.values()
-    keep = (index >= piece.start) & (index < piece.stop)
-    out = torch.zeros(piece.shape, dtype=dtype, device=values.device)
-    # Coalesced: each row once, so a plain (deterministic) indexed write.
-    return out.index_put_((index[keep] - piece.start,), values[keep].to(dtype))
-
-
-@dataclasses.dataclass
-class StepResult:
-    """What one step did (:meth:`HiftTrainer._step`)."""
-
-    group: Group
-    loss: float  # the global batch's loss
-    lr: float
-    tokens: int  # tokens of the global batch
-    seconds: float
-    finite: bool  # False: non-finite loss or gradient, update skipped
-    updated: int  # parameters updated
-    moved: TransferStats  # the state store's transfers
-    synced: int  # gradient bytes all-reduced (data parallel) or reduce-scattered (sharded)
-
-
 class HiftTrainer:
-    """Set up with :meth:`setup`, run with :meth:`train`, write with :meth:`save`;
-    :meth:`state_dict` / :meth:`load_state_dict` (or :meth:`checkpoint` / :meth:`resume`)
-    carry a run across processes."""
+    """A HiFT training run. :meth:`setup` assembles its parts, in this order:
+
+    - ``tokenizer``, ``train_set``, ``evaluator`` and the batch stream (``batches``,
+      ``batches_consumed``; data.py, evaluate.py);
+    - ``model``, with ``masters`` (update.py: the fp32 masters of bf16-mixed) and ``loss``
+      (loss.py: the chunked loss);
+    - ``units``, ``always`` (always-active units), ``groups`` and ``schedule`` (grouping.py,
+      memory.py for k=auto: which group trains at which step);
+    - ``plan`` (runplan.py: the steps from epochs, the cycles, what is due after a step);
+    - ``optimizer``, ``store`` (offload.py: inactive groups' state off the device) and
+      ``scheduler`` (the delayed LR update);
+    - ``update`` (update.py: HiFT's step) and ``saver`` (saving.py: checkpoints, model/).
+
+    :meth:`train` runs the loop, :meth:`save` writes the model; :meth:`state_dict` /
+    :meth:`load_state_dict` (or :meth:`checkpoint` / :meth:`resume`) carry a run across
+    processes."""
 
     def __init__(self, cfg: Config, output_dir: str | Path):
         self.cfg = cfg
@@ -203,6 +101,7 @@ class HiftTrainer:
         # An out-of-memory stop names the estimated peak (an estimate: seconds for a 7B
         # model); False leaves it out (the GPU check, which records the OOM itself).
         self.explain_out_of_memory = True
+        self.store: GroupStateStore | None = None  # setup() makes it after the groups
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -237,10 +136,15 @@ class HiftTrainer:
                 distributed.broadcast_parameters(self.model)
             torch.manual_seed(cfg.trainer.seed + self.dist.rank)  # own dropout masks
         self._setup_groups()
-        self._resolve_steps()
+        self.plan = self._setup_plan()
         self._setup_optimizer()
-        self._setup_store()
-        self._setup_scheduler()
+        self.store = self._setup_store()
+        self.scheduler = self._setup_scheduler()
+        # HiFT's update rule (train(update=...) takes another: the benchmark's peers).
+        self.update = HiftUpdate(self)
+        # Checkpoints and model/ (trainer.save_every, save_model, a stop signal).
+        self.saver = Saver(self.output_dir, self.model, self.tokenizer, self.state_dict,
+                           lambda: self.global_step, cfg.trainer, self.dist, self.sharded)
 
     def _setup_model(self) -> None:
         cfg = self.cfg.model
@@ -355,7 +259,6 @@ class HiftTrainer:
         self.always_numel = sum(u.numel for u in self.always)  # trained at every step
         for p in self.always_params:
             p.requires_grad_(True)  # for the whole run
-        self.active: Group | None = None
         # Data parallel: only the active group's (and always-active units') gradients
         # cross the wire (sharded: FSDP reduce-scatters them instead).
         self.grad_sync = (distributed.GradSync() if self.dist.enabled and not self.sharded
@@ -386,12 +289,11 @@ class HiftTrainer:
         cfg = self.cfg
         # trainer.device=auto resolved: the estimate's offload rule and reserve read it.
         if self.device.type == "cpu":
-            # A copy, not dataclasses.replace: that validates again, and trainer.epochs has
-            # been turned into max_steps by now (both set: refused).
+            # A copy, not dataclasses.replace: that would validate (and log) again.
             trainer = copy.copy(cfg.trainer)
             trainer.device = "cpu"
             cfg = dataclasses.replace(cfg, trainer=trainer)
-        if hasattr(self, "store"):
+        if self.store is not None:
             cfg = dataclasses.replace(cfg, hift=dataclasses.replace(
                 cfg.hift, offload=self.store.enabled))
         if self.sharded:
@@ -399,43 +301,33 @@ class HiftTrainer:
                 cfg.memprofile, world_size=self.dist.world, measure=False))
         return cfg
 
-    def _resolve_steps(self) -> None:
-        """``trainer.epochs`` -> ``trainer.max_steps`` (whole cycles), and epoch lengths."""
-        tcfg, k = self.cfg.trainer, self.schedule.cycle_steps
-        # Micro-batches per epoch on each rank; grad_accum of them make a step.
-        n, world = len(self.train_set), self.dist.world
-        self.epoch_batches = data_lib.batches_per_epoch(n, tcfg.batch_size, world)
-        if self.epoch_batches == 0:  # what the first batch would say
-            raise ConfigError(f"data: {n} training samples cannot be shared by {world}"
-                              " processes")
+    def _setup_plan(self) -> RunPlan:
+        """The run plan: the steps (``trainer.epochs`` in whole cycles), the epochs'
+        length, the LR schedule's cycles, said in the log."""
+        tcfg = self.cfg.trainer
+        plan = RunPlan.of(tcfg, len(self.train_set), self.dist.world, self.schedule.cycle_steps)
         if tcfg.epochs is not None:
-            steps = math.ceil(tcfg.epochs * self.epoch_batches / tcfg.grad_accum)
-            # trainer.epochs stays as given; max_steps is what everything downstream reads.
-            tcfg.max_steps = math.ceil(steps / k) * k
-            log.info(f"trainer.epochs={tcfg.epochs}: {tcfg.epochs} x {self.epoch_batches}"
+            steps, k = plan.steps_from_epochs, plan.cycle_steps
+            log.info(f"trainer.epochs={tcfg.epochs}: {tcfg.epochs} x {plan.epoch_batches}"
                      " batches" + (f" / grad_accum {tcfg.grad_accum}" if tcfg.grad_accum > 1
                                    else "") + f" = {steps} steps"
-                     + (f", rounded up to {tcfg.max_steps}" if tcfg.max_steps != steps else "")
-                     + f" ({tcfg.max_steps // k} cycles of {len(self.groups)} groups"
+                     + (f", rounded up to {plan.max_steps}" if plan.max_steps != steps else "")
+                     + f" ({plan.max_steps // k} cycles of {len(self.groups)} groups"
                      + (f" x {self.schedule.steps_per_group} steps"
                         if self.schedule.steps_per_group > 1 else "") + ")")
         if "epoch" in (tcfg.eval_every, tcfg.save_every):
-            ends = [math.ceil(e * self.epoch_batches / tcfg.grad_accum) for e in (1, 2, 3)]
-            log.info(f"Epoch ends ({self.epoch_batches} batches each): steps"
-                     f" {', '.join(map(str, ends))}, ...")
+            log.info(f"Epoch ends ({plan.epoch_batches} batches each): steps"
+                     f" {', '.join(str(plan.epoch_end(e)) for e in (1, 2, 3))}, ...")
+        return plan
 
     def _due(self, every) -> bool:
-        """Whether the step just taken is on trainer.eval_every / save_every's schedule:
-        every N steps, or ``epoch``: the step that consumed an epoch's last batch."""
-        if every == "epoch":
-            b, done = self.epoch_batches, self.batches_consumed
-            return done // b > (done - self.cfg.trainer.grad_accum) // b
-        return bool(every) and self.global_step % every == 0
+        """Whether the step just taken is on trainer.eval_every / save_every's schedule."""
+        return self.plan.due(every, self.global_step, self.batches_consumed)
 
     @property
     def epoch(self) -> float:
         """Epochs completed (batches consumed / batches per epoch): for metrics rows."""
-        return round(self.batches_consumed / self.epoch_batches, 4)
+        return self.plan.epoch(self.batches_consumed)
 
     def _setup_optimizer(self) -> None:
         ocfg = dict(self.cfg.optimizer)
@@ -461,13 +353,13 @@ class HiftTrainer:
         self.optimizer_factory = instantiate({**ocfg, "_partial_": True})
         self.optimizer = self.optimizer_factory(param_groups)
 
-    def _setup_store(self) -> None:
+    def _setup_store(self) -> GroupStateStore:
         """Inactive groups' optimizer state (and masters) in host memory, if enabled."""
         enabled, why = offload_enabled(self.cfg, self.device.type, len(self.groups))
         # fp32 masters start in host memory (the store moves them) or on the device.
-        self.store = GroupStateStore(self.optimizer, self.opt_params, self.device, enabled,
-                                     masters=bool(self.masters), factory=self.optimizer_factory,
-                                     pairs=self.schedule.pairs(), delays=self.store_delays)
+        store = GroupStateStore(self.optimizer, self.opt_params, self.device, enabled,
+                                masters=bool(self.masters), factory=self.optimizer_factory,
+                                pairs=self.schedule.pairs(), delays=self.store_delays)
         if self.masters and not self.sharded:  # sharded ones are made on the device
             on_device = self.always_opt + ([] if enabled else
                                            [m for params in self.opt_params for m in params])
@@ -475,38 +367,46 @@ class HiftTrainer:
                 m.data = m.data.to(self.device)
         log.info(f"Optimizer state offload: {'on' if enabled else f'off ({why})'}"
                  + (" (fp32 masters too)" if self.masters and enabled else ""))
+        return store
 
-    def _setup_scheduler(self) -> None:
-        tcfg = self.cfg.trainer
-        self.num_cycles = self.schedule.num_cycles(tcfg.max_steps)
-        warmup = tcfg.warmup(self.num_cycles)
+    def _setup_scheduler(self):
+        """The LR schedule, sized in cycles (delayed LR update)."""
+        tcfg, plan = self.cfg.trainer, self.plan
         if tcfg.warmup_ratio is not None:
-            log.info(f"trainer.warmup_ratio={tcfg.warmup_ratio}: {warmup} of"
-                     f" {self.num_cycles} cycles")
-        self.scheduler = get_scheduler(
+            log.info(f"trainer.warmup_ratio={tcfg.warmup_ratio}: {plan.warmup_cycles} of"
+                     f" {plan.num_cycles} cycles")
+        return get_scheduler(
             tcfg.lr_scheduler, self.optimizer,
-            num_warmup_steps=warmup, num_training_steps=self.num_cycles)
+            num_warmup_steps=plan.warmup_cycles, num_training_steps=plan.num_cycles)
 
     # ------------------------------------------------------------------ train
     def train(self, num_steps: int | None = None, *, eval_before: bool | None = None,
-              evaluate: bool = True, batches=None) -> dict[str, float]:
+              evaluate: bool = True, batches=None, update: Update | None = None
+              ) -> dict[str, float]:
         """Train from the current step; returns the final metrics.
 
         Args:
-            num_steps: steps to take (default: up to ``trainer.max_steps``). A later call
-                goes on where this one stopped; the LR schedule is the one set up for
-                ``trainer.max_steps``.
+            num_steps: steps to take (default: up to the run plan's ``max_steps``). A
+                later call goes on where this one stopped; the LR schedule is the one set
+                up for the plan's steps.
             eval_before: evaluate before the first step (default ``trainer.eval_before``).
             evaluate: False skips every evaluation, before, during and after (measuring).
             batches: micro-batches (dicts of CPU tensors) to train on from now on instead
                 of the data set's, e.g. fixed shapes for a memory measurement.
+            update: the update rule (default :attr:`update`, HiFT's); another (the
+                benchmark's peers) runs through the same loop and saves no checkpoints.
 
         Stops with one line (:class:`TrainingStopped`) on SIGINT/SIGTERM (after a
         checkpoint), on ``trainer.max_bad_steps`` non-finite steps in a row, and when
         device or host memory runs out (no checkpoint then: the last one stays as it was).
         """
         tcfg = self.cfg.trainer
-        stop = tcfg.max_steps if num_steps is None else self.global_step + num_steps
+        stop = self.plan.max_steps if num_steps is None else self.global_step + num_steps
+        rule = self.update if update is None else update
+        own = rule is self.update  # only HiFT's own state goes into checkpoints
+        if not own and (tcfg.save_every or tcfg.save_model):
+            raise ConfigError(f"{type(rule).__name__} has no resumable state: train it with"
+                              " trainer.save_model=false trainer.save_every=null")
         if batches is not None:
             self.batches = iter(batches)
         evaluate = evaluate and len(self.eval_set) > 0
@@ -515,7 +415,7 @@ class HiftTrainer:
         if self.dist.main and (tcfg.save_model or tcfg.save_every):
             # Stop before training, not after it, if not even one checkpoint would fit.
             model_only = not tcfg.save_every and not tcfg.save_final_state
-            require_space(self.output_dir, self._weight_bytes() if model_only
+            require_space(self.output_dir, self.saver.weight_bytes() if model_only
                           else self.checkpoint_bytes(),
                           "the model" if model_only else "a checkpoint of this run")
         with self._stop_when_out_of_memory(), RunLog(
@@ -526,11 +426,12 @@ class HiftTrainer:
                 summary.update({**{f"{k}_before": v for k, v in before.items()}, **samples})
             train_start = time.perf_counter()
             for step in range(first, stop):
-                done = self._step(step, stop)
-                row = self._row(done, cycle=self.schedule.cycle_of(step))
-                self._agree_on_stop()
+                start = time.perf_counter()
+                window = self._window()  # inputs first: before any state transfer
+                done = rule.step(step, stop, window)
+                row = self._stepped(step, done, window.tokens, time.perf_counter() - start)
                 totals.update({k: v for k, v in row.items() if k in SUMMED},
-                              tokens=done.tokens, updated=done.updated)
+                              tokens=window.tokens, updated=done.updated)
                 out.step(row, log_line=self.global_step % tcfg.log_every == 0
                          or self.global_step == stop)
                 summary["train/loss"] = done.loss
@@ -538,120 +439,63 @@ class HiftTrainer:
                     self._note_bad_step(out)
                 if self.stop_signal is not None or (
                         self._due(tcfg.save_every) and self.global_step < stop):
-                    path = self.checkpoint()
-                    if self.stop_signal is not None:
-                        raise TrainingStopped(
-                            f"interrupted by {signal.Signals(self.stop_signal).name} at step"
-                            f" {self.global_step}; checkpoint saved to {path}. Resume with the"
-                            f" same command plus resume={self.output_dir}",
-                            128 + self.stop_signal)
+                    self._stop_or_checkpoint(own)
                 if evaluate and self._due(tcfg.eval_every) and self.global_step < stop:
                     self._evaluate(out, f"step {self.global_step}")
-            # The last write-back goes out now (each goes out during the step after its
-            # update) and may still be landing in the buffers the optimizer's state points
-            # at: let it finish before anyone reads them.
-            self.store.synchronize()
-            summary.update(self._totals(totals, time.perf_counter() - train_start,
-                                        self.global_step - first, out))
+            summary.update(self._totals(totals, rule.finish(),
+                                        time.perf_counter() - train_start,
+                                        self.global_step - first, out, own))
+            summary.update(rule.summary())
             if evaluate:
                 after, samples = self._evaluate(out, "after")
                 summary.update({**after, **samples})
         return summary
 
-    def _step(self, step: int, stop: int) -> StepResult:
-        """Step ``step`` (0-based) of a run that stops at ``stop``, on its group."""
-        start, tcfg = time.perf_counter(), self.cfg.trainer
-        group = self.groups[self.schedule.group_at(step)]
-        next_index = self.schedule.group_at(step + 1) if step + 1 < stop else None
-        if group is not self.active:
-            self._activate(group)
-        # Inputs first: their copies must not queue behind a large prefetch.
-        window = [self._next_batch() for _ in range(tcfg.grad_accum)]
-        # This group's state is normally already on its way (the previous step fetched
-        # it; not at the first step of a run or after a resume).
-        self.store.prefetch(group.index)
-        loss, tokens, synced = self._forward_backward(window)
-        # The forward pass's host reads are behind us and the backward pass is queued:
-        # now the previous group's write-back goes out and the next group's state comes
-        # in, on the two copy streams while the backward pass computes. (Issued earlier,
-        # a host read queued behind them on the copy engine: offload.py, offload.)
-        self.store.flush()
-        if next_index is not None:
-            self.store.prefetch(next_index)
+    def _stop_or_checkpoint(self, own: bool) -> None:
+        """A checkpoint (``trainer.save_every``, or a signal: then stop). ``own``: HiFT's
+        rule, whose state a checkpoint holds; another rule stops without one."""
+        path = self.checkpoint() if own else None
+        if self.stop_signal is None:
+            return
+        name, code = signal.Signals(self.stop_signal).name, 128 + self.stop_signal
+        if not own:
+            raise TrainingStopped(f"interrupted by {name} at step {self.global_step}; no"
+                                  " checkpoint: this update rule has no resumable state", code)
+        raise TrainingStopped(f"interrupted by {name} at step {self.global_step}; checkpoint"
+                              f" saved to {path}. Resume with the same command plus"
+                              f" resume={self.output_dir}", code)
 
-        # The group's parameters and the always-active ones, and what updates them.
-        trained = [*group.pieces, *self.always_pieces]
-        params = self.opt_params[group.index] + self.always_opt
-        self.store.wait(group.index)  # its state and masters must have arrived
-        self.masters.take_grads(trained, params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in params if p.grad is not None],
-            tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf"))
-        if distributed.is_sharded(grad_norm):  # of sharded gradients: reduced on use
-            grad_norm = grad_norm.full_tensor()
-        lr = self.optimizer.param_groups[0]["lr"]
-        finite = self._finite(loss, grad_norm)
-        if finite:
-            with self.store.updating(group.index):  # the write-back waits for all of it
-                self.optimizer.step()
-                self.bad_steps = 0
-                for hook in self.after_update:
-                    hook(self, group)
-                self.masters.write_back(trained, params)
-        else:  # skip the update: weights and optimizer state stay as they were
+    def _window(self) -> Window:
+        """The step's ``grad_accum`` micro-batches on the device, each weighted by its
+        share of the global batch's loss items (one all-reduce of the counts)."""
+        micro = [self._next_batch() for _ in range(self.cfg.trainer.grad_accum)]
+        counts = distributed.all_reduce_(torch.tensor(
+            [sum(m[1] for m in micro), sum(m[2] for m in micro)], dtype=torch.float64))
+        total_items = max(float(counts[0]), 1.0)
+        return Window([m[0] for m in micro], [m[1] / total_items for m in micro],
+                      int(counts[1]))
+
+    def _stepped(self, step: int, done: StepResult, tokens: int, seconds: float) -> dict:
+        """Step ``step`` is done: the counters, the ``after_step`` hooks, a stop signal
+        agreed on by every rank; returns the step's metrics row."""
+        self.global_step = step + 1
+        if done.finite:
+            self.bad_steps = 0
+        else:
             self.bad_steps += 1
             self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)  # free the group's grads now
-        self.store.release(group.index)  # kept on the device if the next step trains it
-        if self.schedule.ends_cycle(step):
-            self.scheduler.step()  # delayed LR update: once per full cycle
-        self.global_step = step + 1
         for hook in self.after_step:
-            hook(self, group)
-        # .item() is a CPU-GPU sync point; one per step is noise next to a step.
-        loss = loss.item()
-        return StepResult(group, loss, lr, tokens, time.perf_counter() - start, finite,
-                          group.numel + self.always_numel if finite else 0,
-                          self.store.take_stats(), synced)
+            hook(self, done.group)
+        self._agree_on_stop()
+        return self._row(done, tokens, seconds, self.schedule.cycle_of(step))
 
-    @staticmethod
-    def _finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Whether the step may update: a CPU-GPU sync point."""
-        return bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-
-    def _forward_backward(self, window: list) -> tuple[torch.Tensor, int, int]:
-        """Forward and backward over one step's micro-batches, with the same group active
-        for all of them. Each micro-batch's mean loss is weighted by its share of the
-        window's items (over all ranks): the gradient of the mean over the global batch.
-        Returns the global batch's loss (on every rank), its tokens, and the gradient
-        bytes all-reduced."""
-        counts = distributed.all_reduce_(torch.tensor(
-            [sum(w[1] for w in window), sum(w[2] for w in window)], dtype=torch.float64))
-        total_items, tokens = max(float(counts[0]), 1.0), int(counts[1])
-        loss_sum = torch.zeros((), device=self.device)
-        for i, (batch, items, _) in enumerate(window):
-            if self.grad_sync is not None:  # sum across ranks on the last one only
-                self.grad_sync.arm(i == len(window) - 1)
-            if self.sharded:  # reduce-scatter on the last one only
-                self.model.set_requires_gradient_sync(i == len(window) - 1)
-            with autocast(self.cfg.trainer.precision, self.device), self.chunked():
-                loss = self.model(**batch).loss * (items / total_items)
-            loss.backward()
-            loss_sum += loss.detach()
-        synced = self.grad_sync.finish() if self.grad_sync is not None else 0
-        if self.sharded:  # FSDP reduce-scattered the full gradients of what trained
-            trained = {id(p): p for p in [*self.active.params.values(), *self.always_params]}
-            synced = sum(p.numel() * p.element_size() for p in trained.values()
-                         if p.grad is not None)
-        distributed.all_reduce_(loss_sum)
-        return loss_sum, tokens, synced
-
-    def _row(self, done: StepResult, cycle: int) -> dict:
+    def _row(self, done: StepResult, tokens: int, seconds: float, cycle: int) -> dict:
         """The step's metrics row (metrics.jsonl, trackers, progress)."""
         row = {"step": self.global_step, "epoch": self.epoch, "cycle": cycle,
-               "group": done.group.index, "train/loss": done.loss, "lr": done.lr,
-               "tokens_per_second": done.tokens / done.seconds,
-               "step_seconds": done.seconds, "train/skipped": int(not done.finite),
+               **({"group": done.group.index} if done.group is not None else {}),
+               "train/loss": done.loss, "lr": done.lr,
+               "tokens_per_second": tokens / seconds,
+               "step_seconds": seconds, "train/skipped": int(not done.finite),
                "offload/stall_seconds": done.moved.stall_seconds,
                "offload/h2d_bytes": done.moved.h2d_bytes,
                "offload/d2h_bytes": done.moved.d2h_bytes}
@@ -676,10 +520,10 @@ class HiftTrainer:
                 f" or gradient (trainer.max_bad_steps={max_bad}) at step"
                 f" {self.global_step}; lower optimizer.lr or check the data", 1)
 
-    def _totals(self, totals: collections.Counter, elapsed: float, steps: int,
-                out: RunLog) -> dict[str, float]:
-        """The run's summary of its steps (and the transfer notes at its end)."""
-        last = self.store.take_stats()  # the last step's write-back: in no step's row
+    def _totals(self, totals: collections.Counter, last: TransferStats, elapsed: float,
+                steps: int, out: RunLog, own: bool) -> dict[str, float]:
+        """The run's summary of its steps (``last``: transfers in no step's row, e.g. the
+        last step's write-back) and the transfer notes at its end."""
         totals.update({"offload/d2h_bytes": last.d2h_bytes, "offload/h2d_bytes": last.h2d_bytes,
                        "offload/stall_seconds": last.stall_seconds})
         moved = {k: totals[k] for k in SUMMED if not k.startswith("dist/")
@@ -690,7 +534,7 @@ class HiftTrainer:
                    "tokens_per_second": totals["tokens"] / max(elapsed, 1e-9),
                    "train/seconds": elapsed, **moved,
                    "offload/stall_fraction": moved["offload/stall_seconds"] / max(elapsed, 1e-9)}
-        if self.store.enabled:
+        if own and self.store.enabled:
             out.note(
                 f"offload: waited {moved['offload/stall_seconds']:.2f} s for state"
                 f" ({100 * summary['offload/stall_fraction']:.1f}% of training), moved"
@@ -713,27 +557,6 @@ class HiftTrainer:
     def chunked(self) -> contextlib.AbstractContextManager:
         """Where ``model(**batch).loss`` is computed chunk by chunk (model.loss_chunk_tokens)."""
         return self.loss.active() if self.loss is not None else contextlib.nullcontext()
-
-    def _activate(self, group: Group) -> None:
-        if self.active is not None:
-            for p in self.active.params.values():
-                p.requires_grad_(False)
-        for p in group.params.values():
-            p.requires_grad_(True)
-        # A sub-unit's parameter: only its rows' gradient where the model allows it.
-        partial = {id(pc.param): pc for pc in group.pieces if not pc.whole}
-        for pid, embeddings in self.row_grads.items():
-            for module in embeddings:
-                module.sparse = pid in partial
-        if self.loss is not None:  # the head's rows, from the chunked loss
-            head = id(self.loss.head.weight)
-            self.loss.rows = ({head: [(partial[head].start, partial[head].stop)]}
-                              if head in partial and head in self.row_grads else {})
-        if self.sharded:  # gathered units keep the requires_grad they were gathered with
-            distributed.reshard(self.model)
-        if self.grad_sync is not None:
-            self.grad_sync.attach(list(group.params.values()) + self.always_params)
-        self.active = group
 
     def evaluate(self) -> dict[str, float]:
         return self.evaluator(self.model, self.cfg.trainer.eval_batch_size)
@@ -770,9 +593,10 @@ class HiftTrainer:
         fewer = ("train with HiFT (hift.strategy=bottom2up hift.k=auto)"
                  if self.cfg.hift.strategy == "fpft"
                  else "use fewer units per group (a larger hift.k or smaller hift.m)")
+        group = self.groups[self.schedule.group_at(self.global_step)]  # the failed step's
         raise TrainingStopped(
             f"out of {kind} memory at step {self.global_step + 1} (group"
-            f" {self.active.name if self.active else '-'}): estimated peak {need} for this"
+            f" {group.name}): estimated peak {need} for this"
             f" configuration, {capacity / 2**30:.1f} GiB on {self.device}; {fewer},"
             " model.gradient_checkpointing=true, an 8-bit optimizer (optimizer=adamw8bit), or"
             " a smaller trainer.batch_size or data.max_length", 1, out_of_memory=kind)
@@ -850,7 +674,7 @@ class HiftTrainer:
         elif "model" in state:
             missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
             # Tied weights are saved once; anything else missing is a different model.
-            if unexpected or set(missing) - _tied_names(self.model):
+            if unexpected or set(missing) - tied_names(self.model):
                 raise CheckpointError(f"{source} does not match this model (missing"
                                       f" {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
         # The optimizer's parameter order puts always-active units last: another choice
@@ -924,65 +748,20 @@ class HiftTrainer:
         return [m for ps in self.opt_params for m in ps] + self.always_opt
 
     # ------------------------------------------------------------------ save
-    def write_model(self, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
-        """The model (safetensors) and tokenizer, loadable with plain ``from_pretrained``;
-        ``weights``: the full weights to write (sharded: gathered by :meth:`checkpoint`)."""
-        self.model.config.use_cache = True  # for whoever generates with it
-        try:
-            self.model.save_pretrained(path, state_dict=weights)
-        finally:
-            self.model.config.use_cache = False
-        self.tokenizer.save_pretrained(path)
-        # Some writers create private (0600) files: every file as the umask says, like
-        # the rest of the run (shared clusters read each other's models).
-        mode = 0o666 & ~_UMASK
-        for f in Path(path).iterdir():
-            if f.is_file():
-                os.chmod(f, mode)
-
     def checkpoint(self, keep_last: int | None = None) -> Path:
-        """A resumable checkpoint of this step (the newest ``keep_last``, default
-        ``trainer.keep_last``, are kept), written by rank 0 while the others wait.
-        Sharded weights: every rank also writes its part of the weights, optimizer state
-        and masters (``shards/``), and rank 0 the gathered model. A failure on any rank
-        stops every rank with its message."""
-        if self.sharded:
-            distributed.reshard(self.model)  # the parts below are the shards, not a gathered root
-        state = self.state_dict()
-        # Sharded: gathered on rank 0 (collective), and every rank checks its part.
-        weights = distributed.full_state_dict(self.model) if self.sharded else None
-        if weights:  # gathered copies share no storage: drop tied duplicates by name
-            weights = {k: v for k, v in weights.items() if k not in _tied_names(self.model)}
-        self._on_every_rank(self._check_finite, here=self.dist.main or self.sharded)
-        staged = None
-        if self.sharded:
-            if self.dist.main:
-                clear_staged_shards(self.output_dir, self.global_step)
-            distributed.barrier()
-            optimizer = state["optimizer"]
-            shard = {"model": {n: distributed.local(p) for n, p in self.model.named_parameters()},
-                     "optimizer": {"state": optimizer.pop("state"),
-                                   "sharded": optimizer.pop("sharded")},
-                     "masters": state.pop("masters")}
-            staged = self._on_every_rank(lambda: stage_shard(
-                self.output_dir, self.global_step, self.dist.rank, self.dist.world, shard))
-        model_bytes = tensor_bytes(weights) if weights else self._weight_bytes()
-        path = self._on_every_rank(lambda: save_checkpoint(
-            self.output_dir, self.global_step, state,
-            functools.partial(self.write_model, weights=weights),
-            keep_last or self.cfg.trainer.keep_last, shards=staged, model_bytes=model_bytes),
-            here=self.dist.main)
-        return distributed.broadcast_object(path)
+        """A resumable checkpoint of this step (:meth:`Saver.checkpoint`)."""
+        return self.saver.checkpoint(keep_last)
 
-    def _weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+    def save(self) -> Path | None:
+        """The last checkpoint and ``model/`` (:meth:`Saver.save`)."""
+        return self.saver.save()
 
     def checkpoint_bytes(self) -> int:
         """About what one checkpoint of this run takes on disk: the weights, the fp32
         masters and every group's optimizer state (its layout learnt as the offload store
         learns it, by stepping a fresh optimizer on meta tensors of each shape)."""
         shapes: dict = {}
-        total = self._weight_bytes() + sum(m.numel() * 4 for m in self._all_masters())
+        total = self.saver.weight_bytes() + sum(m.numel() * 4 for m in self._all_masters())
         for p in [p for ps in self.opt_params for p in ps] + self.always_opt:
             key = (tuple(distributed.local(p).shape), p.dtype)
             if key not in shapes:
@@ -993,90 +772,11 @@ class HiftTrainer:
             total += sum(s.numel() * dt.itemsize for s, dt in shapes[key].values())
         return total
 
-    def _check_finite(self) -> None:
-        if not all(bool(torch.isfinite(distributed.local(p)).all())
-                   for p in self.model.parameters()):
-            raise CheckpointError("refusing to save a checkpoint: the weights are not finite")
-
-    @staticmethod
-    def _on_every_rank(fn, here: bool = True):
-        """``fn()`` on this rank if ``here``; a CheckpointError on any rank is raised on
-        every rank (under torchrun, no rank is left waiting for one that failed)."""
-        result, error = None, None
-        if here:
-            try:
-                result = fn()
-            except CheckpointError as e:
-                error = e
-        errors = [e for e in distributed.gather_objects(str(error) if error else None) if e]
-        if error is not None:
-            raise error  # its own kind (and exit code)
-        if errors:
-            raise CheckpointError(errors[0])
-        return result
-
     def resume(self, path: Path) -> None:
         """Continue from the checkpoint at ``path``: weights, state, counters, RNG."""
         self.load_state_dict(load_checkpoint(path, self.device, self.dist.rank, self.dist.world),
                              source=f"checkpoint {path}")
 
-    def save(self) -> Path | None:
-        """A last resumable checkpoint, and its model as ``<output_dir>/model``
-        (``trainer.save_final_state=false``: the model alone, and no checkpoints)."""
-        tcfg = self.cfg.trainer
-        if not tcfg.save_model:
-            return None
-        if not tcfg.save_final_state and not self.sharded:
-            return self._save_model_only()
-        checkpoint = self.checkpoint()
-        if not self.dist.main:
-            return self.output_dir / "model"
-        path = self.output_dir / "model"
-        try:
-            shutil.rmtree(path, ignore_errors=True)
-            path.mkdir()
-            for f in checkpoint.iterdir():
-                if f.name not in (MARKER, STATE_FILE, SHARDS):
-                    try:
-                        os.link(f, path / f.name)  # same bytes, no second copy on disk
-                    except OSError:
-                        shutil.copy2(f, path / f.name)
-        except OSError as e:
-            raise CheckpointError(f"cannot write the model to {path}: {e.strerror or e}"
-                                  ) from None
-        if not tcfg.save_final_state:  # sharded: gathered through the checkpoint
-            self._drop_checkpoints(path)
-        return path
-
-    def _save_model_only(self) -> Path:
-        """``<output_dir>/model`` written on its own (atomically), the checkpoints dropped."""
-        path = self.output_dir / "model"
-        if not self.dist.main:
-            return path
-        self._check_finite()
-        require_space(self.output_dir, self._weight_bytes(), f"the model {path}")
-        tmp = self.output_dir / ".tmp-model"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            self.write_model(tmp)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        except WRITE_ERRORS as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DiskSpaceError(f"cannot write the model to {path}: {write_failure(e)}"
-                                 ) from None
-        self._drop_checkpoints(path)
-        return path
-
-    def _drop_checkpoints(self, model: Path) -> None:
-        shutil.rmtree(checkpoints_dir(self.output_dir), ignore_errors=True)
-        log.info(f"trainer.save_final_state=false: kept {model} only (no optimizer state, no"
-                 " checkpoints: this run cannot be resumed)")
-
-
-_UMASK = os.umask(0o022)  # read once, at import (os.umask can only read by setting)
-os.umask(_UMASK)
 
 # What to keep the same for each setting a checkpoint records (_resume_settings).
 RESUME_KEYS = {"groups": "hift.k / hift.m, hift.grouping, hift.max_unit_params and model"}
@@ -1099,13 +799,3 @@ def _describe(metrics: dict[str, float]) -> str:
 # Per-step transfer counters the summary adds up.
 SUMMED = ("offload/stall_seconds", "offload/h2d_bytes", "offload/d2h_bytes",
           "dist/allreduce_bytes", "dist/reduce_scatter_bytes")
-
-
-def _tied_names(model) -> set[str]:
-    """Parameter names that share storage with an earlier name (tied weights)."""
-    seen, tied = set(), set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.add(id(p))
-    return tied

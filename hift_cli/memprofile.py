@@ -108,10 +108,12 @@ class Probe:
                                 if torch.is_tensor(v) and v.dim() > 0)
 
         def device_bytes(ts) -> int:  # not in the store's host buffers
-            return _unique_bytes(t for t in ts if store.holds(t) != "host")
+            ts = list(ts)
+            return _unique_bytes(t for t, at in zip(ts, store.holds(ts)) if at != "host")
 
         def slot_bytes(ts) -> int:
-            return _unique_bytes(t for t in ts if store.holds(t) == "slot")
+            ts = list(ts)
+            return _unique_bytes(t for t, at in zip(ts, store.holds(ts)) if at == "slot")
 
         # Always-active units (hift.always_active) train with every group, on the device.
         always = getattr(trainer, "always_opt", [])

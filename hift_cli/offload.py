@@ -756,19 +756,20 @@ class GroupStateStore:
             pinned=bool(buffers) and all(b.is_pinned() for b in buffers),
             writebacks=dict(self._writebacks), exact_host_bytes=exact_bytes)
 
-    def holds(self, t: torch.Tensor) -> str | None:
-        """Where the store keeps ``t``'s memory: ``"host"`` (a host buffer, or the
+    def holds(self, tensors) -> list[str | None]:
+        """Where the store keeps each tensor's memory: ``"host"`` (a host buffer, or the
         placeholder strict mode binds away groups to), ``"slot"`` (a device slot), or
-        None (not the store's: e.g. state created by a group's first update)."""
-        storage = t.untyped_storage()._cdata
+        None (not the store's: e.g. state created by a group's first update). One pass
+        over the store's buffers for all of them."""
         host = {b.untyped_storage()._cdata for bufs in self._host.values() for b in bufs.values()}
-        if storage == self._poison.untyped_storage()._cdata or storage in host:
-            return "host"
-        if storage in {b.untyped_storage()._cdata for b in self._arena.values()} | {
-                b.untyped_storage()._cdata for slot in self._in_slot.values()
-                for b in slot.values()}:
-            return "slot"
-        return None
+        host.add(self._poison.untyped_storage()._cdata)
+        slots = {b.untyped_storage()._cdata for b in self._arena.values()} | {
+            b.untyped_storage()._cdata for slot in self._in_slot.values() for b in slot.values()}
+        where = []
+        for t in tensors:
+            storage = t.untyped_storage()._cdata
+            where.append("host" if storage in host else "slot" if storage in slots else None)
+        return where
 
     def close(self) -> None:
         """Finish transfers and un-register the page-locked buffers."""

@@ -28,8 +28,9 @@ def console(**kwargs) -> Console:
 def format_row(row: dict, total: int | None = None, eta: float | None = None) -> str:
     """A step's log line (no progress bar): ``step 12/40``, loss, LR, speed, ETA."""
     step = f"{row['step']}/{total}" if total else f"{row['step']}"
-    return (f"step {step} cycle {row['cycle']} group {row['group']}"
-            f" | loss {row['train/loss']:.4f} | lr {row['lr']:.2e}"
+    return (f"step {step} cycle {row['cycle']}"
+            + (f" group {row['group']}" if "group" in row else "")  # another update rule: none
+            + f" | loss {row['train/loss']:.4f} | lr {row['lr']:.2e}"
             f" | {row['tokens_per_second']:.0f} tok/s"
             + (f" | ETA {_duration(eta)}" if eta is not None else ""))
 

@@ -1,5 +1,5 @@
 """The task behind ``hift train``: find what to resume, set up, train, save, and write the
-run's reports (config.yaml, summary.json, loss.png, memory_report.json).
+run's reports (config.yaml, plan.yaml, summary.json, loss.png, memory_report.json).
 
 The training loop itself is :class:`hift_cli.engine.HiftTrainer`.
 """
@@ -7,6 +7,7 @@ The training loop itself is :class:`hift_cli.engine.HiftTrainer`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ import resource
 import signal
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -22,17 +24,26 @@ from rich.console import Console
 
 from hift_cli import distributed
 from hift_cli.checkpoint import find_resume
-from hift_cli.config import Config
+from hift_cli.config import Config, ConfigError
 from hift_cli.engine import HiftTrainer
 from hift_cli.memory import estimate, render
 from hift_cli.report import plot_loss
+from hift_cli.update import Update
 
 log = logging.getLogger(__name__)
 
 
-def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
-    """The task function behind ``hift train``: set up, train, save; returns final metrics."""
+def run_training(cfg: Config, output_dir: str | Path,
+                 update: Callable[[HiftTrainer], Update] | None = None) -> dict[str, float]:
+    """The task function behind ``hift train``: set up, train, save; returns final metrics.
+
+    ``update``: builds another update rule than HiFT's from the set-up trainer (the
+    benchmark's peers); such a run saves no checkpoints and resumes none.
+    """
     output_dir = Path(output_dir)
+    if update is not None and (cfg.resume or cfg.trainer.save_model or cfg.trainer.save_every):
+        raise ConfigError("another update rule than HiFT's has no resumable state: no resume,"
+                          " trainer.save_model=false, trainer.save_every=null")
     resume = find_resume(cfg.resume, output_dir.parent) if cfg.resume else None
     main = distributed.current().main  # data parallel: rank 0 alone writes files
     if resume is not None:
@@ -46,6 +57,10 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
         OmegaConf.save(resolved, output_dir / "config.yaml", resolve=True)
     trainer = HiftTrainer(cfg, output_dir)
     trainer.setup()
+    if main:  # what the settings come to (steps from epochs, cycles), beside config.yaml
+        OmegaConf.save(OmegaConf.create(dataclasses.asdict(trainer.plan)),
+                       output_dir / "plan.yaml")
+    rule = update(trainer) if update is not None else None
     # Only now, so that a setup error (bad data, model) is the last thing on the screen.
     log.info(f"Config: {output_dir / 'config.yaml'} (print it with --cfg job)")
     if resume is not None:
@@ -54,7 +69,8 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
             _truncate_metrics(output_dir / "metrics.jsonl", trainer.global_step)
     with _stop_on_signals(trainer):
         # A resumed run was evaluated before its first step already.
-        metrics = trainer.train(eval_before=False if resume is not None else None)
+        metrics = trainer.train(eval_before=False if resume is not None else None,
+                                update=rule)
     saved = trainer.save()
     metrics.update({"data/train_samples": len(trainer.train_set), "groups": len(trainer.groups)})
     metrics.update(trainer.evaluator.info())  # e.g. the exact-match rule (a string)
@@ -68,7 +84,8 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     for what, write in (
             ("loss.png", lambda: plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png",
                                            len(trainer.groups))),
-            ("memory_report.json", lambda: write_memory_report(cfg, trainer, output_dir))):
+            ("memory_report.json",
+             lambda: write_memory_report(cfg, trainer, output_dir, estimated=rule is None))):
         try:
             write()
         except Exception as e:
@@ -112,15 +129,19 @@ def _move_log(stray: Path, run: Path) -> None:
         shutil.rmtree(stray, ignore_errors=True)
 
 
-def write_memory_report(cfg: Config, trainer: HiftTrainer, output_dir: Path) -> None:
-    """``memory_report.json``: the estimate for this run's settings, and what was measured."""
-    report = estimate(trainer.estimate_config())
+def write_memory_report(cfg: Config, trainer: HiftTrainer, output_dir: Path,
+                        estimated: bool = True) -> None:
+    """``memory_report.json``: the estimate for this run's settings (``estimated``: HiFT's
+    update rule, which it estimates), and what was measured."""
+    report = estimate(trainer.estimate_config()) if estimated else {}
     if trainer.device.type == "cuda":
         report["measured"] = {"cuda_peak_allocated": torch.cuda.max_memory_allocated()}
     else:  # ru_maxrss is in KiB on Linux
         report["measured"] = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     with open(output_dir / "memory_report.json", "w") as f:
         json.dump(report, f, indent=2)
+    if not estimated:
+        return
     text = io.StringIO()
     Console(file=text, width=120).print(render(report))
     log.info("Memory (estimate at data.max_length):\n" + text.getvalue().rstrip())

@@ -8,9 +8,7 @@ import json
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
-
-from hift_cli.config import Config, to_config
+from hift_cli.config import Config, compose
 from hift_cli.engine import HiftTrainer
 
 
@@ -29,9 +27,7 @@ def losses(run_dir) -> list[float]:
 
 def compose_config(*overrides: str, recipe: str = "tiny") -> Config:
     """Compose ``recipes/`` the way ``hift train`` does, and validate it."""
-    with initialize_config_module("hift_cli.recipes", version_base="1.3"):
-        cfg = compose("config", overrides=[f"recipe={recipe}", *overrides])
-    return to_config(cfg, overrides)
+    return compose([f"recipe={recipe}", *overrides])
 
 
 def build_trainer(output_dir, *overrides: str, recipe: str = "tiny",

@@ -3,6 +3,7 @@
 import json
 
 import compare  # bench/ is on pytest's path (pyproject.toml)
+from collect import collect
 import pytest
 
 
@@ -84,18 +85,22 @@ def test_docs_block_is_replaced_between_markers(tmp_path):
 
 def test_quality_collect_takes_the_best_epoch_and_the_time_to_it(tmp_path):
     rows = [{"step": 0, "eval/accuracy": 0.1},
-            *({"step": s, "step_seconds": 2.0, "train/loss": 1.0} for s in range(1, 7)),
+            *({"step": s, "step_seconds": 2.0, "tokens_per_second": 50.0, "train/loss": 1.0}
+              for s in range(1, 7)),
             {"step": 2, "epoch": 1.0, "eval/accuracy": 0.5},
             {"step": 4, "epoch": 2.0, "eval/accuracy": 0.7},
             {"step": 6, "epoch": 3.0, "eval/accuracy": 0.6}]
     rows.sort(key=lambda r: (r["step"], "eval/accuracy" in r))
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "summary.json").write_text(json.dumps({"groups": 3}))
-    r = compare.quality.collect(tmp_path, "eval/accuracy", higher_is_better=True)
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"groups": 3, "data/train_samples": 8, "train/params_updated_per_step": 5}))
+    (tmp_path / "config.yaml").write_text("trainer: {batch_size: 2, grad_accum: 2}\n")
+    r = compare.quality.seed_record(collect(tmp_path, "eval/accuracy", higher_is_better=True))
     assert (r["best"]["value"], r["best"]["epoch"], r["best"]["seconds"]) == (0.7, 2.0, 8.0)
     assert r["final"]["value"] == 0.6 and r["before"] == 0.1 and r["train_seconds"] == 12.0
-    worst = compare.quality.collect(tmp_path, "eval/accuracy", higher_is_better=False)
-    assert worst["best"]["epoch"] == 1.0
+    assert (r["steps"], r["cycles"], r["updates_per_group"]) == (6, 1, 2.0)
+    worst = collect(tmp_path, "eval/accuracy", higher_is_better=False)
+    assert worst["best"]["epoch"] == 1.0 and worst["epochs_trained"] == 3.0
 
 
 def test_quality_config_names_become_overrides():

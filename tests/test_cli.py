@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from helpers import compose_config, metrics
@@ -79,6 +80,8 @@ def test_train_writes_config_metrics_and_a_loadable_model(capsys):
     assert set(steps[0]) >= {"step", "cycle", "group", "train/loss", "lr", "tokens_per_second"}
     assert "eval/loss" in rows[0] and "eval/loss" in rows[-1]
     assert "strategy: top2down" in (run / "config.yaml").read_text()
+    plan = OmegaConf.load(run / "plan.yaml")  # what the settings came to
+    assert (plan.max_steps, plan.cycle_steps, plan.num_cycles) == (12, 3, 4)
     memory = json.load(open(run / "memory_report.json"))
     assert memory["groups"] == 3 and memory["measured"]["peak_rss"] > 0
     assert memory["hift"]["total"] < memory["fpft"]["total"]

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from helpers import assert_same, build_trainer, losses, metrics, snapshot
+from hift_cli.config import ConfigError
+from hift_cli.update import StepResult, Update
 
 
 def make_trainer(tmp_path, *overrides):
@@ -98,7 +100,7 @@ def test_no_graph_below_the_active_group(tmp_path):
     outputs = {}
     for i, block in enumerate(blocks):
         block.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
-    trainer._activate(trainer.groups[3])  # block.2
+    trainer.update.activate(trainer.groups[3])  # block.2
     batch = next(trainer.batches)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -111,7 +113,7 @@ def test_no_graph_below_the_active_group(tmp_path):
     assert with_grad == set(trainer.groups[3].params)
     # Top unit active instead: far fewer tensors saved for backward.
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._activate(trainer.groups[5])
+    trainer.update.activate(trainer.groups[5])
     saved_top = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_top.append(t) or t,
                                                   lambda t: t):
@@ -126,7 +128,7 @@ def test_gradient_checkpointing_with_frozen_lower_layers(tmp_path):
         trainer = make_trainer(tmp_path / str(ckpt), "hift.k=6",
                                f"model.gradient_checkpointing={str(ckpt).lower()}")
         trainer.model.eval()  # no dropout differences between the two runs
-        trainer._activate(trainer.groups[2])  # block.1: frozen embeddings + block.0 below
+        trainer.update.activate(trainer.groups[2])  # block.1: frozen embeddings + block.0 below
         below = []
         trainer.model.model.layers[0].register_forward_hook(
             lambda m, a, out: below.append(out[0] if isinstance(out, tuple) else out))
@@ -215,3 +217,54 @@ def test_train_takes_injected_batches_and_can_skip_evaluation(tmp_path):
     summary = trainer.train(1, batches=iter([fixed]))  # evaluations back on: before and after
     evals = metrics(tmp_path, "eval/loss")
     assert [r["step"] for r in evals] == [2, 3] and "eval/loss_before" in summary
+
+
+class PlainSGD(Update):
+    """A rule of one's own: SGD on every parameter, the window's losses weighted."""
+
+    def __init__(self, trainer):
+        self.model, self.seen = trainer.model, []
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05)
+
+    def step(self, step, stop, window):
+        self.seen.append((step, stop, len(window.batches), sum(window.weights), window.tokens))
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        loss = sum(self.model(**b).loss * w for b, w in zip(window.batches, window.weights))
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss.item(), 0.05, finite=True, updated=123)
+
+    def summary(self):
+        return {"rule": "plain SGD"}
+
+
+def test_another_update_rule_runs_through_the_same_loop(tmp_path):
+    """train(update=rule): the rule gets each step's window (grad_accum micro-batches
+    weighted by their share of the loss items); the loop writes the rows, evaluates on
+    schedule and sums the summary, as for HiFT's own rule."""
+    trainer = build_trainer(tmp_path, "hift.strategy=fpft", "trainer.max_steps=4",
+                            "trainer.grad_accum=2", "trainer.eval_every=2")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    rule = PlainSGD(trainer)
+    summary = trainer.train(update=rule)
+    assert [s[:3] for s in rule.seen] == [(i, 4, 2) for i in range(4)]
+    assert all(s[3] == pytest.approx(1.0) and s[4] > 0 for s in rule.seen)
+    rows = metrics(tmp_path, "train/loss")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["lr"] == 0.05 and "group" not in r for r in rows)
+    assert [r["step"] for r in metrics(tmp_path, "eval/loss")] == [2, 4]
+    assert summary["rule"] == "plain SGD" and summary["train/params_updated_per_step"] == 123
+    assert trainer.global_step == 4 and trainer.batches_consumed == 8
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)  # every parameter moved: the rule's update, not HiFT's
+    assert all(p.grad is None for p in trainer.optimizer.param_groups[0]["params"])
+
+
+def test_another_update_rule_saves_no_checkpoint(tmp_path):
+    trainer = build_trainer(tmp_path, "hift.strategy=fpft", "trainer.max_steps=2",
+                            "trainer.save_every=1")
+    with pytest.raises(ConfigError, match="PlainSGD has no resumable state"):
+        trainer.train(update=PlainSGD(trainer))
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before the first step

@@ -18,6 +18,7 @@ from hift_cli.checkpoint import complete_checkpoints
 from hift_cli.cli import main
 from hift_cli.config import ConfigError, command_line_wins
 from hift_cli.data import batches_per_epoch, train_batches
+from hift_cli.runplan import RunPlan
 
 COMMON = ("trainer.eval_before=false", "trainer.save_model=false", "data.max_samples=50",
           "data.max_eval_samples=4", "trainer.batch_size=8", "trainer.max_steps=null")
@@ -57,8 +58,9 @@ def test_epochs_run_whole_cycles_covering_the_epochs(tmp_path, k, grad_accum):
     per_epoch = n // 8  # batches of 8, the last incomplete one dropped: 6
     steps = math.ceil(2 * per_epoch / grad_accum)
     expected = math.ceil(steps / k) * k
-    assert trainer.cfg.trainer.max_steps == expected
-    assert trainer.num_cycles == expected // k
+    assert trainer.plan.max_steps == expected
+    assert trainer.plan.num_cycles == expected // k
+    assert (trainer.cfg.trainer.epochs, trainer.cfg.trainer.max_steps) == (2, None)  # as given
     trainer.train()
     train_rows = metrics(tmp_path, "train/loss")
     assert [r["step"] for r in train_rows] == list(range(1, expected + 1))
@@ -83,7 +85,7 @@ def test_eval_and_save_every_epoch(tmp_path, batch, grad_accum):
                    "trainer.save_every=epoch", "trainer.keep_last=10")
     per_epoch = 50 // batch  # 6 (3 steps an epoch) or 7 (epoch ends inside step 4's window)
     trainer.train()
-    last = trainer.cfg.trainer.max_steps
+    last = trainer.plan.max_steps
     ends = [math.ceil(e * per_epoch / grad_accum) for e in (1, 2, 3)]
     evals = metrics(tmp_path, "eval/loss")
     # Each epoch end before the last step, then the evaluation after training.
@@ -94,6 +96,26 @@ def test_eval_and_save_every_epoch(tmp_path, batch, grad_accum):
         s for s in ends if s < last]
     if per_epoch == 6:
         assert [r["epoch"] for r in evals] == [1.0, 2.0, 3.0]
+
+
+def test_the_run_plan_is_the_settings_arithmetic_without_a_model(tiny_cfg):
+    tcfg = tiny_cfg("trainer.epochs=3", "trainer.batch_size=8", "trainer.grad_accum=2",
+                    "trainer.warmup_ratio=0.25").trainer
+    # 50 samples, batches of 8: 6 an epoch; 3 epochs / grad_accum 2 = 9 steps -> 12 (k=4).
+    plan = RunPlan.of(tcfg, 50, 1, cycle_steps=4)
+    assert (plan.steps_from_epochs, plan.max_steps, plan.num_cycles) == (9, 12, 3)
+    assert (plan.epoch_batches, plan.warmup_cycles, plan.epoch_end(2)) == (6, 1, 6)
+    ends = [s for s in range(1, 13) if plan.due("epoch", s, 2 * s)]
+    assert ends == [3, 6, 9, 12]  # the steps that consume an epoch's last batch
+    assert [s for s in range(1, 13) if plan.due(5, s, 2 * s)] == [5, 10]
+    assert plan.epoch(9) == 1.5
+    # Two processes: each gets half of every global batch.
+    assert RunPlan.of(tcfg, 50, 2, cycle_steps=4).epoch_batches == 3
+    with pytest.raises(ConfigError, match="3 training samples cannot be shared by 4"):
+        RunPlan.of(tcfg, 3, 4, cycle_steps=4)
+    steps = tiny_cfg("trainer.max_steps=7").trainer  # given in steps: not rounded
+    assert (RunPlan.of(steps, 50, 1, 4).max_steps, RunPlan.of(steps, 50, 1, 4).num_cycles) \
+        == (7, 2)
 
 
 def test_command_line_wins_between_epochs_and_max_steps(tiny_cfg):

@@ -7,6 +7,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).parents[1] / "hift_cli"
 LAZY_OK = {"cli"}
 
@@ -47,15 +49,17 @@ def test_imports_are_at_module_level_outside_the_cli():
     assert not local, f"function-local hift_cli imports: {local}"
 
 
-def test_checkpoint_io_knows_nothing_of_the_trainer():
-    """checkpoint.py writes and reads a state dict; what is in it is the trainer's
-    business (HiftTrainer.state_dict / load_state_dict)."""
-    tree = ast.parse((PACKAGE / "checkpoint.py").read_text())
+@pytest.mark.parametrize("module", ["checkpoint.py", "saving.py"])
+def test_checkpoint_io_knows_nothing_of_the_trainer(module):
+    """checkpoint.py writes and reads a state dict, saving.py decides what to write where
+    (every rank's part, model/); what is in the state is the trainer's business
+    (HiftTrainer.state_dict / load_state_dict)."""
+    tree = ast.parse((PACKAGE / module).read_text())
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     names |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
               for a in n.args.args + n.args.kwonlyargs}
     assert not {"trainer", "engine", "HiftTrainer"} & names
-    assert "engine" not in {m for m, _ in _imports(PACKAGE / "checkpoint.py")}
+    assert "engine" not in {m for m, _ in _imports(PACKAGE / module)}
 
 
 def test_train_reads_in_about_a_screen():
@@ -85,3 +89,16 @@ def test_the_state_store_is_used_through_its_protocol():
     files = [*PACKAGE.glob("*.py"), *(PACKAGE.parent / "bench").glob("*.py")]
     past = [p.name for p in files if p.name != "offload.py" and reach.search(p.read_text())]
     assert not past, f"private state-store names used in {past}"
+
+
+def test_the_benchmarks_train_through_the_public_loop():
+    """bench/ runs every method through HiftTrainer.train (the peers as update rules):
+    no private trainer name, no metrics.jsonl or summary.json written by itself."""
+    files = list((PACKAGE.parent / "bench").glob("*.py"))
+    private = re.compile(r"\btrainer\.(_[a-z]\w*)")
+    reached = {p.name: private.findall(p.read_text()) for p in files}
+    assert not {k: v for k, v in reached.items() if v}, f"private trainer names: {reached}"
+    writes = re.compile(r"(metrics\.jsonl|summary\.json)[\"']\)?\s*,?\s*[\"']?[wa]|"
+                        r"(metrics\.jsonl|summary\.json)[\"']\)\.write_")
+    written = [p.name for p in files if writes.search(p.read_text())]
+    assert not written, f"metrics written outside hift's RunLog in {written}"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import compare  # bench/ is on pytest's path (pyproject.toml)
+from collect import collect
 import peers
 import pytest
 import torch
@@ -21,7 +22,9 @@ def _write_run(path: Path, step_seconds: float, evals: list[tuple], updated: flo
     rows += [{"step": s, "epoch": e, "eval/loss": v} for s, e, v in evals]
     rows.sort(key=lambda r: (r["step"], "eval/loss" in r))
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path / "summary.json").write_text(json.dumps({"train/params_updated_per_step": updated}))
+    (path / "summary.json").write_text(json.dumps({"train/params_updated_per_step": updated,
+                                                   "data/train_samples": 8}))
+    (path / "config.yaml").write_text("trainer: {batch_size: 4, grad_accum: 1}\n")
     return path
 
 
@@ -31,8 +34,8 @@ def test_collect_and_compare_give_ratios_epochs_and_equal_wallclock(tmp_path):
     # Rounded up past 2 epochs (a HiFT run finishing its last cycle): 5 steps, 2.5 epochs.
     fast = _write_run(tmp_path / "fast", 1.0,
                       [(0, 0.0, 1.0), (2, 1.0, 0.9), (4, 2.0, 0.7), (5, 2.5, 0.65)], 250)
-    runs = {"fpft": peers.collect(fpft, "eval/loss", False, 2 * 2**30, 2),
-            "fast": peers.collect(fast, "eval/loss", False, 2**30, 2),
+    runs = {"fpft": peers.method_record(collect(fpft, peak_rss=2 * 2**30), 2),
+            "fast": peers.method_record(collect(fast, peak_rss=2**30), 2),
             "gpu-only": {"what": "a peer", "not_run": "needs CUDA"}}
     f = runs["fast"]
     assert (f["steps"], f["train_seconds"], f["mean_step_seconds"]) == (5, 5.0, 1.0)

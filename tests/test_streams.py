@@ -10,7 +10,7 @@ import torch
 
 from helpers import build_trainer, store_by_hand
 from hift_cli import offload
-from hift_cli.engine import HiftTrainer
+from hift_cli.update import HiftUpdate
 from hift_cli.offload import GroupStateStore
 from hift_cli.streams import COMPUTE, D2H, StreamModel, StreamRace
 
@@ -118,8 +118,8 @@ def test_without_each_ordering_fix_the_model_finds_the_race(tmp_path, monkeypatc
 def test_the_compute_delay_runs_after_the_finite_check_right_before_the_update(tmp_path,
                                                                                monkeypatch):
     events = []
-    finite = HiftTrainer._finite
-    monkeypatch.setattr(HiftTrainer, "_finite",
+    finite = HiftUpdate._finite
+    monkeypatch.setattr(HiftUpdate, "_finite",
                         staticmethod(lambda *a: events.append("sync") or finite(*a)))
     delays = offload.Delays(update=lambda: events.append("delay"))
     trainer = tiny(tmp_path, steps=4, delays=delays)
