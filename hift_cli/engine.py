@@ -621,46 +621,22 @@ class HiftTrainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """What a resumed run needs besides the weights: counters, every group's optimizer
-        state and fp32 masters, the scheduler and every RNG. (The group order needs
-        nothing: step N's group follows from the strategy, the seed and N.) Tensors are
-        the live ones (offloaded state: the store's host buffers): save them before
-        training on. Collective under torchrun: each rank's RNG state goes into it."""
+        """What a resumed run needs besides the weights: the counters, every RNG and the
+        update's state (:meth:`HiftUpdate.state_dict`: every group's optimizer state and
+        fp32 masters, the scheduler). Tensors are the live ones: save them before training
+        on. Collective under torchrun: each rank's RNG state goes into it."""
         rngs = distributed.gather_objects(rng_state()) if self.dist.enabled else []
-        with self.store.readable():  # offloaded state: its host copies have landed
-            optimizer = self.optimizer.state_dict()
-            # Its per-parameter dicts are the optimizer's own, which the store rebinds
-            # when a group moves: hold on to the tensors they point at now (sharded ones:
-            # this rank's part, listed under "sharded").
-            live = optimizer["state"]
-            optimizer["sharded"] = [[i, k] for i, s in live.items() for k, v in s.items()
-                                    if distributed.is_sharded(v)]
-            optimizer["state"] = {i: {k: distributed.local(v) for k, v in s.items()}
-                                  for i, s in live.items()}
-            return {
-                "global_step": self.global_step,
-                "batches_consumed": self.batches_consumed,
-                "bad_steps": self.bad_steps,
-                "skipped_steps": self.skipped_steps,
-                "optimizer": optimizer,
-                "scheduler": self.scheduler.state_dict(),
-                "masters": [distributed.local(m) if self.sharded else m.data
-                            for m in self._all_masters()],
-                "sharded_over": self.dist.world if self.sharded else 1,
-                "always_active": [u.name for u in self.always],
-                "pieces": self._pieces(),
-                "settings": self._resume_settings(),
-                "rng": rng_state(),
-                "rng_ranks": rngs,
-            }
+        return {"global_step": self.global_step, "batches_consumed": self.batches_consumed,
+                "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps,
+                **self.update.state_dict(), "rng": rng_state(), "rng_ranks": rngs}
 
     def load_state_dict(self, state: dict, source: str = "the state") -> None:
         """Restore :meth:`state_dict` (and the weights, under ``"model"``, if given) into
         a set-up trainer.
 
         Raises:
-            CheckpointError: the weights are another model's, or the optimizer state was
-                saved with other always-active units (``source`` names it).
+            CheckpointError: the weights are another model's or sharded otherwise, or the
+                optimizer state was saved under other settings (``source`` names it).
         """
         saved_over = state.get("sharded_over", 1)
         if saved_over != (self.dist.world if self.sharded else 1):
@@ -677,35 +653,7 @@ class HiftTrainer:
             if unexpected or set(missing) - tied_names(self.model):
                 raise CheckpointError(f"{source} does not match this model (missing"
                                       f" {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
-        # The optimizer's parameter order puts always-active units last: another choice
-        # of them would hand saved state to the wrong parameters.
-        saved_always = state.get("always_active", [])
-        if saved_always != [u.name for u in self.always]:
-            raise CheckpointError(f"{source} was saved with hift.always_active="
-                                  f"[{','.join(saved_always)}]: resume with the same setting")
-        # What the saved state and counters mean (older checkpoints: not recorded).
-        settings = self._resume_settings()
-        for key, saved in state.get("settings", {}).items():
-            now = settings.get(key)
-            if saved != now:
-                raise CheckpointError(f"{source} was saved with {_setting(key, saved)}, this run"
-                                      f" has {_setting(key, now)}: resume with the same"
-                                      f" {RESUME_KEYS.get(key, key)}")
-        # Sub-units: the optimizer's tensors are rows of parameters, as hift.k / hift.m and
-        # hift.max_unit_params cut them (older checkpoints: every parameter whole).
-        same = (state["pieces"] == self._pieces() if "pieces" in state
-                else all(pc.whole for pcs in self._all_pieces() for pc in pcs))
-        if not same:
-            raise CheckpointError(f"{source} was saved with other sub-units: resume with the"
-                                  " same hift.k / hift.m, hift.max_unit_params and model")
-        # Offloaded groups' state and masters go straight into their host buffers; the
-        # always-active units' live on the device even while the store offloads.
-        self.store.load(state["optimizer"], list(zip(self._all_masters(), state["masters"])),
-                        {id(p) for p in self.always_opt})
-        if hasattr(self.optimizer, "initialized"):
-            # bitsandbytes: its first step() would move every group's state to the GPU.
-            self.optimizer.initialized = True
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.update.load_state_dict(state, source)  # optimizer state, masters, schedule
         for key in ("global_step", "batches_consumed", "bad_steps", "skipped_steps"):
             setattr(self, key, state[key])
         self.restart_batches()
@@ -722,31 +670,6 @@ class HiftTrainer:
             for name, p in params.items():
                 distributed.local(p).copy_(weights[name])
 
-    def _resume_settings(self) -> dict:
-        """The settings a checkpoint's state is only valid under: which units train
-        together (the optimizer's groups, the steps per cycle the LR schedule counts), in
-        which order, at which precision (masters), by which optimizer."""
-        return {"groups": [[u.name for u in g.units] for g in self.groups],
-                "hift.strategy": self.cfg.hift.strategy,
-                "hift.steps_per_group": self.schedule.steps_per_group,
-                "trainer.precision": self.cfg.trainer.precision,
-                "optimizer._target_": self.cfg.optimizer.get("_target_")}
-
-    def _all_pieces(self) -> list[list]:
-        """Every group's pieces, then the always-active units': the optimizer's order."""
-        return [*(g.pieces for g in self.groups), self.always_pieces]
-
-    def _pieces(self) -> list[list]:
-        """``[parameter name, first row, end row]`` of every tensor the optimizer updates,
-        in its order (checkpoints record it)."""
-        return [[pc.name, pc.start, pc.stop] for pcs in self._all_pieces() for pc in pcs]
-
-    def _all_masters(self) -> list[torch.Tensor]:
-        """Every fp32 master (bf16-mixed): the groups', then the always-active units'."""
-        if not self.masters:
-            return []
-        return [m for ps in self.opt_params for m in ps] + self.always_opt
-
     # ------------------------------------------------------------------ save
     def checkpoint(self, keep_last: int | None = None) -> Path:
         """A resumable checkpoint of this step (:meth:`Saver.checkpoint`)."""
@@ -761,7 +684,7 @@ class HiftTrainer:
         masters and every group's optimizer state (its layout learnt as the offload store
         learns it, by stepping a fresh optimizer on meta tensors of each shape)."""
         shapes: dict = {}
-        total = self.saver.weight_bytes() + sum(m.numel() * 4 for m in self._all_masters())
+        total = self.saver.weight_bytes() + sum(m.numel() * 4 for m in self.update.all_masters())
         for p in [p for ps in self.opt_params for p in ps] + self.always_opt:
             key = (tuple(distributed.local(p).shape), p.dtype)
             if key not in shapes:
@@ -776,16 +699,6 @@ class HiftTrainer:
         """Continue from the checkpoint at ``path``: weights, state, counters, RNG."""
         self.load_state_dict(load_checkpoint(path, self.device, self.dist.rank, self.dist.world),
                              source=f"checkpoint {path}")
-
-
-# What to keep the same for each setting a checkpoint records (_resume_settings).
-RESUME_KEYS = {"groups": "hift.k / hift.m, hift.grouping, hift.max_unit_params and model"}
-
-
-def _setting(key: str, value) -> str:
-    if key == "groups":
-        return f"{len(value)} group(s) ({'; '.join(','.join(g) for g in value)})"[:160]
-    return f"{key}={value}"
 
 
 def _describe(metrics: dict[str, float]) -> str:

@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from hift_cli import distributed
+from hift_cli.checkpoint import CheckpointError
 from hift_cli.grouping import Group
 from hift_cli.models import autocast
 from hift_cli.offload import TransferStats
@@ -136,6 +137,100 @@ class HiftUpdate(Update):
         # at: let it finish before anyone reads them. Its bytes are in no step's row.
         self.trainer.store.synchronize()
         return self.trainer.store.take_stats()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Every group's optimizer state and fp32 masters and the LR schedule, with what
+        they are only valid under (the settings, the pieces, the always-active units, the
+        processes sharding the weights). Tensors are the live ones (offloaded state: the
+        store's host buffers). (The group order needs nothing: step N's group follows from
+        the strategy, the seed and N.)"""
+        t = self.trainer
+        with t.store.readable():  # offloaded state: its host copies have landed
+            optimizer = t.optimizer.state_dict()
+            # Its per-parameter dicts are the optimizer's own, which the store rebinds
+            # when a group moves: hold on to the tensors they point at now (sharded ones:
+            # this rank's part, listed under "sharded").
+            live = optimizer["state"]
+            optimizer["sharded"] = [[i, k] for i, s in live.items() for k, v in s.items()
+                                    if distributed.is_sharded(v)]
+            optimizer["state"] = {i: {k: distributed.local(v) for k, v in s.items()}
+                                  for i, s in live.items()}
+            return {
+                "optimizer": optimizer,
+                "scheduler": t.scheduler.state_dict(),
+                "masters": [distributed.local(m) if t.sharded else m.data
+                            for m in self.all_masters()],
+                "sharded_over": t.dist.world if t.sharded else 1,
+                "always_active": [u.name for u in t.always],
+                "pieces": self.pieces(),
+                "settings": self.resume_settings(),
+            }
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        """Restore :meth:`state_dict` (``source`` names it in errors).
+
+        Raises:
+            CheckpointError: the state was saved under other settings.
+        """
+        t = self.trainer
+        # The optimizer's parameter order puts always-active units last: another choice
+        # of them would hand saved state to the wrong parameters.
+        saved_always = state.get("always_active", [])
+        if saved_always != [u.name for u in t.always]:
+            raise CheckpointError(f"{source} was saved with hift.always_active="
+                                  f"[{','.join(saved_always)}]: resume with the same setting")
+        # What the saved state and counters mean (older checkpoints: not recorded).
+        settings = self.resume_settings()
+        for key, saved in state.get("settings", {}).items():
+            now = settings.get(key)
+            if saved != now:
+                raise CheckpointError(f"{source} was saved with {_setting(key, saved)}, this run"
+                                      f" has {_setting(key, now)}: resume with the same"
+                                      f" {RESUME_KEYS.get(key, key)}")
+        # Sub-units: the optimizer's tensors are rows of parameters, as hift.k / hift.m and
+        # hift.max_unit_params cut them (older checkpoints: every parameter whole).
+        same = (state["pieces"] == self.pieces() if "pieces" in state
+                else all(pc.whole for pcs in self.all_pieces() for pc in pcs))
+        if not same:
+            raise CheckpointError(f"{source} was saved with other sub-units: resume with the"
+                                  " same hift.k / hift.m, hift.max_unit_params and model")
+        # Offloaded groups' state and masters go straight into their host buffers; the
+        # always-active units' live on the device even while the store offloads.
+        t.store.load(state["optimizer"], list(zip(self.all_masters(), state["masters"])),
+                     {id(p) for p in t.always_opt})
+        if hasattr(t.optimizer, "initialized"):
+            # bitsandbytes: its first step() would move every group's state to the GPU.
+            t.optimizer.initialized = True
+        t.scheduler.load_state_dict(state["scheduler"])
+
+    def resume_settings(self) -> dict:
+        """The settings a checkpoint's state is only valid under: which units train
+        together (the optimizer's groups, the steps per cycle the LR schedule counts), in
+        which order, at which precision (masters), by which optimizer."""
+        t = self.trainer
+        return {"groups": [[u.name for u in g.units] for g in t.groups],
+                "hift.strategy": t.cfg.hift.strategy,
+                "hift.steps_per_group": t.schedule.steps_per_group,
+                "trainer.precision": t.cfg.trainer.precision,
+                "optimizer._target_": t.cfg.optimizer.get("_target_")}
+
+    def all_pieces(self) -> list[list]:
+        """Every group's pieces, then the always-active units': the optimizer's order."""
+        t = self.trainer
+        return [*(g.pieces for g in t.groups), t.always_pieces]
+
+    def pieces(self) -> list[list]:
+        """``[parameter name, first row, end row]`` of every tensor the optimizer updates,
+        in its order (checkpoints record it)."""
+        return [[pc.name, pc.start, pc.stop] for pcs in self.all_pieces() for pc in pcs]
+
+    def all_masters(self) -> list[torch.Tensor]:
+        """Every fp32 master (bf16-mixed): the groups', then the always-active units'."""
+        t = self.trainer
+        if not t.masters:
+            return []
+        return [m for ps in t.opt_params for m in ps] + t.always_opt
 
     @staticmethod
     def _finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
@@ -272,3 +367,13 @@ def _rows_of(grad: torch.Tensor, piece, dtype: torch.dtype) -> torch.Tensor:
     out = torch.zeros(piece.shape, dtype=dtype, device=values.device)
     # Coalesced: each row once, so a plain (deterministic) indexed write.
     return out.index_put_((index[keep] - piece.start,), values[keep].to(dtype))
+
+
+# What to keep the same for each setting a checkpoint records (HiftUpdate.resume_settings).
+RESUME_KEYS = {"groups": "hift.k / hift.m, hift.grouping, hift.max_unit_params and model"}
+
+
+def _setting(key: str, value) -> str:
+    if key == "groups":
+        return f"{len(value)} group(s) ({'; '.join(','.join(g) for g in value)})"[:160]
+    return f"{key}={value}"

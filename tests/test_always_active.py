@@ -30,7 +30,7 @@ def step(trainer):
 def updated(trainer):
     """What the optimizer updates, by model parameter name: the fp32 masters in bf16-mixed
     (bf16 weights may round a small update away), else the weights; read through the store."""
-    pieces = [pc for pcs in trainer._all_pieces() for pc in pcs]
+    pieces = [pc for pcs in trainer.update.all_pieces() for pc in pcs]
     with trainer.store.readable():
         return {pc.name: master.detach().clone()
                 for pc, master in zip(pieces, trainer.masters.of(pieces))}

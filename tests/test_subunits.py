@@ -144,7 +144,7 @@ def one_sgd_step(wide, tmp_path, precision, *overrides):
         weights = {n: (trainer.masters.by_id.get(id(p), p) if trainer.masters else p
                        ).detach().float().clone() for n, p in trainer.model.named_parameters()}
     if trainer.masters:  # split parameters have no whole master: rebuild them from rows
-        for pieces in trainer._all_pieces():
+        for pieces in trainer.update.all_pieces():
             for pc, m in zip(pieces, trainer.masters.of(pieces)):
                 with trainer.store.readable():
                     weights[pc.name][pc.start:pc.stop] = m.detach()
