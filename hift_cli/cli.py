@@ -109,14 +109,14 @@ def _as_trained(cfg: DictConfig) -> DictConfig:
 
 def _remove_if_empty(run_dir: str) -> None:
     """A run stopped by bad input leaves no folder behind (only if it holds nothing but
-    Hydra's records, the log and the config)."""
+    Hydra's records, the log, the config and its plan)."""
     import shutil
     from pathlib import Path
 
     root = Path(run_dir).absolute()
     files = [p for p in root.rglob("*") if p.is_file()]
-    if all(p.name.endswith(".log") or p.name == "config.yaml" or ".hydra" in p.parts
-           for p in files):
+    if all(p.name.endswith(".log") or p.name in ("config.yaml", "plan.yaml")
+           or ".hydra" in p.parts for p in files):
         shutil.rmtree(root, ignore_errors=True)
         # And the folders Hydra made above it (outputs/<command>/), if nothing else is there.
         here = Path.cwd()

@@ -60,7 +60,7 @@ def test_epochs_run_whole_cycles_covering_the_epochs(tmp_path, k, grad_accum):
     expected = math.ceil(steps / k) * k
     assert trainer.plan.max_steps == expected
     assert trainer.plan.num_cycles == expected // k
-    assert (trainer.cfg.trainer.epochs, trainer.cfg.trainer.max_steps) == (2, None)  # as given
+    assert (trainer.cfg.trainer.epochs, trainer.cfg.trainer.max_steps) == (2, None)  # given
     trainer.train()
     train_rows = metrics(tmp_path, "train/loss")
     assert [r["step"] for r in train_rows] == list(range(1, expected + 1))
@@ -156,7 +156,7 @@ def test_resume_mid_epoch_is_exact(tmp_path):
             "trainer.lr_scheduler=linear", "trainer.eval_every=epoch")
     straight = make(tmp_path / "straight", *opts)
     straight.train()
-    assert straight.cfg.trainer.max_steps == 12
+    assert straight.plan.max_steps == 12
     # As if stopped after step 8.
     second, _ = stop_and_resume(lambda name: make(tmp_path / name, *opts), 8)
     assert second.epoch == round(8 / 6, 4)

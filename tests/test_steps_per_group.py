@@ -89,7 +89,7 @@ def test_resume_refuses_other_steps_per_group(tmp_path):
 def test_epochs_round_up_to_cycles_of_k_times_K(tmp_path):
     t = build_trainer(tmp_path, "hift.k=2", "hift.steps_per_group=5", "trainer.max_steps=null",
                       "trainer.epochs=1", "data.max_samples=24", "trainer.batch_size=4")
-    assert t.cfg.trainer.max_steps == 10  # 6 batches -> one cycle of 2 x 5
+    assert t.plan.max_steps == 10  # 6 batches -> one cycle of 2 x 5
 
 
 def test_warmup_ratio_is_a_share_of_the_cycles(tmp_path):
