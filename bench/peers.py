@@ -136,6 +136,23 @@ SUITES = {
         "after": {"lisa (hift)": ["trainer.epochs=null", "trainer.max_steps=200"]},
         "title": "SmolLM2-135M-Instruct, kinship relation of two couples in words"
                  " (generative): the alternatives"}),
+    # The peers that finished their usual epochs before fpft's training time was up (LoRA
+    # 0.6-0.7x fpft's step, BAdam 0.5x, LISA 0.6-0.8x), given 2x the epochs: their best
+    # within fpft's time is then an equal-time comparison, as HiFT's (given 3x) is. GaLore
+    # and LOMO already used all of fpft's time.
+    **_seeded("peers-minilm-x2", {
+        **quality.SUITES["quality-minilm"], "lora_lr": 5e-4,
+        "longer": ("lora-r16", "badam", "lisa (hift)"), "times": 2,
+        "only": ("fpft", "lora-r16-x2", "badam-x2", "lisa (hift)-x2"),
+        "title": "all-MiniLM-L6-v2, kinship relations of two couples (7 labels): the"
+                 " alternatives given 2x the epochs"}),
+    **_seeded("peers-smollm2-x2", {
+        **quality.SUITES["quality-smollm2-seed42"], "seeds": quality.SEEDS, "lora_lr": 5e-4,
+        "longer": ("lora-r16", "badam", "lisa (hift)"), "times": 2,
+        "only": ("fpft", "lora-r16-x2", "badam-x2", "lisa (hift)-x2"),
+        "after": {"lisa (hift)-x2": ["trainer.epochs=null", "trainer.max_steps=400"]},
+        "title": "SmolLM2-135M-Instruct, kinship relation of two couples in words"
+                 " (generative): the alternatives given 2x the epochs"}),
 }
 QUICK = {  # fpft, LISA and every peer for 2 steps on the random-init tiny LLaMA (tests)
     "peers-tiny": {"title": "tiny random-init LLaMA (smoke test of the peers suite)",
@@ -143,8 +160,9 @@ QUICK = {  # fpft, LISA and every peer for 2 steps on the random-init tiny LLaMA
                    "lora_lr": 2e-4,
                    # LISA in 2 steps, not one cycle of 4 blocks x 20 steps
                    "after": {"lisa (hift)": ["hift.m=2", "hift.steps_per_group=1"]},
-                   "only": ("fpft", "hift-auto-x3", "lisa (hift)", "lora-r8", "badam",
-                            "galore", "lomo", "adalomo"),
+                   "longer": ("lora-r8",), "times": 2,  # a peer given 2x the epochs
+                   "only": ("fpft", "hift-auto-x3", "lisa (hift)", "lora-r8", "lora-r8-x2",
+                            "badam", "galore", "lomo", "adalomo"),
                    "base": ["recipe=tiny", "data.max_samples=16", "trainer.batch_size=8",
                             "trainer.max_steps=null", "trainer.epochs=1",
                             "trainer.eval_every=epoch", "eval.show_samples=0"]},
@@ -152,9 +170,14 @@ QUICK = {  # fpft, LISA and every peer for 2 steps on the random-init tiny LLaMA
 
 
 def methods(spec: dict, every: bool = False) -> dict[str, dict]:
-    """The suite's methods (``every``: all there are, beyond the suite's ``only``)."""
+    """The suite's methods (``every``: all there are, beyond the suite's ``only``); a
+    suite's ``longer`` methods also given ``times`` x the epochs, as ``<name>-x<times>``."""
     out = {name: {"kind": "hift", **m} for name, m in HIFT_METHODS.items()}
     out.update({name: {"kind": "peer", **m} for name, m in peer_methods(spec).items()})
+    for name in spec.get("longer", ()):
+        times = spec["times"]
+        out[f"{name}-x{times}"] = {**out[name], "epochs_times": times,
+                                   "what": f"{out[name]['what']}; given {times}x the epochs"}
     return {k: v for k, v in out.items() if every or k in spec.get("only", out)}
 
 
@@ -179,7 +202,7 @@ def run_suite(spec: dict, runs_dir: Path, env: dict, start: float,
               if any(m.get("budget") for m in chosen.values()) else None)
     for name, method in chosen.items():
         if name in spec.get("after", {}):  # a suite's settings over the method's own
-            method = {**method, "overrides": merge(method["overrides"], spec["after"][name])}
+            method = {**method, "after": spec["after"][name]}
         run_dir = runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "")
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -202,24 +225,27 @@ def run_method(method: dict, spec: dict, run_dir: Path, env: dict,
                budget: float | None = None) -> dict:
     log_path = run_dir.parent / f"{run_dir.name}.log"
     what = {"what": method["what"]}
+    # More epochs than the suite's, then the suite's own settings for this method (after).
+    extra = ([f"trainer.epochs={method['epochs_times'] * spec['epochs']}"]
+             if method.get("epochs_times") else [])
+    after = method.get("after", [])
     if method["kind"] == "hift":
-        extra = [f"hift.memory_budget={budget}"] if method.get("budget") else []
-        if method.get("epochs_times"):
-            extra.append(f"trainer.epochs={method['epochs_times'] * spec['epochs']}")
-        overrides = merge(spec["base"], method["overrides"], extra)
+        if method.get("budget"):
+            extra.insert(0, f"hift.memory_budget={budget}")
+        overrides = merge(spec["base"], method["overrides"], extra, after)
         cmd = [sys.executable, "-c", "import sys; from hift_cli.cli import main; sys.exit(main())",
                "train", *overrides, "trainer.save_model=false", "trainer.save_every=null",
                f"hydra.run.dir={run_dir}"]
-        settings = {"overrides": method["overrides"] + extra}
+        settings = {"overrides": merge(method["overrides"], extra, after)}
     else:
         package, module = PACKAGES[method["peer"]]
         if importlib.util.find_spec(module) is None:
             return {**what, "not_run": f"{package} is not installed (pip install -e"
                                        " '.[peers]')"}
-        settings = {k: v for k, v in method.items() if k not in ("kind", "what")}
+        settings = {k: v for k, v in method.items() if k not in ("kind", "what", "after")}
         settings["package"] = f"{package} {importlib.metadata.version(package)}"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(settings),
-               "--run-dir", str(run_dir), "--", *spec["base"]]
+               "--run-dir", str(run_dir), "--", *merge(spec["base"], extra, after)]
     code, rss = spawn(cmd, log_path, env)
     unavailable = run_dir / "unavailable.json"
     if unavailable.exists():
