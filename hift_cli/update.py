@@ -57,8 +57,6 @@ class Update:
     checkpoints (``trainer.save_model=false trainer.save_every=null``).
     """
 
-    active: Group | None = None  # the group being trained, for messages
-
     def step(self, step: int, stop: int, window: Window) -> StepResult:
         """Step ``step`` (0-based) of a ``train()`` call that stops at ``stop``."""
         raise NotImplementedError
