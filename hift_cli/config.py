@@ -551,27 +551,36 @@ class Config:
             checkpoint_dir(self.checkpoint)
 
     def memory_reserve_gib(self) -> float:
-        """GiB of hift.memory_budget kept back: hift.memory_reserve, or its default (for a
-        GPU; a CPU run has no CUDA context to keep room for)."""
-        hcfg = self.hift
-        if hcfg.memory_reserve is not None:
-            return hcfg.memory_reserve
-        if self.trainer.device == "cpu":
-            return 0.0
-        return max(RESERVE_MIN_GIB, RESERVE_FRACTION * (hcfg.memory_budget or 0))
+        """GiB of hift.memory_budget kept back (:func:`memory_reserve_gib`)."""
+        return memory_reserve_gib(self.hift, self.trainer.device == "cpu")
 
     def usable_bytes(self) -> float:
-        """Bytes of hift.memory_budget the estimated peak may take.
+        """Bytes of hift.memory_budget the estimated peak may take (:func:`usable_bytes`)."""
+        return usable_bytes(self.hift, self.trainer.device == "cpu")
 
-        Raises:
-            ConfigError: the reserve leaves nothing (checked where a budget is planned: a
-                training run on a CPU resolves trainer.device=auto first, and keeps none).
-        """
-        reserve = self.memory_reserve_gib()
-        if reserve >= self.hift.memory_budget:
-            raise ConfigError(f"hift.memory_reserve={reserve:g} GiB leaves nothing of"
-                              f" hift.memory_budget={self.hift.memory_budget:g} GiB")
-        return (self.hift.memory_budget - reserve) * 2**30
+
+def memory_reserve_gib(hcfg: HiftConfig, cpu: bool) -> float:
+    """GiB of hift.memory_budget kept back: hift.memory_reserve, or its default (for a
+    GPU; a CPU run has no CUDA context to keep room for)."""
+    if hcfg.memory_reserve is not None:
+        return hcfg.memory_reserve
+    if cpu:
+        return 0.0
+    return max(RESERVE_MIN_GIB, RESERVE_FRACTION * (hcfg.memory_budget or 0))
+
+
+def usable_bytes(hcfg: HiftConfig, cpu: bool) -> float:
+    """Bytes of hift.memory_budget the estimated peak may take.
+
+    Raises:
+        ConfigError: the reserve leaves nothing (checked where a budget is planned: a
+            training run on a CPU resolves trainer.device=auto first, and keeps none).
+    """
+    reserve = memory_reserve_gib(hcfg, cpu)
+    if reserve >= hcfg.memory_budget:
+        raise ConfigError(f"hift.memory_reserve={reserve:g} GiB leaves nothing of"
+                          f" hift.memory_budget={hcfg.memory_budget:g} GiB")
+    return (hcfg.memory_budget - reserve) * 2**30
 
 
 def check_installed(loggers) -> None:

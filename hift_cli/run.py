@@ -133,7 +133,7 @@ def write_memory_report(cfg: Config, trainer: HiftTrainer, output_dir: Path,
                         estimated: bool = True) -> None:
     """``memory_report.json``: the estimate for this run's settings (``estimated``: HiFT's
     update rule, which it estimates), and what was measured."""
-    report = estimate(trainer.estimate_config()) if estimated else {}
+    report = estimate(trainer.estimate_input()) if estimated else {}
     if trainer.device.type == "cuda":
         report["measured"] = {"cuda_peak_allocated": torch.cuda.max_memory_allocated()}
     else:  # ru_maxrss is in KiB on Linux

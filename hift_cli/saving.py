@@ -34,6 +34,7 @@ from hift_cli.checkpoint import (
     write_failure,
 )
 from hift_cli.config import TrainerConfig
+from hift_cli.offload import state_shapes
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,48 @@ class Saver:
         shutil.rmtree(checkpoints_dir(self.output_dir), ignore_errors=True)
         log.info(f"trainer.save_final_state=false: kept {model} only (no optimizer state, no"
                  " checkpoints: this run cannot be resumed)")
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str,
+                 sharded: bool) -> None:
+    """Saved weights into ``model`` (sharded: this rank's part of every weight, as
+    :meth:`Saver.checkpoint` saved it).
+
+    Raises:
+        CheckpointError: they are another model's (``source`` names them).
+    """
+    if sharded:
+        distributed.reshard(model)  # write into the shards, not into a gathered root
+        params = dict(model.named_parameters())
+        if params.keys() != weights.keys():
+            raise CheckpointError(f"{source} does not match this model (its shards hold"
+                                  f" {len(weights)} weights, the model has {len(params)})")
+        with torch.no_grad():
+            for name, p in params.items():
+                distributed.local(p).copy_(weights[name])
+        return
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied weights are saved once; anything else missing is a different model.
+    if unexpected or set(missing) - tied_names(model):
+        raise CheckpointError(f"{source} does not match this model (missing"
+                              f" {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
+
+
+def state_bytes(params: list[torch.Tensor], factory: Callable) -> int:
+    """About what the optimizer state of ``params`` takes in a checkpoint (its layout
+    learnt as the offload store learns it, by stepping a fresh ``factory`` optimizer on
+    meta tensors of each shape)."""
+    shapes: dict = {}
+    total = 0
+    for p in params:
+        key = (tuple(distributed.local(p).shape), p.dtype)
+        if key not in shapes:
+            try:
+                shapes[key] = state_shapes(factory, *key)
+            except RuntimeError:  # no telling in advance: the weights' size again
+                shapes[key] = {"guess": (torch.Size(key[0]), key[1])}
+        total += sum(s.numel() * dt.itemsize for s, dt in shapes[key].values())
+    return total
 
 
 def tied_names(model) -> set[str]:

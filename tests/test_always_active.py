@@ -131,7 +131,7 @@ def test_data_parallel_syncs_the_always_active_gradients(tmp_path):
 
 
 def test_fpft_ignores_always_active(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="hift_cli.engine")
+    caplog.set_level(logging.INFO, logger="hift_cli.build")
     trainer = make(tmp_path, "hift.strategy=fpft", "hift.always_active=[head]",
                    "trainer.max_steps=2")
     trainer.train(evaluate=False)

@@ -118,7 +118,7 @@ def test_short_training_writes_the_memory_report(models, name, tmp_path):
 def force_sampled_activations(monkeypatch):
     def fail(*args):
         raise RuntimeError("Tensor.item() cannot be called on meta tensors")
-    monkeypatch.setattr(memory, "activation_bytes", fail)
+    monkeypatch.setattr(memory.activations, "activation_bytes", fail)
 
 
 @pytest.mark.parametrize("precision,checkpointing", [("fp32", "false"), ("bf16-mixed", "false"),
@@ -180,7 +180,7 @@ def test_no_estimate_when_the_sample_fails_too(tiny_cfg, monkeypatch):
 
     def fail(*args):
         raise RuntimeError("needs CUDA")
-    monkeypatch.setattr(memory, "_sample_stats", fail)
+    monkeypatch.setattr(memory.sample, "_sample_stats", fail)
     with pytest.raises(ConfigError, match=r"cannot estimate the activations of"
                        r" LlamaForCausalLM: its forward pass fails on meta tensors"
                        r" \(RuntimeError: Tensor.item\(\) .*\) and on a CPU sample"

@@ -149,7 +149,7 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path):
             assert torch.equal(p, before[n])  # its update was skipped
     assert not any(trainer.optimizer.state.get(p) for p in trainer.opt_params[2])
     trainer.train(evaluate=False)  # and training goes on, to trainer.max_steps=6
-    assert trainer.bad_steps == 0 and trainer.skipped_steps == 1
+    assert trainer.meter.bad_steps == 0 and trainer.meter.skipped_steps == 1
 
 
 def test_too_many_bad_steps_stop_with_a_message(tmp_path):

@@ -101,7 +101,7 @@ def test_no_graph_below_the_active_group(tmp_path):
     for i, block in enumerate(blocks):
         block.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
     trainer.update.activate(trainer.groups[3])  # block.2
-    batch = next(trainer.batches)
+    batch = next(trainer.stream.batches)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = trainer.model(**batch).loss
@@ -132,7 +132,7 @@ def test_gradient_checkpointing_with_frozen_lower_layers(tmp_path):
         below = []
         trainer.model.model.layers[0].register_forward_hook(
             lambda m, a, out: below.append(out[0] if isinstance(out, tuple) else out))
-        trainer.model(**next(trainer.batches)).loss.backward()
+        trainer.model(**next(trainer.stream.batches)).loss.backward()
         assert not below[0].requires_grad  # still no graph below the active group
         grads[ckpt] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()
                        if p.grad is not None}

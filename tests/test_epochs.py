@@ -71,7 +71,7 @@ def test_epochs_run_whole_cycles_covering_the_epochs(tmp_path, k, grad_accum):
 def test_the_resolution_is_logged(tmp_path, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="hift_cli.engine")
+    caplog.set_level(logging.INFO, logger="hift_cli.build")
     make(tmp_path, "trainer.epochs=2", "hift.k=5")
     assert ("trainer.epochs=2: 2 x 6 batches = 12 steps, rounded up to 15 (3 cycles of 5"
             " groups)") in caplog.text

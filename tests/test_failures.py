@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hift_cli import engine
 from hift_cli import run as task
+from hift_cli.batches import BatchStream
 from hift_cli.checkpoint import complete_checkpoints
 from hift_cli.cli import main
 from helpers import build_trainer, metrics
@@ -17,7 +17,7 @@ from helpers import build_trainer, metrics
                                         (MemoryError, "host")])
 def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(capsys, monkeypatch,
                                                                  error, kind):
-    real_next = engine.HiftTrainer._next_batch
+    real_next = BatchStream.next
     calls = [0]
 
     def next_batch(self):
@@ -26,7 +26,7 @@ def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(capsys, monkeyp
             raise error("simulated: tried to allocate 20.00 GiB")
         return real_next(self)
 
-    monkeypatch.setattr(engine.HiftTrainer, "_next_batch", next_batch)
+    monkeypatch.setattr(BatchStream, "next", next_batch)
     code = main(["train", "recipe=tiny", "trainer.max_steps=9", "trainer.save_every=2",
                  "trainer.eval_before=false"])
     err = capsys.readouterr().err
@@ -40,7 +40,7 @@ def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(capsys, monkeyp
     assert [c.name for c in complete_checkpoints(run)] == ["step-00000002", "step-00000004"]
     assert not list((run / "checkpoints").glob(".tmp-*"))
     # The step-4 checkpoint is whole: resuming from it gives the uninterrupted run's losses.
-    monkeypatch.setattr(engine.HiftTrainer, "_next_batch", real_next)
+    monkeypatch.setattr(BatchStream, "next", real_next)
     args = ["train", "recipe=tiny", "trainer.max_steps=9", "trainer.save_every=2"]
     assert main([*args, f"resume={run}"]) == 0
     assert main([*args, "hydra.run.dir=outputs/straight"]) == 0
@@ -53,7 +53,7 @@ def test_a_library_caller_catches_an_out_of_memory_stop_as_an_exception(tmp_path
     from hift_cli.errors import HiftError, TrainingStopped
 
     trainer = build_trainer(tmp_path, "trainer.max_steps=4")
-    real_next = engine.HiftTrainer._next_batch
+    real_next = BatchStream.next
     calls = [0]
 
     def next_batch(self):
@@ -62,7 +62,7 @@ def test_a_library_caller_catches_an_out_of_memory_stop_as_an_exception(tmp_path
             raise torch.OutOfMemoryError("simulated: tried to allocate 20.00 GiB")
         return real_next(self)
 
-    monkeypatch.setattr(engine.HiftTrainer, "_next_batch", next_batch)
+    monkeypatch.setattr(BatchStream, "next", next_batch)
     try:
         trainer.train(evaluate=False)
     except Exception as e:  # noqa: BLE001 (what a notebook writes)

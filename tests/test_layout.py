@@ -13,27 +13,39 @@ PACKAGE = Path(__file__).parents[1] / "hift_cli"
 LAZY_OK = {"cli"}
 
 
+def _name(path: Path) -> str:
+    """A module's name in the package: ``engine``, ``memory`` (a package's __init__),
+    ``memory.counting``."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
 def _imports(path: Path) -> list[tuple[str, bool]]:
     """(hift_cli module imported, whether the import is inside a function)."""
     tree = ast.parse(path.read_text())
     local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef,
              ast.AsyncFunctionDef)) for n in ast.walk(f)}
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and \
                 node.module.split(".")[0] == "hift_cli":
-            parts = node.module.split(".")
-            names = [parts[1]] if len(parts) > 1 else [a.name for a in node.names]
-            out += [(n, id(node) in local) for n in names if n in modules]
+            base = node.module.split(".", 1)[1] if "." in node.module else ""
+            # from hift_cli.memory import activations: the submodule, else the package
+            names = [f"{base}.{a.name}".lstrip(".") for a in node.names]
+            names = [n if n in MODULES else base for n in names]
+            out += [(n, id(node) in local) for n in dict.fromkeys(names) if n in MODULES]
         elif isinstance(node, ast.Import):
-            out += [(a.name.split(".")[1], id(node) in local) for a in node.names
+            out += [(a.name.split(".", 1)[1], id(node) in local) for a in node.names
                     if a.name.startswith("hift_cli.")]
     return out
 
 
 def test_no_module_imports_one_that_imports_it_back():
-    graph = {p.stem: {m for m, _ in _imports(p)} - {p.stem} for p in PACKAGE.glob("*.py")}
+    graph = {name: {m for m, _ in _imports(p)} - {name} for name, p in MODULES.items()}
+    assert {"engine", "memory", "memory.arithmetic"} <= graph.keys()
 
     def reaches(start, goal, seen=()):
         return any(m == goal or (m not in seen and reaches(m, goal, (*seen, m)))
@@ -44,9 +56,34 @@ def test_no_module_imports_one_that_imports_it_back():
 
 
 def test_imports_are_at_module_level_outside_the_cli():
-    local = [(p.stem, m) for p in PACKAGE.glob("*.py") if p.stem not in LAZY_OK
+    local = [(name, m) for name, p in MODULES.items() if name not in LAZY_OK
              for m, inside in _imports(p) if inside]
     assert not local, f"function-local hift_cli imports: {local}"
+
+
+def test_the_trainer_is_assembled_from_parts():
+    """HiftTrainer lists its parts and builds them with build.py's builders; the class
+    itself stays small (the step is update.py's, the rows meter.py's, the batches
+    batches.py's, checkpoints saving.py's)."""
+    tree = ast.parse((PACKAGE / "engine.py").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "HiftTrainer"]
+    assert cls.end_lineno - cls.lineno + 1 <= 350
+    assert {"build", "batches", "meter", "saving", "update"} <= {
+        m for m, _ in _imports(PACKAGE / "engine.py")}
+    setup = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "setup")
+    called = {n.func.id for n in ast.walk(setup) if isinstance(n, ast.Call)
+              and isinstance(n.func, ast.Name)}
+    assert {"build_data", "build_model", "build_grouping", "build_plan", "build_optimizer",
+            "build_store", "build_scheduler"} <= called
+
+
+def test_the_estimate_is_a_package_of_small_modules():
+    parts = {name: p for name, p in MODULES.items() if name.startswith("memory.")}
+    assert set(parts) == {"memory.inputs", "memory.counting", "memory.activations",
+                          "memory.sample", "memory.arithmetic", "memory.search",
+                          "memory.report"}
+    sizes = {name: len(p.read_text().splitlines()) for name, p in parts.items()}
+    assert max(sizes.values()) <= 300, sizes
 
 
 @pytest.mark.parametrize("module", ["checkpoint.py", "saving.py"])
@@ -86,7 +123,7 @@ def test_the_state_store_is_used_through_its_protocol():
                                             momentum=0.9), params, torch.device("cpu"), True)
     assert {n for n in dir(store) if not n.startswith("_")} == STORE_PROTOCOL
     reach = re.compile(r"\bstore\._[a-z]")
-    files = [*PACKAGE.glob("*.py"), *(PACKAGE.parent / "bench").glob("*.py")]
+    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "bench").glob("*.py")]
     past = [p.name for p in files if p.name != "offload.py" and reach.search(p.read_text())]
     assert not past, f"private state-store names used in {past}"
 

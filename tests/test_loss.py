@@ -145,7 +145,7 @@ def test_smollm2_chunked_loss_equals_the_float64_loss(tmp_path):
     trainer = build_trainer(tmp_path, "trainer.max_steps=1", "data.num_train=4",
                             "data.num_eval=2", "trainer.batch_size=1", "data.max_length=192",
                             "model.loss_chunk_tokens=16", recipe="demo")
-    model, batch = trainer.model.double(), next(trainer.batches)
+    model, batch = trainer.model.double(), next(trainer.stream.batches)
     for p in model.parameters():
         p.requires_grad_(True)
     assert (batch["labels"] != -100).sum() > 32  # more than two chunks of targets

@@ -12,7 +12,7 @@ from helpers import compose_config
 from hift_cli.cli import main
 from hift_cli.config import ASSETS_DIR, SHAPES, ConfigError
 from hift_cli.grouping import GroupSchedule
-from hift_cli.memory import estimate, fsdp_shard
+from hift_cli.memory import EstimateInput, estimate, fsdp_shard
 from hift_cli.memprofile import measure
 
 GIB = 2**30
@@ -222,6 +222,9 @@ def expected_per_gpu(one: dict, shapes: dict[str, list[tuple]], n: int, weight_b
              "fp32_masters": master_bytes * (g_kept if offload else everything),
              "activations": acts, "other": other + max(update - acts, 0)}
         r["total"] = sum(r.values())
+        # The named terms inside the categories.
+        r.update(prefetch_slot=other, gathered_weights=gathered_numel(numel) * weight_bytes,
+                 unsharded_gradient=max(numel[u] for u in units) * weight_bytes)
         return r
 
     offload = one["offload"]
@@ -242,7 +245,8 @@ def assert_rows(report: dict, expected: dict):
     for c in (*CATEGORIES, "total"):
         assert report["fpft"][c] == expected["fpft"][c], ("fpft", c)
     for got, want in zip(report["per_group"], expected["per_group"], strict=True):
-        for c in (*CATEGORIES, "total"):
+        for c in (*CATEGORIES, "total", "prefetch_slot", "gathered_weights",
+                  "unsharded_gradient"):
             assert got[c] == want[c], (got["group"], c, got[c], want[c])
     for c in CATEGORIES:  # the hift column: the largest over groups
         assert report["hift"][c] == max(r[c] for r in expected["per_group"]), c
@@ -347,3 +351,25 @@ def test_memprofile_plans_8bit_adamw_without_a_gpu(capsys):
     assert report["fpft"]["optimizer_states"] == want < 2 * report["fpft"]["weights"] / 3
     with pytest.raises(ConfigError, match="needs a CUDA device"):  # training still does
         compose_config("optimizer=adamw8bit")
+
+
+def test_the_estimate_takes_a_typed_input_from_a_config_or_a_trainer(tmp_path, tiny_cfg):
+    """EstimateInput holds what the estimate depends on; a config's and a set-up trainer's
+    (its device as resolved, its store's offload decision) give the config's estimate."""
+    from helpers import build_trainer
+
+    cfg = tiny_cfg("trainer.device=cpu", "hift.k=3", "hift.offload=true")
+    inp = EstimateInput.of(cfg)
+    assert (inp.device_type, inp.world_size, inp.hift.k, inp.seq_len) == ("cpu", 1, 3, 96)
+    assert estimate(inp) == estimate(cfg)
+    # A GPU's input for the same config keeps the CUDA reserve; the CPU keeps none.
+    budget = tiny_cfg("hift.memory_budget=8")
+    assert EstimateInput.of(budget, device_type="cpu").reserve_gib() == 0
+    assert EstimateInput.of(budget).reserve_gib() == budget.memory_reserve_gib() == 2.0
+    # A trainer on the CPU (trainer.device=auto): offload as its store decided (off on a
+    # CPU unless asked for), the CPU's reserve.
+    trainer = build_trainer(tmp_path, "hift.k=3")
+    live = trainer.estimate_input()
+    assert (live.device_type, live.hift.offload) == ("cpu", False)
+    assert estimate(live)["offload"] is False
+    assert estimate(EstimateInput.of(trainer.cfg))["offload"] is True  # a GPU's, by default

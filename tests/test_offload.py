@@ -211,8 +211,8 @@ def test_k_of_two_or_less_turns_offload_off(tiny_cfg, tmp_path):
 def test_inputs_are_fetched_before_the_next_groups_state(tmp_path):
     trainer = make(tmp_path, "hift.offload=true", "trainer.grad_accum=2", steps=5)
     events = []
-    next_batch, prefetch = trainer._next_batch, trainer.store.prefetch
-    trainer._next_batch = lambda: events.append("batch") or next_batch()
+    next_batch, prefetch = trainer.stream.next, trainer.store.prefetch
+    trainer.stream.next = lambda: events.append("batch") or next_batch()
     trainer.store.prefetch = lambda g: events.append(f"prefetch {g}") or prefetch(g)
     trainer.train()
     # Per step: both micro-batches, then this group's state (a no-op once it was fetched

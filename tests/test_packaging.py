@@ -23,3 +23,13 @@ def test_every_declared_dependency_is_imported_by_hift():
         if not re.search(rf"^\s*(import|from) {module}\b", source, re.M):
             unused.append(name)
     assert not unused, f"declared but never imported: {unused}"
+
+
+def test_every_python_package_is_installed():
+    """pyproject.toml lists the packages by name: a new sub-package left out would be
+    missing from a wheel (an editable install hides it)."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for p in (ROOT / "hift_cli").rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"

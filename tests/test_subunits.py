@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, BertConfig, LlamaConfig
 
 from helpers import assert_resume_is_exact, assert_same, build_trainer, snapshot
-from hift_cli import engine as engine_mod
+from hift_cli import build as build_mod
 from hift_cli.checkpoint import CheckpointError
 from hift_cli.config import ASSETS_DIR
 from hift_cli.grouping import Group, find_units, make_groups, split_units
@@ -106,7 +106,7 @@ def parents_grouped_like_the_unsplit_run(monkeypatch):
                            None)
         return [Group(i, [u for u in units if (u.parent or u.name) in
                           {p.name for p in g.units}]) for i, g in enumerate(plan)]
-    monkeypatch.setattr(engine_mod, "build_groups", build_groups)
+    monkeypatch.setattr(build_mod, "build_groups", build_groups)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
@@ -133,7 +133,7 @@ def one_sgd_step(wide, tmp_path, precision, *overrides):
                    "optimizer.lr=0.5", "trainer.max_grad_norm=null", "hift.m=1",
                    "trainer.lr_scheduler=constant", "model.loss_chunk_tokens=7",
                    f"trainer.precision={precision}", *overrides)
-    batch = next(trainer.batches)
+    batch = next(trainer.stream.batches)
     # The same computation as the trainer's (bf16-mixed: in bf16), every gradient dense.
     reference = AutoModelForCausalLM.from_config(trainer.model.config,
                                                  dtype=trainer.model.dtype)

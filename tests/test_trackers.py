@@ -143,13 +143,13 @@ def test_wandb_offline_writes_its_run_folder_in_the_run_dir():
 
 def test_a_tracker_that_is_not_installed_is_one_line_before_any_model_loads(
         capsys, monkeypatch):
-    import hift_cli.engine
+    import hift_cli.build
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "mlflow" else real(name, *a))
     loaded = []
-    monkeypatch.setattr(hift_cli.engine, "load_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(hift_cli.build, "load_model", lambda *a, **k: loaded.append(a))
     assert main(["train", *TINY, "trainer.loggers=[tensorboard,mlflow]"]) == 2
     assert capsys.readouterr().err == ("hift train: error: trainer.loggers: mlflow is not"
                                        " installed: pip install 'hift-cli[mlflow]'\n")
