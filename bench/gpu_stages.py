@@ -189,15 +189,15 @@ def shape_dir(ctx: StageContext, name: str, preset: dict) -> str:
 def models_built_on(device: str):
     """Random init straight on ``device``: seconds instead of minutes for a 7B model.
 
-    Wraps the engine's model factory; if building there fails, builds on the CPU as a
-    normal run does. Yields where the model was built (filled in by setup).
+    Wraps the trainer's model factory (build.py's); if building there fails, builds on the
+    CPU as a normal run does. Yields where the model was built (filled in by setup).
     """
-    from hift_cli import engine
+    from hift_cli import build
 
-    original = getattr(engine, "load_model", None)
+    original = getattr(build, "load_model", None)
     seen: dict = {}
-    if original is None:  # the engine changed: build as a normal run does
-        seen["init_device"] = "as a normal run (no engine.load_model to wrap)"
+    if original is None:  # the builder changed: build as a normal run does
+        seen["init_device"] = "as a normal run (no build.load_model to wrap)"
         yield seen
         return
 
@@ -214,11 +214,11 @@ def models_built_on(device: str):
         seen["init_device"] = str(next(model.parameters()).device)
         return model
 
-    engine.load_model = load_on_device
+    build.load_model = load_on_device
     try:
         yield seen
     finally:
-        engine.load_model = original
+        build.load_model = original
 
 
 @contextlib.contextmanager

@@ -290,6 +290,12 @@ def _main(argv: list[str]) -> int:
     sys.argv = [f"hift-{command}", *_with_overrides(rest, overrides)]
     try:
         APPS[command]()
+        if data_parallel:
+            # Every rank done (rank 0 writes the reports last): leave the process group
+            # together; a rank tearing gloo down while another still talks to it aborts.
+            from hift_cli import distributed
+
+            distributed.barrier()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:

@@ -199,7 +199,7 @@ def test_resume_restores_state_into_a_fresh_trainer(tmp_path):
                 assert pa[key].numel() and torch.equal(pa[key], pb[key])
     for x, y in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(x, y)
-    assert torch.equal(next(a.batches)["input_ids"], next(b.batches)["input_ids"])
+    assert torch.equal(next(a.stream.batches)["input_ids"], next(b.stream.batches)["input_ids"])
 
 
 def test_a_resume_path_without_checkpoints_is_one_clear_error(tmp_path, capsys, monkeypatch):
