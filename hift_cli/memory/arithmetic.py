@@ -17,8 +17,8 @@ from hift_cli.grouping import (ForwardPassError, Group, GroupSchedule, Piece, Un
 from hift_cli.loss import chunk_tokens, chunkable
 from hift_cli.memory import activations
 from hift_cli.memory.activations import counting_kernels
-from hift_cli.memory.counting import (CATEGORIES, Settings, fsdp_shard, meta_model,
-                                      optimizer_state_bytes, sample_model, update_temporaries)
+from hift_cli.memory.counting import (Settings, fsdp_shard, meta_model, optimizer_state_bytes,
+                                      sample_model, update_temporaries)
 from hift_cli.memory.inputs import EstimateInput, as_input
 from hift_cli.memory.sample import sampled_or_fail
 from hift_cli.offload import offload_enabled
@@ -27,7 +27,7 @@ from hift_cli.offload import offload_enabled
 @dataclasses.dataclass
 class Row:
     """One group's device bytes at its peak (per GPU), each term by its name. The report's
-    categories (``CATEGORIES``) add some of them up: :meth:`as_dict`."""
+    categories add some of them up: :meth:`as_dict`."""
 
     group: str
     params: int  # the group's parameters
@@ -51,7 +51,9 @@ class Row:
 
     @property
     def total(self) -> int:
-        return sum(self.as_dict()[c] for c in CATEGORIES)
+        """The peak: every category (``CATEGORIES``), so every term once."""
+        return (self.weights + self.gathered_weights + self.gradients + self.unsharded_gradient
+                + self.optimizer_states + self.fp32_masters + self.activations + self.other)
 
     def as_dict(self) -> dict:
         """The report's row: the categories (weights with the gathered ones, gradients with
@@ -64,7 +66,7 @@ class Row:
         if self.sharded:
             row.update(gathered_weights=self.gathered_weights,
                        unsharded_gradient=self.unsharded_gradient)
-        row["total"] = sum(row[c] for c in CATEGORIES)
+        row["total"] = self.total
         row.update(prefetch_slot=self.prefetch_slot, update_temporaries=self.update_temporaries,
                    params=self.params, moved=self.moved)
         return row
