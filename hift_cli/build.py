@@ -63,9 +63,9 @@ def build_model(cfg: Config, model_path: str, tokenizer, labels: data_lib.Labels
     mixed = cfg.trainer.precision == "bf16-mixed"
     # bf16-mixed: load fp32 weights, keep them as the fp32 masters the optimizer
     # updates, and train a bf16 copy (no precision lost to a bf16 round trip).
-    load_cfg = dataclasses.replace(mcfg, dtype="float32") if mixed else mcfg
+    dtype = "float32" if mixed else cfg.weights_dtype()
     # Sharded: rank 0 alone reads the weights; the others build the model empty.
-    model = load_model(load_cfg, model_path, tokenizer.pad_token_id,
+    model = load_model(mcfg, model_path, tokenizer.pad_token_id, dtype,
                        empty=sharded and not dist.main)
     if labels.names:  # saved with the model, so its predictions have names
         model.config.id2label = dict(enumerate(labels.names))

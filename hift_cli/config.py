@@ -23,7 +23,8 @@ ASSETS_DIR = Path(__file__).parent / "assets"
 STRATEGIES = ("bottom2up", "top2down", "random", "fpft")
 TASKS = ("causal_lm", "sequence_classification")
 DTYPES = ("float32", "bfloat16")
-# Compute precision -> the weights' dtype (model.dtype, derived; see Config.__post_init__).
+# Compute precision -> the weights' dtype (derived: Config.weights_dtype; model.dtype may
+# only agree).
 PRECISIONS = {"fp32": "float32", "bf16-autocast": "float32", "bf16": "bfloat16",
               "bf16-mixed": "bfloat16"}
 # transformers.get_scheduler names that need nothing but warmup and length.
@@ -531,10 +532,8 @@ class Config:
     checkpoint dir. The resumed run continues in the original run dir."""
 
     def __post_init__(self) -> None:
-        dtype = PRECISIONS[self.trainer.precision]
-        if self.model.dtype is None:
-            self.model.dtype = dtype  # one key decides: the precision
-        elif dtype != self.model.dtype:
+        dtype = self.weights_dtype()  # one key decides: the precision
+        if self.model.dtype not in (None, dtype):
             raise ConfigError(
                 f"trainer.precision={self.trainer.precision} needs model.dtype={dtype}"
                 f" (got {self.model.dtype})"
@@ -549,6 +548,11 @@ class Config:
         _positive("optimizer.weight_decay", self.optimizer.get("weight_decay"), allow_zero=True)
         if self.checkpoint:
             checkpoint_dir(self.checkpoint)
+
+    def weights_dtype(self) -> str:
+        """The dtype the weights are loaded in on the device (``float32`` | ``bfloat16``):
+        trainer.precision's (a model.dtype given must agree; the config is not edited)."""
+        return PRECISIONS[self.trainer.precision]
 
     def memory_reserve_gib(self) -> float:
         """GiB of hift.memory_budget kept back (:func:`memory_reserve_gib`)."""

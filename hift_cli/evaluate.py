@@ -432,7 +432,8 @@ def run_eval(cfg: Config, output_dir: str | Path) -> dict[str, float]:
     if model_cfg.random_init:
         log.warning(f"hift eval: scoring {path} with random weights (model.random_init=true and"
                     " no checkpoint=): an untrained model")
-    model = load_model(model_cfg, path, tokenizer.pad_token_id).to(device)
+    model = load_model(model_cfg, path, tokenizer.pad_token_id,
+                       cfg.weights_dtype()).to(device)
     evaluator = build_evaluator(cfg, tokenizer, splits, labels, device)
     if len(evaluator.ds) == 0:
         raise ConfigError("data: the eval split is empty"

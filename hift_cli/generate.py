@@ -115,7 +115,8 @@ def load_generator(cfg: Config) -> Generator:
     # Loaded as saved: a checkpoint always has weights, whatever the recipe says.
     model_cfg = dataclasses.replace(cfg.model, name_or_path=path, random_init=False,
                                     task="causal_lm")
-    model = load_model(model_cfg, path, tokenizer.pad_token_id).to(device)
+    model = load_model(model_cfg, path, tokenizer.pad_token_id,
+                       cfg.weights_dtype()).to(device)
     generator = Generator(model, tokenizer, data_cfg, cfg.generate, device,
                           cfg.trainer.precision)
     source = f"the run's {trained.run / 'config.yaml'}" if trained and trained.config \

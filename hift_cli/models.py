@@ -154,11 +154,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, path: str, pad_token_id: int | None,
+def load_model(cfg: ModelConfig, path: str, pad_token_id: int | None, dtype: str,
                empty: bool = False) -> PreTrainedModel:
-    """Build or load the model described by ``cfg`` from ``path`` (see :func:`resolve`);
+    """Build or load the model described by ``cfg`` from ``path`` (see :func:`resolve`) with
+    ``dtype`` weights (``float32`` | ``bfloat16``: :meth:`Config.weights_dtype`);
     ``empty``: its structure alone, on the meta device (no memory, no weights read)."""
-    dtype = DTYPES[cfg.dtype]
+    name, dtype = dtype, DTYPES[dtype]
     cls = AutoModelForCausalLM if cfg.task == "causal_lm" else AutoModelForSequenceClassification
     extra = {"num_labels": cfg.num_labels} if cfg.task == "sequence_classification" else {}
     remote = {"trust_remote_code": cfg.trust_remote_code}
@@ -167,7 +168,7 @@ def load_model(cfg: ModelConfig, path: str, pad_token_id: int | None,
         with torch.device("meta") if empty else contextlib.nullcontext():
             model = cls.from_config(config, dtype=dtype, **remote)
     else:
-        log.info(f"Loading {cfg.name_or_path} ({cfg.dtype})")
+        log.info(f"Loading {cfg.name_or_path} ({name})")
         with _loading(path):
             model = cls.from_pretrained(path, dtype=dtype, **extra, **remote)
     if model.config.pad_token_id is None and pad_token_id is not None:

@@ -144,7 +144,8 @@ def test_a_sweep_over_m_on_a_recipe_with_k():
 def test_the_precision_alone_decides_the_weights_dtype(precision, dtype):
     for recipe in ("tiny", "llama7b_alpaca"):
         cfg = compose_config(f"trainer.precision={precision}", recipe=recipe)
-        assert cfg.model.dtype == dtype
+        assert cfg.weights_dtype() == dtype
+        assert cfg.model.dtype is None  # derived, never written into the config
 
 
 @pytest.mark.slow

@@ -31,7 +31,8 @@ def make_run(root: Path) -> Path:
     OmegaConf.save(OmegaConf.structured(cfg), root / "config.yaml", resolve=True)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     torch.manual_seed(2)  # an init whose greedy answers are not empty
-    model = load_model(cfg.model, cfg.model.name_or_path, tokenizer.pad_token_id)
+    model = load_model(cfg.model, cfg.model.name_or_path, tokenizer.pad_token_id,
+                       cfg.weights_dtype())
     checkpoint = root / "checkpoints" / "step-00000004"
     for folder in (root / "model", checkpoint):
         model.save_pretrained(folder)

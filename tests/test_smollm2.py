@@ -23,7 +23,7 @@ def test_tokenizer_and_units_of_the_converted_model(tiny_cfg, tmp_path):
     tok = load_tokenizer(path)
     assert tok("Hello world!").input_ids == [19556, 905, 17]  # no BOS, as the GGUF says
     assert tok.eos_token == "<|im_end|>"
-    model = load_model(cfg.model, path, tok.pad_token_id)
+    model = load_model(cfg.model, path, tok.pad_token_id, cfg.weights_dtype())
     units = find_units(model)
     assert len(units) == 32  # embeddings + 30 blocks + final norm (lm_head is tied)
     assert set(units[-1].params) == {"model.norm.weight"}

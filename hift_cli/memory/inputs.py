@@ -20,7 +20,7 @@ class EstimateInput:
     trust_remote_code: bool
     task: str  # causal_lm (a label per token) or classification (one per sequence)
     # Precision and optimizer.
-    dtype: str  # model.dtype: the weights on the device
+    dtype: str  # Config.weights_dtype(): the weights on the device
     precision: str  # trainer.precision (bf16-mixed: fp32 masters and their gradients)
     optimizer: dict  # the optimizer's config: _target_ and its settings
     # The batch.
@@ -45,7 +45,7 @@ class EstimateInput:
         return cls(
             model=cfg.model.name_or_path, shape=cfg.memprofile.shape,
             trust_remote_code=cfg.model.trust_remote_code, task=cfg.model.task,
-            dtype=cfg.model.dtype, precision=cfg.trainer.precision,
+            dtype=cfg.weights_dtype(), precision=cfg.trainer.precision,
             optimizer=dict(cfg.optimizer), batch_size=cfg.trainer.batch_size,
             seq_len=cfg.memprofile.seq_len or cfg.data.max_length,
             checkpointing=cfg.model.gradient_checkpointing,
