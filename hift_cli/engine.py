@@ -129,25 +129,38 @@ class HiftTrainer:
             if not self.sharded:  # sharded: every rank has its part of rank 0's already
                 distributed.broadcast_parameters(self.model)
             torch.manual_seed(tcfg.seed + dist.rank)  # own dropout masks
-        g = build_grouping(cfg, self.model, self.loss, dist, self.sharded, self.estimate_input)
+        self.setup_groups()
+        self.plan = build_plan(tcfg, len(self.train_set), dist.world, self.schedule)
+        self.setup_update()
+        self.scheduler = build_scheduler(tcfg, self.optimizer, self.plan)
+        self.meter = StepMeter(tcfg.max_bad_steps, dist, self.sharded)
+        # Checkpoints and model/ (trainer.save_every, save_model, a stop signal).
+        self.saver = Saver(self.output_dir, self.model, self.tokenizer, self.state_dict,
+                           lambda: self.global_step, tcfg, dist, self.sharded)
+
+    # HiFT's parts over a model, for setup() and for a loop that is not train()'s (the
+    # Hugging Face Trainer's: hift_cli/integrations). They need cfg, dist, sharded,
+    # device, model, masters and loss.
+    def setup_groups(self) -> None:
+        """The units, the always-active ones, the groups and their schedule."""
+        g = build_grouping(self.cfg, self.model, self.loss, self.dist, self.sharded,
+                           self.estimate_input)
         self.units, self.always, self.groups, self.schedule = g.units, g.always, g.groups, \
             g.schedule
         self.row_grads, self.grad_sync = g.row_grads, g.grad_sync
         self.always_params, self.always_pieces = g.always_params, g.always_pieces
         self.always_numel = sum(u.numel for u in self.always)  # trained at every step
-        self.plan = build_plan(tcfg, len(self.train_set), dist.world, self.schedule)
-        opt = build_optimizer(cfg.optimizer, g, self.masters)
+        self.grouping = g
+
+    def setup_update(self) -> None:
+        """The optimizer, the state store and HiFT's update rule (after setup_groups)."""
+        opt = build_optimizer(self.cfg.optimizer, self.grouping, self.masters)
         self.optimizer, self.optimizer_factory = opt.optimizer, opt.factory
         self.opt_params, self.always_opt = opt.group_params, opt.always_params
-        self.store = build_store(cfg, opt, self.masters, self.schedule, self.device,
+        self.store = build_store(self.cfg, opt, self.masters, self.schedule, self.device,
                                  self.sharded, self.store_delays)
-        self.scheduler = build_scheduler(tcfg, self.optimizer, self.plan)
         # HiFT's update rule (train(update=...) takes another: the benchmark's peers).
         self.update = HiftUpdate(self)
-        self.meter = StepMeter(tcfg.max_bad_steps, dist, self.sharded)
-        # Checkpoints and model/ (trainer.save_every, save_model, a stop signal).
-        self.saver = Saver(self.output_dir, self.model, self.tokenizer, self.state_dict,
-                           lambda: self.global_step, tcfg, dist, self.sharded)
 
     @property
     def eval_set(self):

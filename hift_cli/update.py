@@ -82,16 +82,35 @@ class HiftUpdate(Update):
         self.active: Group | None = None
 
     def step(self, step: int, stop: int, window: Window) -> StepResult:
+        group = self.begin(step)
+        loss, synced = self._forward_backward(window)
+        result = self.end(step, stop, group, loss, synced)
+        self.end_cycle(step)
+        return result
+
+    # The step's phases. A loop that runs the forward and backward passes itself (the
+    # Hugging Face Trainer: hift_cli/integrations) calls begin() before them, end() after
+    # them and end_cycle() after its LR scheduler's turn.
+    def begin(self, step: int) -> Group:
+        """Before step ``step``'s forward pass: its group made the active one, its state
+        on the way to the device. Returns the group."""
         t = self.trainer
         group = t.groups[t.schedule.group_at(step)]
-        next_index = t.schedule.group_at(step + 1) if step + 1 < stop else None
         if group is not self.active:
             self.activate(group)
         # This group's state is normally already on its way (the previous step fetched
         # it; not at the first step of a run or after a resume). The window's inputs were
         # copied before: they must not queue behind a large prefetch.
         t.store.prefetch(group.index)
-        loss, synced = self._forward_backward(window)
+        return group
+
+    def end(self, step: int, stop: int, group: Group, loss: torch.Tensor | None,
+            synced: int = 0) -> StepResult:
+        """After step ``step``'s backward pass (of a ``train()`` call that stops at
+        ``stop``): the update of ``group``. ``loss``: the global batch's (None: the caller
+        has it; only the gradient's norm then decides whether the step is finite)."""
+        t = self.trainer
+        next_index = t.schedule.group_at(step + 1) if step + 1 < stop else None
         # The forward pass's host reads are behind us and the backward pass is queued:
         # now the previous group's write-back goes out and the next group's state comes
         # in, on the two copy streams while the backward pass computes. (Issued earlier,
@@ -122,12 +141,17 @@ class HiftUpdate(Update):
         # Not finite: no update; weights and optimizer state stay as they were.
         t.optimizer.zero_grad(set_to_none=True)  # free the group's grads now
         t.store.release(group.index)  # kept on the device if the next step trains it
-        if t.schedule.ends_cycle(step):
-            t.scheduler.step()  # delayed LR update: once per full cycle
         # .item() is a CPU-GPU sync point; one per step is noise next to a step.
-        return StepResult(loss.item(), lr, finite,
+        return StepResult(loss.item() if loss is not None else float("nan"), lr, finite,
                           group.numel + t.always_numel if finite else 0, group,
                           t.store.take_stats(), synced)
+
+    def end_cycle(self, step: int) -> None:
+        """After step ``step``: at a cycle's end, the LR step (delayed LR update: once per
+        full cycle)."""
+        t = self.trainer
+        if t.schedule.ends_cycle(step):
+            t.scheduler.step()
 
     def finish(self) -> TransferStats:
         # The last write-back goes out now (each goes out during the step after its
@@ -231,8 +255,10 @@ class HiftUpdate(Update):
         return [m for ps in t.opt_params for m in ps] + t.always_opt
 
     @staticmethod
-    def _finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    def _finite(loss: torch.Tensor | None, grad_norm: torch.Tensor) -> bool:
         """Whether the step may update: a CPU-GPU sync point."""
+        if loss is None:
+            return bool(torch.isfinite(grad_norm))
         return bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
 
     def _forward_backward(self, window: Window) -> tuple[torch.Tensor, int]:

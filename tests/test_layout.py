@@ -70,8 +70,10 @@ def test_the_trainer_is_assembled_from_parts():
     assert cls.end_lineno - cls.lineno + 1 <= 350
     assert {"build", "batches", "meter", "saving", "update"} <= {
         m for m, _ in _imports(PACKAGE / "engine.py")}
-    setup = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "setup")
-    called = {n.func.id for n in ast.walk(setup) if isinstance(n, ast.Call)
+    # setup() and the parts it sets up in methods of their own (setup_groups, setup_update)
+    setup = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name.startswith("setup")]
+    assert {"setup", "setup_groups", "setup_update"} <= {n.name for n in setup}
+    called = {n.func.id for f in setup for n in ast.walk(f) if isinstance(n, ast.Call)
               and isinstance(n.func, ast.Name)}
     assert {"build_data", "build_model", "build_grouping", "build_plan", "build_optimizer",
             "build_store", "build_scheduler"} <= called
