@@ -74,16 +74,23 @@ def build_model(cfg: Config, model_path: str, tokenizer, labels: data_lib.Labels
         enable_checkpointing(model)
     if sharded:
         shard(model, device, dist)
-    masters = Masters(model, mixed)
-    if mixed:
-        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-        model.to(torch.bfloat16)  # new bf16 storage; masters keep the fp32 one
-        masters.rekey(names, model)
+    masters = build_masters(model, mixed)
     model.to(device)
     model.train()
     n = sum(p.numel() for p in model.parameters())
     log.info(f"Model: {type(model).__name__}, {n / 1e6:.1f}M parameters on {device}")
     return model, masters
+
+
+def build_masters(model: torch.nn.Module, mixed: bool) -> Masters:
+    """What the optimizer updates: bf16-mixed (``mixed``) keeps the fp32 weights as masters
+    and turns the model's into bf16; otherwise the model's own weights."""
+    masters = Masters(model, mixed)
+    if mixed:
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        model.to(torch.bfloat16)  # new bf16 storage; masters keep the fp32 one
+        masters.rekey(names, model)
+    return masters
 
 
 def shard(model: torch.nn.Module, device: torch.device, dist) -> None:
