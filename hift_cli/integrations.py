@@ -118,6 +118,11 @@ class HiFT:
             raise ConfigError(f"HiFT: {args.world_size} processes: the Trainer's data"
                               " parallelism would sync every parameter, HiFT trains one group"
                               " at a time: run one process (hift train runs data parallel)")
+        optim = getattr(args.optim, "value", args.optim)
+        if optim not in ("adamw_torch", "adamw_torch_fused") and not self.optimizer:
+            raise ConfigError(f"HiFT: TrainingArguments.optim={optim}: HiFT builds the optimizer"
+                              " itself (torch.optim.AdamW by default): give it as"
+                              " HiFT(optimizer={'_target_': ...})")
         if trainer.optimizer is not None or trainer.lr_scheduler is not None:
             raise ConfigError("HiFT: the Trainer has an optimizer or scheduler of its own"
                               " (optimizers=...): HiFT brings both; pass HiFT(optimizer=...)")

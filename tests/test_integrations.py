@@ -164,6 +164,9 @@ def test_what_hift_does_not_support_is_one_line(tmp_path):
         HiFT(kk=3)
     with pytest.raises(ConfigError, match="exactly one of hift.k"):
         HiFT(k=3, m=2)
+    adafactor = hf_trainer(ref, init, batches, tmp_path / "adafactor", optim="adafactor")
+    with pytest.raises(ConfigError, match="optim=adafactor: HiFT builds the optimizer"):
+        HiFT(k=3).attach(adafactor)
     trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="optimizer or scheduler of its own"):
         HiFT(k=3).attach(trainer)
