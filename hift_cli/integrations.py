@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import tempfile
 from typing import Any
 
 import torch
@@ -147,16 +148,16 @@ class HiFT:
     def config(self, model: torch.nn.Module, args) -> Config:
         """The ``hift train`` config this Trainer run amounts to (what the parts are built
         from): the model, HiFT's settings, the optimizer and precision."""
-        name = getattr(model.config, "_name_or_path", "") or "model"
         classify = type(model).__name__.endswith("ForSequenceClassification")
-        try:
-            mcfg = ModelConfig(name_or_path=name, task="sequence_classification"
-                               if classify else "causal_lm",
-                               num_labels=getattr(model.config, "num_labels", 2),
-                               gradient_checkpointing=_checkpointing(model))
-        except ConfigError:  # a model from a folder since removed: no k=auto then
-            mcfg = ModelConfig(name_or_path="model", task="sequence_classification"
-                               if classify else "causal_lm")
+        # k="auto"'s estimate builds the architecture from a config: this model's own, as
+        # it is now (a Hub id or a folder may say otherwise, or nothing).
+        folder = tempfile.mkdtemp(prefix="hift-model-config-")
+        model.config.save_pretrained(folder)
+        mcfg = ModelConfig(name_or_path=folder, task="sequence_classification"
+                           if classify else "causal_lm",
+                           num_labels=getattr(model.config, "num_labels", 2),
+                           gradient_checkpointing=_checkpointing(model),
+                           trust_remote_code=bool(getattr(model.config, "auto_map", None)))
         dtype = next(model.parameters()).dtype
         precision = self.precision or ("bf16" if dtype == torch.bfloat16 else "fp32")
         if dtype != torch.float32 and precision in ("fp32", "bf16-mixed"):

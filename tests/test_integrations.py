@@ -186,3 +186,15 @@ def test_the_sft_trainer_example_learns(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = map(float, re.search(r"eval loss (\S+) -> (\S+)", out.stdout).groups())
     assert after < before
+
+
+def test_k_auto_chooses_the_groups_hift_train_chooses(tmp_path):
+    """k="auto" under a budget: the estimate reads the Trainer's model's own config."""
+    settings = dict(k="auto", memory_budget=0.004)  # GiB: the tiny model needs 2 groups
+    ref = build_trainer(tmp_path / "ref", *(f"hift.{k}={v}" for k, v in settings.items()),
+                        "trainer.batch_size=1")
+    trainer = hf_trainer(ref, dict(ref.model.state_dict()), [], tmp_path / "hf")
+    attached = HiFT(**settings, seq_len=ref.cfg.data.max_length).attach(trainer)
+    trainer.create_optimizer()
+    assert len(ref.groups) == 2
+    assert [g.name for g in attached.engine.groups] == [g.name for g in ref.groups]
