@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import tempfile
 from typing import Any
 
@@ -147,7 +148,8 @@ class HiFT:
 
     def config(self, model: torch.nn.Module, args) -> Config:
         """The ``hift train`` config this Trainer run amounts to (what the parts are built
-        from): the model, HiFT's settings, the optimizer and precision."""
+        from): the model (its config saved to a temporary folder, for k="auto"'s
+        estimate), HiFT's settings, the optimizer and precision."""
         classify = type(model).__name__.endswith("ForSequenceClassification")
         # k="auto"'s estimate builds the architecture from a config: this model's own, as
         # it is now (a Hub id or a folder may say otherwise, or nothing).
@@ -208,10 +210,13 @@ class HiFT:
             # In host memory, as hift train loads them: the store puts on the device
             # those that live there (offload off, always-active units).
             m.data = m.data.to("cpu")
-        engine.setup_groups()
-        # The Trainer clips and logs dense gradients: a sub-unit's rows come from them.
-        engine.row_grads = {}
-        engine.setup_update()
+        try:
+            engine.setup_groups()
+            # The Trainer clips and logs dense gradients: a sub-unit's rows come from them.
+            engine.row_grads = {}
+            engine.setup_update()
+        finally:  # the model's config, saved for the estimate (config())
+            shutil.rmtree(cfg.model.name_or_path, ignore_errors=True)
         self.engine = engine
         trainer.optimizer = _Optimizer(self)
         return trainer.optimizer
