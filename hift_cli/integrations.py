@@ -22,9 +22,10 @@ schedule only at a cycle's end (:meth:`~hift_cli.update.HiftUpdate.end_cycle`; t
 schedule is sized in cycles). The Trainer's checkpoints hold every group's optimizer state
 and masters (its ``optimizer.pt``), checked on resume like ``hift train``'s.
 
-Not supported, each refused with one line: DeepSpeed, FSDP, more than one process (data
-parallel: the Trainer's DDP would sync every parameter HiFT does not train), and an
-optimizer or scheduler of the user's own (``optimizers=``).
+Data parallel (torchrun, ``accelerate launch``): HiFT all-reduces the active group's
+gradients itself, instead of the DDP wrapper Accelerate would put around the model. Not
+supported, each refused with one line: DeepSpeed, FSDP, DataParallel, and an optimizer or
+scheduler of the user's own (``optimizers=``).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class HiFT:
         self.group = None  # the step's group
         self.last = None  # the last step's StepResult
         self.moved = 0  # bytes the state store copied since the last log line
+        self.synced = 0  # gradient bytes all-reduced since the last log line
         self.trainer = None
 
     # ------------------------------------------------------------------ attach
@@ -116,10 +118,9 @@ class HiFT:
         if getattr(trainer, "is_fsdp_enabled", False) or args.fsdp:
             raise ConfigError("HiFT: the Trainer's FSDP is not supported: remove the fsdp"
                               " argument (hift train has trainer.shard_weights)")
-        if args.world_size > 1:
-            raise ConfigError(f"HiFT: {args.world_size} processes: the Trainer's data"
-                              " parallelism would sync every parameter, HiFT trains one group"
-                              " at a time: run one process (hift train runs data parallel)")
+        if args.n_gpu > 1:
+            raise ConfigError(f"HiFT: {args.n_gpu} GPUs in one process (DataParallel): start a"
+                              " process per GPU (torchrun or accelerate launch)")
         optim = getattr(args.optim, "value", args.optim)
         if optim not in ("adamw_torch", "adamw_torch_fused") and not self.optimizer:
             raise ConfigError(f"HiFT: TrainingArguments.optim={optim}: HiFT builds the optimizer"
@@ -141,9 +142,42 @@ class HiFT:
                 if self.engine.store.enabled:
                     logs["hift/offload_gib"] = self.moved / 2**30
                     self.moved = 0
+                if self.engine.dist.enabled:
+                    logs["hift/allreduce_gib"] = self.synced / 2**30
+                    self.synced = 0
             return original_log(logs, *rest, **kwargs)
 
         trainer.log = log_with_hift
+        if args.world_size > 1:
+            # Data parallel: HiFT all-reduces the active group's gradients itself,
+            # overlapped with the backward pass of a step's last micro-batch. Accelerate
+            # prepares the model without its DDP wrapper (its evaluation mode: mixed
+            # precision and compilation only), which would sync every parameter.
+            accelerator = trainer.accelerator
+            original_prepare = accelerator.prepare_model
+
+            def prepare_model(model, device_placement=None, evaluation_mode=False):
+                return original_prepare(model, device_placement=device_placement,
+                                        evaluation_mode=True)
+
+            accelerator.prepare_model = prepare_model
+            original_step = trainer.training_step
+
+            def training_step(model, inputs, *rest, **kwargs):
+                sync = self.engine.grad_sync
+                last = trainer.accelerator.sync_gradients  # as DDP's no_sync would
+                sync.arm(last)
+                loss = original_step(model, inputs, *rest, **kwargs)
+                if last:
+                    self.synced += sync.finish()
+                    # The mean, as DDP's: the Trainer scales the loss for it.
+                    world = self.engine.dist.world
+                    for p in self.group.params.values():
+                        if p.grad is not None:
+                            p.grad.div_(world)
+                return loss
+
+            trainer.training_step = training_step
         return self
 
     def config(self, model: torch.nn.Module, args) -> Config:
@@ -205,6 +239,8 @@ class HiFT:
             # Non-reentrant, without the hook that makes every frozen layer record a graph.
             enable_checkpointing(model)
         engine.model, engine.loss = model, None  # the Trainer computes the loss
+        if engine.dist.enabled:  # rank 0's weights everywhere, as DDP's wrapper would
+            distributed.broadcast_parameters(model)
         engine.masters = build_masters(model, cfg.trainer.precision == "bf16-mixed")
         for m in engine.masters.by_id.values():
             # In host memory, as hift train loads them: the store puts on the device

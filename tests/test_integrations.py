@@ -5,6 +5,8 @@ cycle ends only."""
 
 import importlib.util
 import itertools
+import json
+import os
 import re
 import subprocess
 import sys
@@ -198,3 +200,37 @@ def test_k_auto_chooses_the_groups_hift_train_chooses(tmp_path):
     trainer.create_optimizer()
     assert len(ref.groups) == 2
     assert [g.name for g in attached.engine.groups] == [g.name for g in ref.groups]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path):
+    """torchrun, 2 CPU ranks of 1 sample a step against 1 process of 2: the same weights;
+    only the active group's gradients cross the wire."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    worker = str(ROOT / "tests" / "hf_worker.py")
+    for out, cmd in ((tmp_path / "two", [sys.executable, "-m", "torch.distributed.run",
+                                         "--standalone", "--nproc_per_node=2", worker]),
+                     (tmp_path / "one", [sys.executable, worker])):
+        out.mkdir()
+        done = subprocess.run([*cmd, str(out), "1" if out.name == "two" else "2"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "two" / f"weights-rank{r}.pt") for r in (0, 1)]
+    one = torch.load(tmp_path / "one" / "weights-rank0.pt")
+    for name, w in one.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], w, rtol=0, atol=1e-5, msg=name)
+    two_log, one_log = (json.loads((tmp_path / d / "log.json").read_text())
+                        for d in ("two", "one"))
+    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log],
+                                                         abs=1e-5)
+    # Each step all-reduced its group's gradients (fp32), nothing else: a cycle (3 steps)
+    # every parameter once.
+    params = {t.data_ptr(): t for t in one.values()}.values()  # tied weights once
+    cycle = sum(r["hift/allreduce_gib"] for r in two_log[:3]) * 2**30
+    assert all(r["hift/allreduce_gib"] > 0 for r in two_log)
+    assert cycle == sum(t.numel() * 4 for t in params)
