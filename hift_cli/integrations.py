@@ -172,7 +172,8 @@ class HiFT:
                     self.synced += sync.finish()
                     # The mean, as DDP's: the Trainer scales the loss for it.
                     world = self.engine.dist.world
-                    for p in self.group.params.values():
+                    synced = [*self.group.params.values(), *self.engine.always_params]
+                    for p in {id(p): p for p in synced}.values():  # tied weights once
                         if p.grad is not None:
                             p.grad.div_(world)
                 return loss
@@ -185,15 +186,6 @@ class HiFT:
         from): the model (its config saved to a temporary folder, for k="auto"'s
         estimate), HiFT's settings, the optimizer and precision."""
         classify = type(model).__name__.endswith("ForSequenceClassification")
-        # k="auto"'s estimate builds the architecture from a config: this model's own, as
-        # it is now (a Hub id or a folder may say otherwise, or nothing).
-        folder = tempfile.mkdtemp(prefix="hift-model-config-")
-        model.config.save_pretrained(folder)
-        mcfg = ModelConfig(name_or_path=folder, task="sequence_classification"
-                           if classify else "causal_lm",
-                           num_labels=getattr(model.config, "num_labels", 2),
-                           gradient_checkpointing=_checkpointing(model),
-                           trust_remote_code=bool(getattr(model.config, "auto_map", None)))
         dtype = next(model.parameters()).dtype
         precision = self.precision or ("bf16" if dtype == torch.bfloat16 else "fp32")
         if dtype != torch.float32 and precision in ("fp32", "bf16-mixed"):
@@ -205,6 +197,23 @@ class HiFT:
         if self.hift.k == "auto" and not seq_len:
             raise ConfigError("HiFT: k='auto' estimates the memory of a batch: give"
                               " HiFT(seq_len=...), the tokens per sample")
+        # k="auto"'s estimate builds the architecture from a config: this model's own, as
+        # it is now (a Hub id or a folder may say otherwise, or nothing).
+        folder = tempfile.mkdtemp(prefix="hift-model-config-")
+        try:
+            return self._config(model, args, folder, classify, precision, seq_len)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def _config(self, model, args, folder: str, classify: bool, precision: str,
+                seq_len: int | None) -> Config:
+        model.config.save_pretrained(folder)
+        mcfg = ModelConfig(name_or_path=folder, task="sequence_classification"
+                           if classify else "causal_lm",
+                           num_labels=getattr(model.config, "num_labels", 2),
+                           gradient_checkpointing=_checkpointing(model),
+                           trust_remote_code=bool(getattr(model.config, "auto_map", None)))
         optimizer = {"_target_": "torch.optim.AdamW", "lr": args.learning_rate,
                      "weight_decay": args.weight_decay,
                      "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_epsilon}

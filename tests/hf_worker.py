@@ -39,7 +39,7 @@ def main(out: str, batch: int) -> None:
                       data_collator=lambda items: collate(items, tokenizer.pad_token_id))
     # SGD, not Adam: it moves the weights in proportion to the gradient, so a wrong
     # average across ranks shows.
-    HiFT(k=3, optimizer={"_target_": "torch.optim.SGD"}).attach(trainer)
+    HiFT(k=3, always_active=["head"], optimizer={"_target_": "torch.optim.SGD"}).attach(trainer)
     trainer.train()
     torch.save(model.state_dict(), f"{out}/weights-rank{trainer.args.process_index}.pt")
     if trainer.args.process_index == 0:
