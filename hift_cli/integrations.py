@@ -273,8 +273,9 @@ class HiFT:
         engine, args = self.engine, trainer.args
         cycle = engine.schedule.cycle_steps
         cycles = math.ceil(num_training_steps / cycle)
-        # Warmup in cycles: a fraction of them (warmup_steps < 1), or the steps' cycles.
-        warmup = args.warmup_steps
+        # Warmup in cycles: a fraction of them (warmup_steps < 1; transformers 4.x:
+        # warmup_ratio), or the steps' cycles.
+        warmup = args.warmup_steps or getattr(args, "warmup_ratio", 0) or 0
         warmup = round(warmup * cycles) if warmup < 1 else math.ceil(warmup / cycle)
         engine.plan = RunPlan(num_training_steps, None, 0, args.gradient_accumulation_steps,
                               cycle, cycles, warmup)
