@@ -173,13 +173,16 @@ class GradSync:
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.inflight.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
 
-    def finish(self) -> int:
+    def finish(self, scale: float = 1.0) -> int:
+        """``scale``: applied to the sums (``1 / world``: DDP's mean)."""
         for bucket in self.buckets:
             if not bucket.launched:
                 self._launch(bucket)
         moved = 0
         for bucket, flat, work in self.inflight:
             work.wait()
+            if scale != 1.0:
+                flat.mul_(scale)
             offset = 0
             for p in bucket.params:
                 if p.grad is not None:

@@ -168,14 +168,8 @@ class HiFT:
                 last = trainer.accelerator.sync_gradients  # as DDP's no_sync would
                 sync.arm(last)
                 loss = original_step(model, inputs, *rest, **kwargs)
-                if last:
-                    self.synced += sync.finish()
-                    # The mean, as DDP's: the Trainer scales the loss for it.
-                    world = self.engine.dist.world
-                    synced = [*self.group.params.values(), *self.engine.always_params]
-                    for p in {id(p): p for p in synced}.values():  # tied weights once
-                        if p.grad is not None:
-                            p.grad.div_(world)
+                if last:  # the mean, as DDP's: the Trainer scales the loss for it
+                    self.synced += sync.finish(scale=1 / self.engine.dist.world)
                 return loss
 
             trainer.training_step = training_step
@@ -328,8 +322,6 @@ class _Optimizer(torch.optim.Optimizer):
     def __init__(self, hift: HiFT):  # no Optimizer.__init__: the parameters are HiFT's
         self.hift = hift
         self.started = False
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
 
     @property
     def inner(self) -> torch.optim.Optimizer:
